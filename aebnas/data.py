@@ -1,0 +1,537 @@
+"""Datasets held in memory as uint8 tensors, and a batch loader that augments on tensors.
+
+``load_dataset`` returns a :class:`Dataset`: train / validation / test splits as NCHW
+uint8 tensors plus what a trial needs to use them (classes, per-channel mean and std,
+whether horizontal flips make sense). ``BatchLoader`` turns one split into normalised
+float batches on a device; training batches get a random crop and flip computed for the
+whole batch at once (no PIL, no per-sample Python loop), so the same code is fast on CPU
+and GPU and a dataset is copied to the GPU once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASET_NAMES = ("cifar10-subset", "cifar10", "cifar100", "svhn")
+"""Names ``load_dataset`` knows; any path ending in ``.npz`` is accepted too."""
+
+DEFAULT_VAL_SIZE = {"cifar10": 5000, "cifar100": 5000, "svhn": 7325, "cifar10-subset": 500}
+"""Validation images taken out of the training set; .npz files get 10% of train (at least 1)."""
+
+DEFAULT_DATA_DIR = pathlib.Path("~/.cache/aebnas/data")
+
+# Where torchvision expects each dataset's files under DATA_DIR.
+_TORCHVISION_LAYOUT = {
+    "cifar10": "DATA_DIR/cifar-10-batches-py/ (cifar-10-python.tar.gz extracted)",
+    "cifar100": "DATA_DIR/cifar-100-python/ (cifar-100-python.tar.gz extracted)",
+    "svhn": "DATA_DIR/train_32x32.mat + DATA_DIR/test_32x32.mat",
+}
+_NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a dataset are not where they were looked for (and were not downloaded)."""
+
+
+@dataclass(repr=False)
+class Dataset:
+    """Three splits as tensors: x uint8 (N, C, H, W) contiguous, y int64 (N,)."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    in_channels: int
+    classes: list[str]
+    hflip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def summary(self) -> str:
+        """One line: name, split sizes, number of classes and image shape (C×H×W)."""
+        c, h, w = self.x_train.shape[1:]
+        return (
+            f"{self.name}: {len(self.y_train)} train / {len(self.y_val)} val / "
+            f"{len(self.y_test)} test, {self.num_classes} classes, images {c}x{h}x{w}"
+        )
+
+    def __repr__(self) -> str:
+        # The default dataclass repr would print every pixel.
+        return f"Dataset({self.summary()})"
+
+
+def embedded_dataset_path() -> pathlib.Path:
+    """Path of the CIFAR-10 subset shipped with the package (``aebnas/_data/cifar10_subset.npz``)."""
+    return pathlib.Path(__file__).resolve().parent / "_data" / "cifar10_subset.npz"
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    val_size: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Load a dataset into memory and split a validation set off its training set.
+
+    ``name`` is one of :data:`DATASET_NAMES` or a path ending in ``.npz``.
+    ``cifar10``, ``cifar100`` and ``svhn`` are read with torchvision from ``data_dir``
+    (default ``~/.cache/aebnas/data``) in torchvision's layout, downloaded there first when
+    ``download`` is true. ``cifar10-subset`` is the embedded file
+    (:func:`embedded_dataset_path`) and ignores ``data_dir`` and ``download``. An ``.npz``
+    file needs keys ``x_train``, ``y_train``, ``x_test``, ``y_test`` (optional
+    ``classes``), images uint8 NHWC or NHW; a relative path that does not exist is also
+    looked for under ``data_dir``.
+
+    The validation split is ``val_size`` images (default :data:`DEFAULT_VAL_SIZE`) drawn
+    by a permutation seeded with ``seed``; both splits keep the original order.
+    Returns a :class:`Dataset` with mean/std (in [0, 1] pixel units) of the training split.
+    Raises :class:`DatasetNotFoundError` when files are missing, ``ValueError`` for an
+    unknown name, a bad ``val_size`` or a malformed ``.npz`` file.
+    """
+    if name == "cifar10-subset":
+        return _from_npz(embedded_dataset_path(), name, val_size, seed)
+    if name in ("cifar10", "cifar100", "svhn"):
+        root = pathlib.Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+        return _from_torchvision(name, root, download, val_size, seed)
+    if str(name).lower().endswith(".npz"):
+        return _from_npz(_find_npz(name, data_dir), str(name), val_size, seed)
+    raise ValueError(
+        f"dataset={name!r} is not one of {DATASET_NAMES} and is not a path ending in .npz"
+    )
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build(
+    name: str,
+    x_full: torch.Tensor,
+    y_full: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    classes: list[str],
+    hflip: bool,
+    val_size: int | None,
+    seed: int,
+) -> Dataset:
+    """Split validation off the full training set and assemble a Dataset."""
+    n = len(y_full)
+    if val_size is None:
+        val_size = DEFAULT_VAL_SIZE.get(name, max(1, n // 10))
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
+        raise ValueError(
+            f"val_size={val_size!r} is not allowed for {name!r}: it must be an int with "
+            f"0 < val_size < {n} (the number of training images); a validation split is "
+            "needed to tune exit thresholds"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, _ = perm[:val_size].sort()
+    train_idx, _ = perm[val_size:].sort()
+    x_train = x_full[train_idx].contiguous()
+    mean, std = _channel_stats(x_train)
+    return Dataset(
+        name=name,
+        x_train=x_train,
+        y_train=y_full[train_idx],
+        x_val=x_full[val_idx].contiguous(),
+        y_val=y_full[val_idx],
+        x_test=x_test.contiguous(),
+        y_test=y_test,
+        num_classes=len(classes),
+        in_channels=x_train.shape[1],
+        classes=classes,
+        hflip=hflip,
+        mean=mean,
+        std=std,
+    )
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of uint8 images, in [0, 1] units.
+
+    Computed exactly from a 256-bin histogram per channel, so a full dataset never
+    needs a float copy.
+    """
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        mean = float((counts * levels).sum() / counts.sum())
+        var = float((counts * (levels - mean) ** 2).sum() / counts.sum())
+        means.append(mean)
+        # A constant channel would divide by zero when normalising; leave it unscaled.
+        stds.append(math.sqrt(var) if var > 0 else 1.0)
+    return tuple(means), tuple(stds)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _from_torchvision(
+    name: str, root: pathlib.Path, download: bool, val_size: int | None, seed: int
+) -> Dataset:
+    import torchvision.datasets as tvd
+
+    if name == "svhn":
+        train = _open_torchvision(tvd.SVHN, name, root, download, split="train")
+        test = _open_torchvision(tvd.SVHN, name, root, download, split="test")
+        # torchvision's SVHN arrays are already (N, C, H, W) and labels 0..9.
+        return _build(
+            name,
+            torch.from_numpy(np.ascontiguousarray(train.data)),
+            torch.from_numpy(train.labels).long(),
+            torch.from_numpy(np.ascontiguousarray(test.data)),
+            torch.from_numpy(test.labels).long(),
+            [str(d) for d in range(10)],
+            hflip=False,  # digits are not mirror-symmetric
+            val_size=val_size,
+            seed=seed,
+        )
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    train = _open_torchvision(cls, name, root, download, train=True)
+    test = _open_torchvision(cls, name, root, download, train=False)
+    return _build(
+        name,
+        _nhwc_to_nchw(train.data),
+        torch.tensor(train.targets, dtype=torch.int64),
+        _nhwc_to_nchw(test.data),
+        torch.tensor(test.targets, dtype=torch.int64),
+        list(train.classes),
+        hflip=True,
+        val_size=val_size,
+        seed=seed,
+    )
+
+
+def _open_torchvision(cls, name: str, root: pathlib.Path, download: bool, **split):
+    """Instantiate a torchvision dataset, turning its missing-file errors into clear ones."""
+    # torchvision raises RuntimeError for missing or corrupt files; a failed download
+    # raises urllib's errors (OSError), or a TarError for a truncated archive.
+    failures = (RuntimeError, OSError, tarfile.TarError) if download else (RuntimeError, FileNotFoundError)
+    try:
+        return cls(root=str(root), download=download, **split)
+    except ImportError as err:  # SVHN reads .mat files with scipy
+        raise ImportError(f"reading {name!r} needs scipy ({err}); install it: pip install scipy") from err
+    except failures as err:
+        raise DatasetNotFoundError(_not_found_message(cls, name, root, download, err)) from err
+
+
+def _expected_files(cls, root: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """(path, md5) of every file torchvision checks for ``cls`` under ``root``."""
+    if hasattr(cls, "split_list"):  # SVHN
+        return [(root / cls.split_list[s][1], cls.split_list[s][2]) for s in ("train", "test")]
+    folder = root / cls.base_folder
+    files = [(folder / f, md5) for f, md5 in cls.train_list + cls.test_list]
+    return files + [(folder / cls.meta["filename"], cls.meta["md5"])]
+
+
+def _not_found_message(cls, name: str, root: pathlib.Path, download: bool, err: Exception) -> str:
+    from torchvision.datasets.utils import check_integrity
+
+    def status(path: pathlib.Path, md5: str) -> str:
+        if not path.is_file():
+            return "missing"
+        return "ok" if check_integrity(str(path), md5) else "present, but its md5 checksum differs"
+
+    looked_at = "\n".join(f"  {p} ({status(p, md5)})" for p, md5 in _expected_files(cls, root))
+    urls = [cls.split_list[s][0] for s in ("train", "test")] if hasattr(cls, "split_list") else [cls.url]
+    by_hand = (
+        f"put the files from {' and '.join(urls)} in torchvision's layout, "
+        f"{_TORCHVISION_LAYOUT[name]}, and pass --data-dir DATA_DIR (data_dir=DATA_DIR)"
+    )
+    if download:
+        return (
+            f"downloading dataset {name!r} into {root} failed ({type(err).__name__}: {err}). "
+            f"Without network access, {by_hand}. Files looked at:\n{looked_at}"
+        )
+    return (
+        f"dataset {name!r} not found in {root}. Files looked at:\n{looked_at}\n"
+        f"Get it with --download (download=True), or {by_hand}."
+    )
+
+
+def _nhwc_to_nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- .npz files
+
+
+def _find_npz(name: str, data_dir: str | os.PathLike | None) -> pathlib.Path:
+    path = pathlib.Path(name).expanduser()
+    candidates = [path]
+    if data_dir is not None and not path.is_absolute():
+        candidates.append(pathlib.Path(data_dir).expanduser() / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked_at = ", ".join(str(c.resolve()) for c in candidates)
+    raise DatasetNotFoundError(
+        f"dataset file {name!r} not found; looked at: {looked_at}. Pass the path of an "
+        "existing .npz file with keys x_train, y_train, x_test, y_test (optional classes); "
+        "download=True / --download only applies to " + ", ".join(DATASET_NAMES[1:])
+    )
+
+
+def _from_npz(path: pathlib.Path, name: str, val_size: int | None, seed: int) -> Dataset:
+    arrays = _read_npz(path)
+    x_full = _npz_images(path, "x_train", arrays["x_train"])
+    x_test = _npz_images(path, "x_test", arrays["x_test"])
+    if x_full.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"{path}: x_test images have shape (C, H, W)={tuple(x_test.shape[1:])} but "
+            f"x_train images have {tuple(x_full.shape[1:])}; expected the same shape"
+        )
+    y_full = _npz_labels(path, "y_train", arrays["y_train"], len(x_full))
+    y_test = _npz_labels(path, "y_test", arrays["y_test"], len(x_test))
+    if "classes" in arrays:
+        classes = _npz_classes(path, arrays["classes"])
+    else:
+        classes = [str(i) for i in range(int(max(y_full.max(), y_test.max())) + 1)]
+    for key, y in (("y_train", y_full), ("y_test", y_test)):
+        if int(y.max()) >= len(classes):
+            raise ValueError(
+                f"{path}: {key} has label {int(y.max())} but 'classes' lists "
+                f"{len(classes)} names; expected labels in 0..{len(classes) - 1}"
+            )
+    return _build(name, x_full, y_full, x_test, y_test, classes, True, val_size, seed)
+
+
+def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:  # np.load raises several types for a file that is not .npz
+        raise ValueError(f"{path}: cannot be read as an .npz archive ({err})") from err
+    with archive:
+        if not hasattr(archive, "files"):
+            raise ValueError(f"{path}: holds a single array; expected an .npz archive with keys {_NPZ_REQUIRED}")
+        missing = [k for k in _NPZ_REQUIRED if k not in archive.files]
+        if missing:
+            raise ValueError(
+                f"{path}: missing key(s) {', '.join(missing)}; found {sorted(archive.files)}; "
+                f"expected {', '.join(_NPZ_REQUIRED)} (and optionally classes)"
+            )
+        arrays = {}
+        for key in (*_NPZ_REQUIRED, "classes"):
+            if key not in archive.files:
+                continue
+            try:
+                arrays[key] = archive[key]
+            except ValueError as err:  # object arrays need pickle, which is never allowed here
+                raise ValueError(
+                    f"{path}: key {key} holds Python objects ({err}); expected a plain numpy array"
+                ) from err
+        return arrays
+
+
+def _npz_images(path: pathlib.Path, key: str, x: np.ndarray) -> torch.Tensor:
+    """Validate images stored as NHWC (C in {1, 3}) or NHW; return NCHW uint8."""
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{path}: {key} has dtype {x.dtype}; expected uint8 pixels (0..255)")
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise ValueError(
+                f"{path}: {key} has dtype {x.dtype} with values in {x.min()}..{x.max()}; "
+                "expected uint8 pixels (0..255)"
+            )
+        x = x.astype(np.uint8)
+    if x.ndim == 3:
+        x = x[..., None]
+    elif x.ndim != 4 or x.shape[-1] not in (1, 3):
+        hint = " (it looks like NCHW; store NHWC)" if x.ndim == 4 and x.shape[1] in (1, 3) else ""
+        raise ValueError(
+            f"{path}: {key} has shape {x.shape}{hint}; expected (N, H, W, C) with C in (1, 3) "
+            "or (N, H, W) for grayscale"
+        )
+    if len(x) == 0:
+        raise ValueError(f"{path}: {key} has no images; expected at least one")
+    return _nhwc_to_nchw(x)
+
+
+def _npz_labels(path: pathlib.Path, key: str, y: np.ndarray, n_images: int) -> torch.Tensor:
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{path}: {key} has dtype {y.dtype}; expected integer class labels")
+    if y.ndim != 1:
+        raise ValueError(f"{path}: {key} has shape {y.shape}; expected 1-D (N,)")
+    x_key = "x" + key[1:]
+    if len(y) != n_images:
+        raise ValueError(f"{path}: {key} has {len(y)} labels but {x_key} has {n_images} images; expected equal")
+    if y.min() < 0:
+        raise ValueError(f"{path}: {key} has negative label {y.min()}; expected labels >= 0")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _npz_classes(path: pathlib.Path, classes: np.ndarray) -> list[str]:
+    if classes.ndim != 1 or classes.dtype.kind not in "US" or len(classes) == 0:
+        raise ValueError(
+            f"{path}: classes has dtype {classes.dtype} and shape {classes.shape}; "
+            "expected a non-empty 1-D array of class names (strings)"
+        )
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in classes.tolist()]
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class BatchLoader:
+    """Iterates (images float32 normalized (B,C,R,R) on device, labels int64 on device).
+
+    ``train=True``: a new seeded order every epoch (epoch ``k`` of a given ``seed`` is the
+    same in every run), a random crop with ``crop_padding`` zero pixels on each side at the
+    native size and, if ``hflip``, a random horizontal flip per sample; ``drop_last``
+    defaults to True when there is more than one batch. ``train=False``: every sample in
+    order, no augmentation. Images are scaled to [0, 1], normalised with ``mean``/``std``
+    (per channel) and resized bilinearly to ``resolution`` when it differs from the native
+    size. The uint8 tensors move to ``device`` once, here; random draws for an epoch move
+    once per epoch.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        batch_size: int,
+        resolution: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        hflip: bool = True,
+        crop_padding: int = 4,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        drop_last: bool | None = None,
+    ) -> None:
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
+            got = f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x has {got}; expected a uint8 tensor (N, C, H, W)")
+        if not isinstance(y, torch.Tensor) or y.ndim != 1 or len(y) != len(x):
+            got = f"shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y has {got}; expected a 1-D tensor with one label per image ({len(x)})")
+        if len(x) == 0:
+            raise ValueError("x has no images; expected at least one")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
+            raise ValueError(f"resolution={resolution!r} must be an int >= 8")
+        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ValueError(f"crop_padding={crop_padding!r} must be an int >= 0")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be an int >= 0")
+        channels = x.shape[1]
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean={mean} and std={std} must have one value per channel ({channels})")
+        if min(std) <= 0:
+            raise ValueError(f"std={std} must be > 0 in every channel")
+
+        self.device = torch.device(device)
+        self.x = x.to(self.device)
+        self.y = y.to(self.device, dtype=torch.int64)
+        self.batch_size = batch_size
+        self.resolution = resolution
+        self.train = train
+        self.hflip = hflip
+        self.crop_padding = crop_padding
+        self.seed = seed
+        self.drop_last = (train and len(x) > batch_size) if drop_last is None else drop_last
+        self.epoch = 0
+        # (x / 255 - mean) / std as one multiply-add.
+        std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -mean_t / std_t
+
+    @classmethod
+    def for_split(
+        cls,
+        data: Dataset,
+        split: str,
+        *,
+        batch_size: int,
+        resolution: int,
+        train: bool,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> BatchLoader:
+        """A loader over ``data``'s ``split`` ("train", "val" or "test") with its mean/std/hflip."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not one of ('train', 'val', 'test')")
+        return cls(
+            getattr(data, f"x_{split}"),
+            getattr(data, f"y_{split}"),
+            batch_size=batch_size,
+            resolution=resolution,
+            mean=data.mean,
+            std=data.std,
+            train=train,
+            hflip=data.hflip,
+            device=device,
+            seed=seed,
+        )
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch`` (e.g. after resuming from a checkpoint)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, bs = len(self.y), self.batch_size
+        if not self.train:
+            for start in range(0, len(self) * bs, bs):
+                yield self._finish(self.x[start : start + bs]), self.y[start : start + bs]
+            return
+        # Random draws come from a CPU generator seeded by (seed, epoch), so the epoch is the
+        # same on any device and after a resume; they cross to the device once per epoch.
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(state))
+        self.epoch += 1
+        order = torch.randperm(n, generator=gen).to(self.device)
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen).to(self.device)
+        flips = torch.rand(n, generator=gen) < 0.5
+        flips = (flips if self.hflip else torch.zeros_like(flips)).to(self.device)
+        for start in range(0, len(self) * bs, bs):
+            idx = order[start : start + bs]
+            x = self._crop_flip(self.x[idx], offsets[start : start + bs], flips[start : start + bs])
+            yield self._finish(x), self.y[idx]
+
+    def _crop_flip(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Crop each padded image at its (row, col) offset, mirrored where ``flips``; one gather."""
+        b, c, h, w = x.shape
+        p = self.crop_padding
+        padded = F.pad(x, (p, p, p, p)) if p else x
+        rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (B, H)
+        cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+        return padded[
+            torch.arange(b, device=x.device)[:, None, None, None],
+            torch.arange(c, device=x.device)[None, :, None, None],
+            rows[:, None, :, None],
+            cols[:, None, None, :],
+        ]
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() * self._scale + self._shift
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(
+                x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=False
+            )
+        return x

@@ -1,0 +1,264 @@
+"""Which exit a sample takes, and which thresholds to use.
+
+Everything here works on *cached* exit outputs (per-exit confidence and predicted class
+for every sample of a split, :class:`ExitOutputs`), so thresholds are tuned and exits
+simulated without running a network; trials and ``analysis`` share this code.
+
+Conventions: exits are indexed 0…E-1 in position order and E is the final classifier;
+accuracies are in %, utilizations are fractions, costs are MMACs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .cost import ExitCosts
+
+CONFIDENCE_MEASURES = ("margin", "max_prob", "entropy")
+# The paper's grid: 0.1 … 1.0 in steps of 0.15 (7 values); λ = 0.1.
+PAPER_GRID: tuple[float, ...] = tuple(round(0.1 + 0.15 * k, 2) for k in range(7))
+PAPER_LAMBDA = 0.1
+# The authors round any tuned threshold above 0.95 to 1.0 (exit off).
+ROUND_TO_ONE_ABOVE = 0.95
+_CHUNK_ELEMENTS = 8_000_000  # bounds the (vectors × exits × samples) boolean block in memory
+
+
+def torch_confidence(logits: torch.Tensor, measure: str = "margin") -> torch.Tensor:
+    """Confidence in [0, 1] of each row of ``logits`` (higher = more sure).
+
+    margin: top-1 minus top-2 softmax probability (the paper's score margin);
+    max_prob: top-1 probability; entropy: 1 − H(p)/log(classes).
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    if measure == "margin":
+        top2 = probs.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    if measure == "max_prob":
+        return probs.max(dim=1).values
+    if measure == "entropy":
+        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
+        return 1.0 - ent / math.log(logits.shape[1])
+    raise ValueError(f"confidence={measure!r} is not one of {CONFIDENCE_MEASURES}")
+
+
+def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
+    """Thresholds as a list of floats, one per existing exit; raises ValueError otherwise."""
+    th = [float(t) for t in thresholds]
+    if len(th) != num_exits:
+        raise ValueError(f"thresholds has {len(th)} values but the network has {num_exits} exits")
+    for j, t in enumerate(th):
+        if not 0.0 <= t <= 1.0 or math.isnan(t):
+            raise ValueError(f"thresholds[{j}]={t} is not in [0, 1] (1.0 disables the exit)")
+    return th
+
+
+@dataclass
+class ExitOutputs:
+    """Cached outputs of every exit on one split: arrays of shape (E+1, N) and labels (N,)."""
+
+    confidence: np.ndarray  # float32, row E (final) kept for completeness
+    prediction: np.ndarray  # int64
+    labels: np.ndarray      # int64
+
+    def __post_init__(self) -> None:
+        self.confidence = np.asarray(self.confidence, dtype=np.float32)
+        self.prediction = np.asarray(self.prediction, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.confidence.ndim != 2 or self.confidence.shape != self.prediction.shape:
+            raise ValueError(f"confidence {self.confidence.shape} and prediction "
+                             f"{self.prediction.shape} must both be (exits+1, samples)")
+        if self.labels.shape != (self.confidence.shape[1],):
+            raise ValueError(f"labels {self.labels.shape} do not match {self.confidence.shape[1]} samples")
+
+    @property
+    def num_exits(self) -> int:
+        return self.confidence.shape[0] - 1
+
+    @property
+    def num_samples(self) -> int:
+        return self.confidence.shape[1]
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.prediction == self.labels[None, :]
+
+    def exit_accuracy(self) -> np.ndarray:
+        """Accuracy (%) of each exit alone on the whole split, final last."""
+        return 100.0 * self.correct.mean(axis=1)
+
+
+@dataclass
+class SimResult:
+    """What a set of thresholds does on a split."""
+
+    thresholds: list[float]
+    accuracy: float             # %
+    avg_macs: float             # MMACs per sample
+    utilization: np.ndarray     # (E+1,) fraction of samples leaving at each exit
+    costs: np.ndarray           # (E+1,) C_i in MMACs with these thresholds
+    taken_accuracy: np.ndarray  # (E+1,) % correct among samples leaving there (nan if none)
+    exit_index: np.ndarray      # (N,) exit taken by each sample
+
+
+def exit_index(outputs: ExitOutputs, thresholds: Sequence[float]) -> np.ndarray:
+    """Exit taken by each sample (0…E-1 an exit, E the final classifier)."""
+    th = np.asarray(validate_thresholds(thresholds, outputs.num_exits))
+    e = outputs.num_exits
+    passes = (outputs.confidence[:e] >= th[:, None]) & (th < 1.0)[:, None]
+    return np.where(passes.any(axis=0), passes.argmax(axis=0), e)
+
+
+def simulate(outputs: ExitOutputs, thresholds: Sequence[float], costs: ExitCosts) -> SimResult:
+    """Accuracy, utilization and average MMACs of ``thresholds`` on cached outputs."""
+    th = validate_thresholds(thresholds, outputs.num_exits)
+    _check_costs(outputs, costs)
+    idx = exit_index(outputs, th)
+    e, n = outputs.num_exits, outputs.num_samples
+    taken_correct = outputs.correct[idx, np.arange(n)]
+    counts = np.bincount(idx, minlength=e + 1)
+    util = counts / max(n, 1)
+    per_exit_right = np.bincount(idx, weights=taken_correct, minlength=e + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        taken_acc = np.where(counts > 0, 100.0 * per_exit_right / counts, np.nan)
+    c = costs.cumulative(np.asarray(th) < 1.0)
+    return SimResult(thresholds=th, accuracy=100.0 * float(taken_correct.mean()) if n else 0.0,
+                     avg_macs=float(util @ c), utilization=util, costs=c,
+                     taken_accuracy=taken_acc, exit_index=idx)
+
+
+def simulate_many(outputs: ExitOutputs, threshold_vectors: np.ndarray,
+                  costs: ExitCosts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorized :func:`simulate` for K threshold vectors (K, E).
+
+    Returns (accuracy % (K,), average MMACs (K,), utilization (K, E+1)).
+    """
+    _check_costs(outputs, costs)
+    tv = np.asarray(threshold_vectors, dtype=np.float64)
+    e, n = outputs.num_exits, outputs.num_samples
+    if tv.ndim != 2 or tv.shape[1] != e:
+        raise ValueError(f"threshold_vectors must have shape (K, {e}), got {tv.shape}")
+    k_total = tv.shape[0]
+    acc = np.empty(k_total)
+    util = np.empty((k_total, e + 1))
+    conf = outputs.confidence[:e]
+    correct = outputs.correct
+    cols = np.arange(n)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, e * n))
+    for start in range(0, k_total, chunk):
+        t = tv[start:start + chunk]
+        # Walk exits from last to first so the earliest passing exit wins.
+        idx = np.full((t.shape[0], n), e, dtype=np.int64)
+        for j in range(e - 1, -1, -1):
+            passes = conf[j][None, :] >= t[:, j:j + 1]
+            passes &= (t[:, j:j + 1] < 1.0)
+            idx[passes] = j
+        acc[start:start + chunk] = 100.0 * correct[idx, cols].mean(axis=1)
+        for j in range(e + 1):
+            util[start:start + chunk, j] = (idx == j).mean(axis=1)
+    avg = (util * costs.cumulative(tv < 1.0)).sum(axis=1)
+    return acc, avg, util
+
+
+def threshold_score(accuracy: np.ndarray | float, avg_macs: np.ndarray | float, target_macs: float,
+                    lam: float = PAPER_LAMBDA) -> np.ndarray | float:
+    """The paper's score: accuracy% − λ·100·|avg_MACs − target| / target."""
+    if target_macs <= 0:
+        raise ValueError(f"target_macs={target_macs} must be > 0 (MMACs)")
+    return accuracy - lam * 100.0 * np.abs(np.asarray(avg_macs) - target_macs) / target_macs
+
+
+def threshold_grid(num_exits: int, grid: Sequence[float] = PAPER_GRID) -> np.ndarray:
+    """All threshold vectors of ``grid`` (values > 0.95 rounded to 1.0), in itertools.product order."""
+    values = sorted({1.0 if g > ROUND_TO_ONE_ABOVE else float(g) for g in grid})
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"grid={tuple(grid)} must be non-empty values in [0, 1]")
+    if num_exits == 0:
+        return np.zeros((1, 0))
+    return np.array(list(itertools.product(values, repeat=num_exits)), dtype=np.float64)
+
+
+@dataclass
+class TuneResult:
+    thresholds: list[float]
+    score: float
+    result: SimResult
+
+
+def tune_thresholds(outputs: ExitOutputs, costs: ExitCosts, target_macs: float,
+                    grid: Sequence[float] = PAPER_GRID, lam: float = PAPER_LAMBDA,
+                    budget_macs: float | None = None) -> TuneResult:
+    """Best thresholds on the grid by the paper's score for ``target_macs`` (MMACs).
+
+    Ties go to the first vector in ``itertools.product`` order. With ``budget_macs``,
+    vectors whose average MMACs exceed the budget are excluded (if none fits, the
+    cheapest vector is returned).
+    """
+    vectors = threshold_grid(outputs.num_exits, grid)
+    acc, avg, _ = simulate_many(outputs, vectors, costs)
+    scores = np.asarray(threshold_score(acc, avg, target_macs, lam), dtype=np.float64)
+    if budget_macs is not None:
+        fits = avg <= budget_macs + 1e-9
+        scores = np.where(fits, scores, -np.inf) if fits.any() else np.where(avg == avg.min(), scores, -np.inf)
+    best = int(np.argmax(scores))
+    th = [float(t) for t in vectors[best]]
+    return TuneResult(thresholds=th, score=float(scores[best]), result=simulate(outputs, th, costs))
+
+
+@dataclass
+class OracleResult:
+    accuracy: float          # % (a sample is right if any exit is right)
+    avg_macs: float          # MMACs
+    utilization: np.ndarray  # (E+1,)
+
+
+def oracle(outputs: ExitOutputs, costs: ExitCosts) -> OracleResult:
+    """Upper bound: every sample leaves at the cheapest exit that is right (all exits active)."""
+    _check_costs(outputs, costs)
+    e = outputs.num_exits
+    correct = outputs.correct
+    idx = np.where(correct.any(axis=0), correct.argmax(axis=0), e)
+    c = costs.cumulative(np.ones(e, dtype=bool))
+    util = np.bincount(idx, minlength=e + 1) / max(outputs.num_samples, 1)
+    return OracleResult(accuracy=100.0 * float(correct.any(axis=0).mean()),
+                        avg_macs=float(util @ c), utilization=util)
+
+
+def _check_costs(outputs: ExitOutputs, costs: ExitCosts) -> None:
+    if costs.num_exits != outputs.num_exits:
+        raise ValueError(f"costs describe {costs.num_exits} exits but the outputs have {outputs.num_exits}")
+
+
+# ----------------------------------------------------------------- saved artifacts
+def save_exit_outputs(path: str | Path, splits: dict[str, ExitOutputs], costs: ExitCosts) -> None:
+    """Write ``exit_outputs.npz``: per split ``{split}_confidence/_prediction/_labels`` plus the costs."""
+    arrays: dict[str, np.ndarray] = {
+        "backbone_macs": costs.backbone, "branch_macs": costs.branch,
+        "costs_all_active": costs.cumulative(np.ones(costs.num_exits, dtype=bool)),
+    }
+    for split, out in splits.items():
+        arrays[f"{split}_confidence"] = out.confidence
+        arrays[f"{split}_prediction"] = out.prediction
+        arrays[f"{split}_labels"] = out.labels
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)  # atomic: a crash never leaves half a file
+
+
+def load_exit_outputs(path: str | Path) -> tuple[dict[str, ExitOutputs], ExitCosts]:
+    """Read ``exit_outputs.npz``; returns ({split: ExitOutputs}, ExitCosts)."""
+    with np.load(path) as z:
+        costs = ExitCosts(backbone=z["backbone_macs"], branch=z["branch_macs"])
+        splits = {}
+        for key in z.files:
+            if key.endswith("_confidence"):
+                s = key[: -len("_confidence")]
+                splits[s] = ExitOutputs(z[f"{s}_confidence"], z[f"{s}_prediction"], z[f"{s}_labels"])
+    return splits, costs

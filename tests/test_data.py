@@ -1,0 +1,409 @@
+"""Tests for aebnas/data.py: loaders read the real on-disk formats; batches are exact."""
+
+import hashlib
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+
+from aebnas.data import (
+    DATASET_NAMES,
+    BatchLoader,
+    DatasetNotFoundError,
+    embedded_dataset_path,
+    load_dataset,
+)
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _tagged_images(n, seed, channels=3, size=32):
+    """Random NCHW uint8 images whose pixel (c=0, h=0, w=0) holds the image's index."""
+    x = np.random.default_rng(seed).integers(0, 256, (n, channels, size, size), dtype=np.uint8)
+    x[:, 0, 0, 0] = np.arange(n)
+    return x
+
+
+def _assert_train_val_are(data, x_written, y_written):
+    """train ∪ val is exactly the written training set, each image with its own label."""
+    x = torch.cat([data.x_train, data.x_val])
+    y = torch.cat([data.y_train, data.y_val])
+    tags = x[:, 0, 0, 0].long()
+    assert sorted(tags.tolist()) == list(range(len(x_written)))
+    assert torch.equal(x, torch.from_numpy(x_written)[tags])
+    assert torch.equal(y, torch.as_tensor(y_written, dtype=torch.int64)[tags])
+
+
+def _pickle(path, obj):
+    # The real files were pickled by Python 2 with str keys; torchvision reads them with
+    # encoding="latin1", which turns those keys into str, so str keys match the real format.
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+# --------------------------------------------------------------------------- torchvision formats
+
+
+def test_cifar10_real_format(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    x_train, x_test = _tagged_images(20, seed=1), _tagged_images(6, seed=2)
+    y_train, y_test = [i % 10 for i in range(20)], [9, 8, 7, 6, 5, 4]
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for b in range(5):
+        rows = slice(4 * b, 4 * b + 4)
+        _pickle(folder / f"data_batch_{b + 1}", {"data": x_train[rows].reshape(4, 3072), "labels": y_train[rows]})
+    _pickle(folder / "test_batch", {"data": x_test.reshape(6, 3072), "labels": y_test})
+    _pickle(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": 4})
+    train_list = [[f"data_batch_{b}", _md5(folder / f"data_batch_{b}")] for b in range(1, 6)]
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", train_list)
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", {**tvd.CIFAR10.meta, "md5": _md5(folder / "batches.meta")})
+
+    data = load_dataset("cifar10", data_dir=tmp_path, val_size=4)
+
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (16, 4, 6)
+    assert data.x_train.shape == (16, 3, 32, 32) and data.x_train.dtype == torch.uint8
+    assert data.x_train.is_contiguous() and data.y_train.dtype == torch.int64
+    _assert_train_val_are(data, x_train, y_train)
+    assert torch.equal(data.x_test, torch.from_numpy(x_test))
+    assert data.y_test.tolist() == y_test
+    # a pixel of the row-major planes: image 3, green plane, row 5, column 7
+    assert data.x_test[3, 1, 5, 7] == x_test.reshape(6, 3072)[3, 1024 + 5 * 32 + 7]
+    assert data.classes == names and data.num_classes == 10 and data.in_channels == 3
+    assert data.hflip is True
+    assert data.summary() == "cifar10: 16 train / 4 val / 6 test, 10 classes, images 3x32x32"
+    with pytest.raises(ValueError, match="val_size=5000"):
+        load_dataset("cifar10", data_dir=tmp_path)  # the default 5000 does not fit 20 images
+
+
+def test_cifar100_real_format(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    x_train, x_test = _tagged_images(12, seed=3), _tagged_images(5, seed=4)
+    y_train, y_test = [99, 0, 50, 7, 3, 3, 12, 64, 1, 2, 98, 42], [0, 99, 5, 6, 7]
+    names = [f"class{i}" for i in range(100)]
+    _pickle(folder / "train", {"data": x_train.reshape(12, 3072), "fine_labels": y_train, "coarse_labels": [0] * 12})
+    _pickle(folder / "test", {"data": x_test.reshape(5, 3072), "fine_labels": y_test, "coarse_labels": [0] * 5})
+    _pickle(folder / "meta", {"fine_label_names": names, "coarse_label_names": ["c"] * 20})
+    monkeypatch.setattr(tvd.CIFAR100, "train_list", [["train", _md5(folder / "train")]])
+    monkeypatch.setattr(tvd.CIFAR100, "test_list", [["test", _md5(folder / "test")]])
+    monkeypatch.setattr(tvd.CIFAR100, "meta", {**tvd.CIFAR100.meta, "md5": _md5(folder / "meta")})
+
+    data = load_dataset("cifar100", data_dir=tmp_path, val_size=2, seed=5)
+
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (10, 2, 5)
+    _assert_train_val_are(data, x_train, y_train)
+    assert torch.equal(data.x_test, torch.from_numpy(x_test)) and data.y_test.tolist() == y_test
+    assert data.num_classes == 100 and data.classes[99] == "class99"
+
+
+def test_svhn_real_format(tmp_path, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io")
+    x_train, x_test = _tagged_images(10, seed=6), _tagged_images(4, seed=7)
+    y_train = np.array([10, 1, 2, 3, 4, 5, 6, 7, 8, 9], dtype=np.uint8)  # SVHN writes digit 0 as 10
+    y_test = np.array([10, 10, 3, 9], dtype=np.uint8)
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        # the .mat layout: X (H, W, C, N), y (N, 1)
+        scipy_io.savemat(tmp_path / f"{split}_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": y[:, None]})
+    split_list = {
+        split: [url, f, _md5(tmp_path / f) if split != "extra" else md5]
+        for split, (url, f, md5) in tvd.SVHN.split_list.items()
+    }
+    monkeypatch.setattr(tvd.SVHN, "split_list", split_list)
+
+    data = load_dataset("svhn", data_dir=tmp_path, val_size=3)
+
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (7, 3, 4)
+    assert data.x_test.shape == (4, 3, 32, 32)
+    _assert_train_val_are(data, x_train, y_train % 10)
+    assert data.y_test.tolist() == [0, 0, 3, 9]
+    # pixel X[h=5, w=7, c=2, n=1] of the file is image 1, channel 2, row 5, column 7
+    assert data.x_test[1, 2, 5, 7] == x_test.transpose(2, 3, 1, 0)[5, 7, 2, 1]
+    assert torch.equal(data.x_test, torch.from_numpy(x_test))
+    assert data.classes == [str(d) for d in range(10)] and data.hflip is False
+
+
+@pytest.mark.parametrize(
+    "name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"), ("svhn", "")]
+)
+def test_missing_torchvision_files(tmp_path, name, folder):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset(name, data_dir=tmp_path)
+    message = str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert str(tmp_path / folder) in message and "(missing)" in message
+    assert "--download" in message and "--data-dir" in message
+
+
+def test_corrupted_file_is_reported(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"not cifar")
+    with pytest.raises(DatasetNotFoundError, match=r"data_batch_1 \(present, but its md5 checksum differs\)"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_failed_download_says_how_to_get_files(tmp_path, monkeypatch):
+    def no_network(self):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", no_network)
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("cifar10", data_dir=tmp_path, download=True)
+    message = str(err.value)
+    assert f"downloading dataset 'cifar10' into {tmp_path} failed" in message and "no network" in message
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message and "--data-dir" in message
+
+
+# --------------------------------------------------------------------------- embedded subset
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return load_dataset("cifar10-subset")
+
+
+def test_embedded_subset(subset):
+    assert embedded_dataset_path().is_file()
+    assert len(subset.y_train) + len(subset.y_val) == 3805 and len(subset.y_val) == 500
+    assert len(subset.y_test) == 761 and subset.num_classes == 10 and subset.classes[0] == "airplane"
+    assert subset.x_train.shape[1:] == (3, 32, 32) and subset.in_channels == 3
+    x = subset.x_train.double() / 255
+    assert np.allclose(subset.mean, x.mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
+    assert np.allclose(subset.std, x.std(dim=(0, 2, 3), unbiased=False).numpy(), atol=1e-9)
+
+
+def test_split_follows_the_seed(subset):
+    again = load_dataset("cifar10-subset", seed=0)
+    other = load_dataset("cifar10-subset", seed=1, val_size=300)
+    assert torch.equal(again.x_val, subset.x_val) and torch.equal(again.y_train, subset.y_train)
+    assert len(other.y_val) == 300 and not torch.equal(other.x_val[:300], subset.x_val[:300])
+
+
+@pytest.mark.parametrize("val_size", [0, -1, 3805, 4000])
+def test_val_size_out_of_range(val_size):
+    with pytest.raises(ValueError, match=rf"val_size={val_size} .*0 < val_size < 3805"):
+        load_dataset("cifar10-subset", val_size=val_size)
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="not one of") as err:
+        load_dataset("imagenet")
+    assert all(name in str(err.value) for name in DATASET_NAMES) and ".npz" in str(err.value)
+
+
+# --------------------------------------------------------------------------- .npz files
+
+
+def _npz_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "x_train": rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8),
+        "y_train": np.arange(30) % 3,
+        "x_test": rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8),
+        "y_test": np.array([0, 1, 2, 2, 1]),
+        "classes": np.array(["cat", "dog", "fox"]),
+    }
+
+
+def test_npz_colour(tmp_path):
+    arrays = _npz_arrays()
+    np.savez(tmp_path / "pets.npz", **arrays)
+    data = load_dataset(str(tmp_path / "pets.npz"))
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (27, 3, 5)  # val: 10%
+    assert data.classes == ["cat", "dog", "fox"] and data.num_classes == 3 and data.in_channels == 3
+    assert torch.equal(data.x_test, torch.from_numpy(arrays["x_test"]).permute(0, 3, 1, 2))
+    assert data.x_test[2, 1, 4, 6] == arrays["x_test"][2, 4, 6, 1] and data.hflip is True
+
+
+def test_npz_grayscale_relative_to_data_dir(tmp_path):
+    arrays = _npz_arrays()
+    arrays = {**arrays, "x_train": arrays["x_train"][..., 0], "x_test": arrays["x_test"][..., 0].astype(np.int32)}
+    del arrays["classes"]
+    np.savez(tmp_path / "gray.npz", **arrays)
+    data = load_dataset("gray.npz", data_dir=tmp_path, val_size=10)
+    assert data.in_channels == 1 and data.x_train.shape == (20, 1, 8, 8) and data.x_test.dtype == torch.uint8
+    assert data.classes == ["0", "1", "2"]
+    assert torch.equal(data.x_test[:, 0], torch.from_numpy(arrays["x_test"].astype(np.uint8)))
+
+
+def _drop(key):
+    return lambda a: {k: v for k, v in a.items() if k != key}
+
+
+def _set(key, value):
+    return lambda a: {**a, key: value(a) if callable(value) else value}
+
+
+@pytest.mark.parametrize(
+    "corrupt, key",
+    [
+        (_drop("y_test"), "y_test"),
+        (_set("x_train", lambda a: a["x_train"].astype(np.float32)), "x_train"),
+        (_set("x_train", lambda a: a["x_train"].astype(np.int16) + 100), "x_train"),
+        (_set("x_train", lambda a: a["x_train"][..., None]), "x_train"),
+        (_set("x_train", lambda a: a["x_train"].transpose(0, 3, 1, 2)), "x_train"),
+        (_set("x_test", lambda a: a["x_test"][:, :4, :4]), "x_test"),
+        (_set("y_train", lambda a: a["y_train"][:-1]), "y_train"),
+        (_set("y_train", lambda a: a["y_train"].astype(np.float64)), "y_train"),
+        (_set("y_train", lambda a: a["y_train"][:, None]), "y_train"),
+        (_set("y_test", np.array([0, 1, -1, 2, 1])), "y_test"),
+        (_set("y_train", lambda a: np.where(a["y_train"] == 2, 3, a["y_train"])), "y_train"),
+        (_set("classes", np.array([["cat", "dog", "fox"]])), "classes"),
+    ],
+)
+def test_npz_invalid(tmp_path, corrupt, key):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **corrupt(_npz_arrays()))
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path))
+    assert str(path) in str(err.value) and key in str(err.value)
+
+
+def test_npz_missing_file(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("nowhere.npz", data_dir=tmp_path)
+    assert str(tmp_path / "nowhere.npz") in str(err.value) and "download" in str(err.value)
+
+
+# --------------------------------------------------------------------------- BatchLoader
+
+
+def _images(n, seed=0, size=32):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _loader(x, **kw):
+    kw = {"batch_size": 4, "resolution": x.shape[-1], "mean": (0, 0, 0), "std": (1, 1, 1), "train": True, **kw}
+    return BatchLoader(x, torch.arange(len(x)), **kw)
+
+
+def _pixels(batch):
+    """Undo /255 of a loader built with mean 0, std 1: back to exact uint8 values."""
+    restored = batch * 255
+    assert torch.allclose(restored, restored.round(), atol=1e-3)
+    return restored.round().to(torch.uint8)
+
+
+def test_shapes_and_dtypes_at_resolution_40():
+    images, labels = next(iter(_loader(_images(10), resolution=40)))
+    assert images.shape == (4, 3, 40, 40) and images.dtype == torch.float32
+    assert labels.shape == (4,) and labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("resolution", [32, 40])
+def test_eval_returns_normalised_pixels_in_order(resolution):
+    x = _images(10)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.2)
+    loader = BatchLoader(x, torch.arange(10) * 2, batch_size=4, resolution=resolution, mean=mean, std=std, train=False)
+    batches = list(loader)
+    assert [len(b[1]) for b in batches] == [4, 4, 2] and len(loader) == 3
+    expected = (x.double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    if resolution != 32:
+        expected = F.interpolate(expected.float(), size=(resolution, resolution), mode="bilinear", align_corners=False)
+    assert torch.allclose(torch.cat([b[0] for b in batches]), expected.float(), atol=1e-5)
+    assert torch.cat([b[1] for b in batches]).tolist() == list(range(0, 20, 2))
+
+
+def test_train_is_seeded_and_reshuffles_every_epoch():
+    x = _images(40)
+
+    def epochs(loader, n=2):
+        return [torch.cat([lab for _, lab in loader]) for _ in range(n)]
+
+    first, second = epochs(_loader(x, seed=3)), epochs(_loader(x, seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], epochs(_loader(x, seed=4), 1)[0])
+    assert sorted(first[0].tolist()) == list(range(40))  # 40 % 4 == 0: every sample once
+    replay = _loader(x, seed=3)
+    replay.set_epoch(1)
+    assert torch.equal(torch.cat([lab for _, lab in replay]), first[1])
+    a, b = next(iter(_loader(x, seed=3))), next(iter(_loader(x, seed=3)))
+    assert torch.equal(a[0], b[0])
+
+
+def test_train_crops_are_shifts_of_the_padded_image():
+    x = _images(16)
+    images, labels = next(iter(_loader(x, batch_size=16, crop_padding=4, seed=1)))
+    found = []
+    for image, label in zip(_pixels(images), labels):
+        padded = F.pad(x[label], (4, 4, 4, 4))
+        matches = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if torch.equal(image, (padded.flip(-1) if flip else padded)[:, dy : dy + 32, dx : dx + 32])
+        ]
+        assert len(matches) == 1  # random content: exactly one offset explains the crop
+        found.append(matches[0])
+    assert len({(dy, dx) for dy, dx, _ in found}) > 1
+    assert {flip for _, _, flip in found} == {False, True}
+
+
+def test_no_flip_when_hflip_is_false():
+    x = torch.arange(32, dtype=torch.uint8).expand(6, 3, 32, 32).contiguous()  # left-right asymmetric
+    for hflip in (False, True):
+        loader = _loader(x, batch_size=6, crop_padding=0, hflip=hflip)
+        flipped = [
+            not torch.equal(img, x[lab])
+            for _ in range(4)
+            for batch, labels in loader
+            for img, lab in zip(_pixels(batch), labels)
+        ]
+        assert any(flipped) == hflip
+
+
+def test_len_and_drop_last():
+    x = _images(10)
+    assert len(_loader(x)) == 2 and [len(lab) for _, lab in _loader(x)] == [4, 4]
+    assert len(_loader(x, drop_last=False)) == 3 and [len(lab) for _, lab in _loader(x, drop_last=False)] == [4, 4, 2]
+    assert len(_loader(x, train=False)) == 3
+    assert len(_loader(x[:3])) == 1 and [len(lab) for _, lab in _loader(x[:3])] == [3]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"resolution": 4}, "resolution=4"),
+        ({"y": torch.arange(9)}, "one label per image"),
+        ({"x": _images(10).float()}, "uint8"),
+        ({"x": _images(10)[0]}, "uint8"),
+        ({"mean": (0, 0)}, "one value per channel"),
+        ({"std": (1, 0, 1)}, "std"),
+    ],
+)
+def test_loader_validation(change, message):
+    kw = {"batch_size": 4, "resolution": 32, "mean": (0, 0, 0), "std": (1, 1, 1), "train": True, **change}
+    with pytest.raises(ValueError, match=message):
+        BatchLoader(kw.pop("x", _images(10)), kw.pop("y", torch.arange(10)), **kw)
+
+
+def test_for_split_uses_dataset_statistics(subset):
+    loader = BatchLoader.for_split(subset, "val", batch_size=128, resolution=32, train=False)
+    assert len(loader) == 4 and loader.hflip is True
+    images, labels = next(iter(loader))
+    mean, std = torch.tensor(subset.mean).view(1, 3, 1, 1), torch.tensor(subset.std).view(1, 3, 1, 1)
+    expected = (subset.x_val[:128].double() / 255 - mean) / std
+    assert torch.allclose(images, expected.float(), atol=1e-5) and torch.equal(labels, subset.y_val[:128])
+    with pytest.raises(ValueError, match="split='valid'"):
+        BatchLoader.for_split(subset, "valid", batch_size=8, resolution=32, train=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_match_cpu():
+    x = _images(64)
+    cpu = [(img, lab) for img, lab in _loader(x, batch_size=16, resolution=40)]
+    gpu = [(img, lab) for img, lab in _loader(x, batch_size=16, resolution=40, device="cuda")]
+    assert all(i.device.type == "cuda" for i, _ in gpu)
+    for (a, la), (b, lb) in zip(cpu, gpu):
+        assert torch.equal(la, lb.cpu()) and torch.allclose(a, b.cpu(), atol=1e-5)
