@@ -1,0 +1,239 @@
+"""The Ray Tune function trainable: one trial = one candidate early-exit network.
+
+``train_candidate(config, data)`` builds the network from the trial's flat config,
+trains it, and after every epoch evaluates the validation split, tunes the exit
+thresholds for the target MACs, writes ``arch.json`` and ``exit_outputs.npz`` in the trial
+directory and reports the metric contract (DESIGN.md) with a checkpoint. The last epoch
+adds test metrics with the thresholds tuned on validation. Ray-specific code stays in
+this file; everything it calls runs without Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from ray import tune
+
+from .config import ArchConfig, is_arch_key
+from .cost import exit_costs
+from .data import BatchLoader, Dataset
+from .exit_policy import (CONFIDENCE_MEASURES, PAPER_GRID, PAPER_LAMBDA, ExitOutputs, SimResult,
+                          oracle, save_exit_outputs, simulate, tune_thresholds)
+from .nn import EarlyExitNet
+from .train import (NonFiniteLossError, TrainSettings, evaluate, make_optimizer, make_scheduler,
+                    recalibrate_bn, select_device, train_one_epoch)
+
+FAILURE_FILE = "failure.json"
+ARCH_FILE = "arch.json"
+EXIT_OUTPUTS_FILE = "exit_outputs.npz"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrialError(RuntimeError):
+    """A trial that cannot succeed (cannot be built, diverged, out of memory).
+
+    Deterministic: the trial writes ``failure.json`` and a retry fails at once with the
+    same message instead of spending compute on the same failure again.
+    """
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """The fixed (not searched) settings that travel in every trial's config."""
+
+    dataset: str = "cifar10-subset"
+    target_macs: float = 17.0
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-5
+    exit_weight: float = 1.0
+    bn_recalibration_batches: int = 10
+    seed: int = 0
+    confidence: str = "margin"
+    score_lambda: float = PAPER_LAMBDA
+    threshold_grid: tuple[float, ...] = PAPER_GRID
+    eval_batch_size: int = 512
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.target_macs > 0:
+            raise ValueError(f"target_macs={self.target_macs} must be > 0 (MMACs)")
+        if self.confidence not in CONFIDENCE_MEASURES:
+            raise ValueError(f"confidence={self.confidence!r} is not one of {CONFIDENCE_MEASURES}")
+        if self.score_lambda < 0:
+            raise ValueError(f"score_lambda={self.score_lambda} must be ≥ 0")
+        object.__setattr__(self, "threshold_grid", tuple(float(g) for g in self.threshold_grid))
+        self.train_settings()  # validates epochs, lr, …
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             weight_decay=self.weight_decay, exit_weight=self.exit_weight,
+                             bn_recalibration_batches=self.bn_recalibration_batches)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["threshold_grid"] = list(self.threshold_grid)
+        return d
+
+
+SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(TrialSettings))
+
+
+def parse_trial_config(config: Mapping[str, Any]) -> tuple[ArchConfig, TrialSettings]:
+    """Split a trial's flat config into the architecture and the fixed settings.
+
+    Raises ValueError naming any key that is neither (or a bad value).
+    """
+    unknown = sorted(k for k in config if not is_arch_key(k) and k not in SETTING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown trial config key(s) {unknown}; settings are {sorted(SETTING_KEYS)}, "
+                         "architecture keys are described in aebnas.config")
+    arch = ArchConfig.from_flat({k: v for k, v in config.items() if is_arch_key(k)})
+    settings = TrialSettings(**{k: v for k, v in config.items() if k in SETTING_KEYS})
+    return arch, settings
+
+
+def resolved_config(arch: ArchConfig, settings: TrialSettings) -> dict[str, Any]:
+    """The flat config of what a trial actually builds (``arch.json``)."""
+    return {**arch.to_flat(), **settings.to_dict()}
+
+
+def epoch_metrics(arch: ArchConfig, val: ExitOutputs, sim: SimResult, score: float,
+                  static_macs: float) -> dict[str, Any]:
+    """The contract metrics of one epoch (validation split, tuned thresholds)."""
+    m: dict[str, Any] = {"score": score, "accuracy": sim.accuracy, "avg_macs": sim.avg_macs,
+                         "final_accuracy": float(val.exit_accuracy()[-1]), "static_macs": static_macs}
+    acc = val.exit_accuracy()
+    for j, pos in enumerate(arch.exit_positions):
+        m[f"exit{pos}_accuracy"] = float(acc[j])
+        m[f"exit{pos}_util"] = float(sim.utilization[j])
+        m[f"exit{pos}_macs"] = float(sim.costs[j])
+        m[f"exit{pos}_threshold"] = float(sim.thresholds[j])
+    m["final_util"] = float(sim.utilization[-1])
+    m["final_macs"] = float(sim.costs[-1])
+    m["thresholds"] = [float(t) for t in sim.thresholds]
+    m["num_exits"] = arch.num_exits
+    return m
+
+
+def _trial_dir() -> Path:
+    return Path(tune.get_context().get_trial_dir())
+
+
+def _fail(trial_dir: Path, message: str) -> TrialError:
+    (trial_dir / FAILURE_FILE).write_text(json.dumps({"error": message, "time": time.time()}))
+    return TrialError(message)
+
+
+def _threads_for_trial() -> int:
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except Exception:  # outside Ray: fall back to one thread per trial
+        cpus = 1
+    return max(1, int(cpus))
+
+
+def train_candidate(config: dict[str, Any], data: Dataset) -> None:
+    """Ray Tune function trainable (use with ``tune.with_parameters(train_candidate, data=...)``)."""
+    trial_dir = _trial_dir()
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    failure = trial_dir / FAILURE_FILE
+    if failure.exists():
+        raise TrialError(json.loads(failure.read_text())["error"] + " (failed before; not retried)")
+    try:
+        arch, settings = parse_trial_config(config)
+        arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
+        model = EarlyExitNet(arch)
+        costs = exit_costs(arch)
+    except (ValueError, RuntimeError) as exc:
+        raise _fail(trial_dir, f"candidate cannot be built: {exc}") from exc
+
+    torch.set_num_threads(_threads_for_trial())
+    device = select_device(settings.device)
+    torch.manual_seed(settings.seed)
+    model.to(device)
+    ts = settings.train_settings()
+    train_batches = BatchLoader.for_split(data, "train", batch_size=ts.batch_size,
+                                          resolution=arch.resolution, train=True, device=device,
+                                          seed=settings.seed)
+    calib_batches = BatchLoader.for_split(data, "train", batch_size=ts.batch_size,
+                                          resolution=arch.resolution, train=False, device=device)
+    eval_loaders = {split: BatchLoader.for_split(data, split, batch_size=settings.eval_batch_size,
+                                                 resolution=arch.resolution, train=False, device=device)
+                    for split in ("val", "test")}
+    optimizer = make_optimizer(model, ts)
+    scheduler = make_scheduler(optimizer, ts, len(train_batches))
+
+    start_epoch = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        torch.set_rng_state(state["torch_rng"])
+
+    (trial_dir / ARCH_FILE).write_text(json.dumps(resolved_config(arch, settings), indent=1))
+    static_macs = costs.static_macs
+    node = {"node_ip": _node_ip(), "hostname": platform.node(), "pid": os.getpid(), "device": str(device)}
+
+    for epoch in range(start_epoch, settings.epochs):
+        train_batches.set_epoch(epoch)
+        try:
+            stats = train_one_epoch(model, train_batches, optimizer, scheduler, ts)
+        except NonFiniteLossError as exc:
+            raise _fail(trial_dir, f"epoch {epoch + 1}: {exc}") from exc
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise _fail(trial_dir, f"epoch {epoch + 1}: out of memory ({type(exc).__name__}: {exc}); "
+                        "lower batch_size or resolution, or give each trial more memory") from exc
+        t_eval = time.perf_counter()
+        recalibrate_bn(model, calib_batches, ts.bn_recalibration_batches)
+        outputs = {split: evaluate(model, loader, settings.confidence) for split, loader in eval_loaders.items()}
+        tuned = tune_thresholds(outputs["val"], costs, settings.target_macs, settings.threshold_grid,
+                                settings.score_lambda)
+        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], tuned.result, tuned.score, static_macs)
+        orc = oracle(outputs["val"], costs)
+        metrics.update({"epoch": epoch + 1, "epochs": settings.epochs, "loss": stats["loss"],
+                        "train_seconds": stats["seconds"], "eval_seconds": time.perf_counter() - t_eval,
+                        "images_per_s": stats["images_per_s"], "oracle_accuracy": orc.accuracy,
+                        "oracle_macs": orc.avg_macs, "target_macs": settings.target_macs, **node})
+        if epoch + 1 == settings.epochs:
+            test = simulate(outputs["test"], tuned.thresholds, costs)
+            metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_macs,
+                            "test_final_accuracy": float(outputs["test"].exit_accuracy()[-1])})
+        save_exit_outputs(trial_dir / EXIT_OUTPUTS_FILE, outputs, costs)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "torch_rng": torch.get_rng_state(), "arch": arch.to_flat(),
+                        "thresholds": tuned.thresholds}, Path(tmp) / CHECKPOINT_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostbyname(socket.gethostname())
+
+
+__all__ = ["train_candidate", "parse_trial_config", "resolved_config", "TrialSettings", "TrialError",
+           "epoch_metrics", "SETTING_KEYS", "ARCH_FILE", "EXIT_OUTPUTS_FILE", "CHECKPOINT_FILE",
+           "FAILURE_FILE"]
