@@ -1,0 +1,60 @@
+"""Shared test settings."""
+
+import torch
+
+# The tests use tiny tensors: one intra-op thread is as fast, and far faster when the
+# machine's cores are busy (measured: tests/test_nn.py 3.6 s with one thread, 34 s with two
+# on 2 cores shared with other jobs). Tests that time real training set their own count.
+torch.set_num_threads(1)
+
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from aebnas.data import embedded_dataset_path  # noqa: E402
+
+
+def write_small_cifar_npz(path: Path, n_train: int = 600, n_test: int = 200) -> Path:
+    """A small .npz of real CIFAR-10 images (the first images of the embedded subset)."""
+    with np.load(embedded_dataset_path()) as z:
+        np.savez(path, x_train=z["x_train"][:n_train], y_train=z["y_train"][:n_train],
+                 x_test=z["x_test"][:n_test], y_test=z["y_test"][:n_test], classes=z["classes"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory) -> Path:
+    return write_small_cifar_npz(tmp_path_factory.mktemp("data") / "cifar_small.npz")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance (2 CPUs) for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_experiment(storage: Path, data: Path, **changes):
+    """Settings of a real but tiny search: small width, one resolution, 2 epochs."""
+    from aebnas.experiment import Experiment
+
+    base = Experiment(dataset=str(data), val_size=100, space="aebnas", space_kwargs={"resolutions": (32,)},
+                      width_mult=0.25, target_macs=1.0, epochs=2, num_samples=4, scheduler="fifo",
+                      batch_size=64, storage_path=str(storage), name="tiny", seed=0, verbose=0)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_search(ray_local, small_npz, tmp_path_factory):
+    """A finished real Ray Tune search (4 trials × 2 epochs); returns (experiment path, ResultGrid, Experiment)."""
+    from aebnas.experiment import experiment_path, run
+
+    exp = tiny_experiment(tmp_path_factory.mktemp("results"), small_npz)
+    results = run(exp)
+    return Path(experiment_path(exp)), results, exp
