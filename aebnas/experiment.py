@@ -236,6 +236,9 @@ def _build_tuner(exp: Experiment, data: Any, path: str) -> Any:
         name=exp.name, storage_path=resolve_storage_path(exp.storage_path),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=exp.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=exp.max_failures),
+        # arch.json / exit_outputs.npz are written in the trial's local working directory;
+        # without this Ray leaves them there (not in storage_path) once actors are reused.
+        sync_config=tune.SyncConfig(sync_artifacts=True),
         progress_reporter=reporter, verbose=exp.verbose)
     return tune.Tuner(trainable, param_space=exp.param_space(data.num_classes, data.in_channels),
                       tune_config=tune_config, run_config=run_config)

@@ -128,7 +128,11 @@ def epoch_metrics(arch: ArchConfig, val: ExitOutputs, sim: SimResult, score: flo
 
 
 def _trial_dir() -> Path:
-    return Path(tune.get_context().get_trial_dir())
+    # Ray moves each trial into its own working directory and, with
+    # SyncConfig(sync_artifacts=True), uploads that directory to the trial's storage dir.
+    # get_trial_dir() is not that directory on a fresh actor (it is the driver's staging
+    # dir) and files written there by a reused actor are never uploaded.
+    return Path.cwd()
 
 
 def _fail(trial_dir: Path, message: str) -> TrialError:

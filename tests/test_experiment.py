@@ -1,0 +1,168 @@
+"""Experiment: settings refused before Ray starts, the search algorithms, interrupt and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision.datasets as tvd
+
+from aebnas.experiment import Experiment, ExperimentError, experiment_path, run
+from conftest import tiny_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"target_macs": 0}, "target_macs=0 must be > 0"),
+    ({"epochs": 0}, "epochs=0 must be an integer ≥ 1"),
+    ({"space": "nope"}, "space='nope' is not one of"),
+    ({"search_alg": "grid"}, "search_alg='grid' is not one of"),
+    ({"scheduler": "pbt"}, "scheduler='pbt' is not one of"),
+    ({"grace_period": 9, "epochs": 3}, "grace_period=9 must be ≤ epochs (3)"),
+    ({"space_kwargs": {"kernels": (4,)}}, "kernels contains 4"),
+    ({"confidence": "vibes"}, "confidence='vibes' is not one of"),
+])
+def test_bad_settings_are_refused_before_ray(change, message):
+    with pytest.raises(ExperimentError) as err:
+        Experiment(**change).validate()
+    assert message in str(err.value)
+
+
+def test_optuna_missing_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # makes `import optuna` raise ImportError
+    with pytest.raises(ExperimentError, match=r"pip install 'aebnas\[optuna\]'"):
+        Experiment(search_alg="nsga2").validate()
+
+
+@pytest.mark.parametrize("alg", ["nsga2", "tpe"])
+def test_optuna_searchers_run(alg, ray_local, small_npz, tmp_path):
+    pytest.importorskip("optuna")
+    exp = tiny_experiment(tmp_path, small_npz, name=alg, search_alg=alg, scheduler="asha",
+                          num_samples=3, epochs=1, grace_period=1)
+    results = run(exp)
+    assert len(results) == 3 and results.num_errors == 0
+    assert all("score" in r.metrics and "avg_macs" in r.metrics for r in results)
+    configs = {json.dumps(r.config, sort_keys=True) for r in results}
+    assert len(configs) == 3  # the searcher proposed distinct candidates
+
+
+def test_existing_experiment_is_not_overwritten(tmp_path, small_npz):
+    exp = tiny_experiment(tmp_path, small_npz, name="taken")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "something").write_text("results")
+    with pytest.raises(ExperimentError, match="already exists .* --resume"):
+        run(exp)
+
+
+def test_resume_needs_an_experiment(tmp_path, small_npz):
+    with pytest.raises(ExperimentError, match="nothing to resume"):
+        run(tiny_experiment(tmp_path, small_npz, name="ghost", resume=True))
+
+
+def _write_svhn(folder: Path, n_train: int, n_test: int) -> dict:
+    """SVHN's real on-disk format (.mat, X as H×W×C×N, label 10 for digit 0); returns md5s."""
+    import hashlib
+
+    scipy_io = pytest.importorskip("scipy.io")
+    with np.load(REPO / "aebnas" / "_data" / "cifar10_subset.npz") as z:  # real images as pixels
+        x = z["x_train"][: n_train + n_test]
+    rng = np.random.default_rng(0)
+    y = rng.integers(1, 11, size=len(x)).astype(np.uint8)
+    md5 = {}
+    for split, sl in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        f = folder / f"{split}_32x32.mat"
+        scipy_io.savemat(f, {"X": x[sl].transpose(1, 2, 3, 0), "y": y[sl][:, None]})
+        md5[split] = hashlib.md5(f.read_bytes()).hexdigest()
+    return md5
+
+
+def _run_tune_config(script: str, argv: list[str]) -> int:
+    """Run ``python tune_configs/SCRIPT ARGV`` in this process (torchvision's checksum table patched)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(str(REPO / "tune_configs" / script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = old
+    return 0
+
+
+def test_svhn_config_runs_on_torchvision_files(ray_local, tmp_path, monkeypatch, capsys):
+    md5 = _write_svhn(tmp_path, n_train=300, n_test=100)
+    split_list = {s: [u, f, md5.get(s, m)] for s, (u, f, m) in tvd.SVHN.split_list.items()}
+    monkeypatch.setattr(tvd.SVHN, "split_list", split_list)
+    code = _run_tune_config("svhn.py", [
+        "--data-dir", str(tmp_path), "--val-size", "60", "--num-samples", "2", "--epochs", "1",
+        "--resolutions", "32", "--width-mult", "0.25", "--batch-size", "64",
+        "--storage-path", str(tmp_path / "results"), "--name", "svhn"])
+    assert code == 0
+    trials = list((tmp_path / "results" / "svhn").glob("trial_*/exit_outputs.npz"))
+    assert len(trials) == 2
+    out = capsys.readouterr().out
+    assert "svhn: 240 train / 60 val / 100 test" in out and "python -m analysis" in out
+
+
+def test_svhn_config_without_data_stops_before_ray(tmp_path, capsys):
+    code = _run_tune_config("svhn.py", ["--data-dir", str(tmp_path / "none"), "--storage-path",
+                                        str(tmp_path / "results"), "--name", "x"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "dataset 'svhn' not found" in err and "--download" in err
+    assert not list((tmp_path / "results").glob("x/trial_*"))  # no trial was started
+
+
+def _epochs(trial_dir: Path) -> list[int]:
+    f = trial_dir / "result.json"
+    return [json.loads(line)["epoch"] for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_interrupted_search_resumes(tmp_path, small_npz):
+    """SIGINT the driver mid-search; --resume finishes it without rerunning finished work."""
+    args = [sys.executable, str(REPO / "tune_configs" / "quickstart.py"), "--dataset", str(small_npz),
+            "--val-size", "100", "--resolutions", "32", "--width-mult", "0.25", "--epochs", "3",
+            "--num-samples", "3", "--max-concurrent", "1", "--scheduler", "fifo", "--batch-size", "64",
+            "--storage-path", str(tmp_path), "--name", "resume"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    exp_dir = tmp_path / "resume"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    try:
+        # Wait until one trial has finished and the next one has a checkpoint.
+        while time.time() < deadline:
+            epochs = {d.name: _epochs(d) for d in exp_dir.glob("trial_*")}
+            finished = [n for n, e in epochs.items() if e and e[-1] == 3]
+            partial = [n for n, e in epochs.items() if e and e[-1] < 3]
+            if finished and partial:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the search made no progress")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = {d.name: _epochs(d) for d in exp_dir.glob("trial_*")}
+    assert any(e and e[-1] < 3 for e in before.values()), before
+
+    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = {d.name: _epochs(d) for d in exp_dir.glob("trial_*")}
+    assert len(after) == 3 and all(e[-1] == 3 for e in after.values()), after
+    for name, epochs in before.items():
+        if epochs and epochs[-1] == 3:
+            assert after[name] == epochs  # finished before: not run again
+        elif epochs:
+            # continued from its checkpointed epoch: no epoch is trained twice from scratch
+            assert after[name] == [1, 2, 3], (name, epochs, after[name])

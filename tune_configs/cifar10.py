@@ -1,0 +1,27 @@
+"""AEBNAS on CIFAR-10 with the paper's settings.
+
+Resolution 32–72 (step 4), validation split of 5000 training images, target 17.0 MMACs
+(the authors' command), 5 epochs per trial, ASHA. The data comes from torchvision: pass
+--download, or --data-dir pointing at a directory holding it in torchvision's layout
+(from https://www.cs.toronto.edu/~kriz/cifar.html (cifar-10-python.tar.gz)).
+Every setting has a flag: python tune_configs/cifar10.py --help
+"""
+
+import sys
+
+from aebnas.experiment import Experiment, main
+
+PAPER = Experiment(
+    dataset="cifar10",
+    val_size=5000,
+    space="aebnas",
+    target_macs=17.0,
+    epochs=5,
+    num_samples=100,
+    scheduler="asha",
+    grace_period=1,
+    reduction_factor=2,
+)
+
+if __name__ == "__main__":
+    sys.exit(main(PAPER, description=__doc__))

@@ -1,0 +1,27 @@
+"""AEBNAS on SVHN with the paper's settings.
+
+Resolution 32–72 (step 4), validation split of 7325 training images, target 1.0 MMACs
+(the authors' command), 5 epochs per trial, ASHA. The data comes from torchvision: pass
+--download, or --data-dir pointing at a directory holding it in torchvision's layout
+(from http://ufldl.stanford.edu/housenumbers/ (train_32x32.mat, test_32x32.mat)).
+Every setting has a flag: python tune_configs/svhn.py --help
+"""
+
+import sys
+
+from aebnas.experiment import Experiment, main
+
+PAPER = Experiment(
+    dataset="svhn",
+    val_size=7325,
+    space="aebnas",
+    target_macs=1.0,
+    epochs=5,
+    num_samples=100,
+    scheduler="asha",
+    grace_period=1,
+    reduction_factor=2,
+)
+
+if __name__ == "__main__":
+    sys.exit(main(PAPER, description=__doc__))
