@@ -194,7 +194,8 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
 
     (trial_dir / ARCH_FILE).write_text(json.dumps(resolved_config(arch, settings), indent=1))
     static_macs = costs.static_macs
-    node = {"node_ip": _node_ip(), "hostname": platform.node(), "pid": os.getpid(), "device": str(device)}
+    node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": platform.node(), "pid": os.getpid(),
+            "device": str(device)}
 
     for epoch in range(start_epoch, settings.epochs):
         train_batches.set_epoch(epoch)
@@ -227,6 +228,16 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
                         "torch_rng": torch.get_rng_state(), "arch": arch.to_flat(),
                         "thresholds": tuned.thresholds}, Path(tmp) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _node_id() -> str:
+    """Ray's id of the node running the trial (nodes on one machine share an IP)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
 
 
 def _node_ip() -> str:
