@@ -46,8 +46,8 @@ from .config import ArchConfig
 from .cost import ExitCosts, exit_costs
 from .data import BatchLoader, Dataset, DatasetNotFoundError, load_dataset
 from .experiment import EXPERIMENT_FILE
-from .exit_policy import (CONFIDENCE_MEASURES, ExitOutputs, SimResult, load_exit_outputs,
-                          save_exit_outputs, simulate, tune_thresholds, validate_thresholds)
+from .exit_policy import (CONFIDENCE_MEASURES, ExitOutputs, SimResult, load_exit_outputs, save_exit_outputs,
+                          simulate, torch_confidence, tune_thresholds, validate_thresholds)
 from .nn import EarlyExitNet
 from .train import (NonFiniteLossError, TrainSettings, evaluate, make_optimizer, make_scheduler,
                     recalibrate_bn, select_device, train_one_epoch)
@@ -478,20 +478,6 @@ def _duration(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------- export
-def exit_confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
-    """``aebnas.exit_policy.torch_confidence`` in a form TorchScript compiles (tested equal)."""
-    probs = torch.softmax(logits.float(), dim=1)
-    if measure == "margin":
-        top2 = torch.topk(probs, 2, dim=1)[0]
-        return top2[:, 0] - top2[:, 1]
-    if measure == "max_prob":
-        return torch.max(probs, dim=1)[0]
-    if measure == "entropy":
-        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
-        return 1.0 - ent / math.log(logits.shape[1])
-    raise ValueError("unknown confidence measure " + measure)
-
-
 class _StageExit(nn.Module):
     """A backbone stage and the exit after it (Identity where there is none or it is off)."""
 
@@ -575,7 +561,7 @@ class DeployedEarlyExitNet(nn.Module):
     @torch.jit.export
     def exit_confidence(self, logits: torch.Tensor) -> torch.Tensor:
         """Confidence (the model's measure) of each row of ``logits``."""
-        return exit_confidence(logits, self.confidence)
+        return torch_confidence(logits, self.confidence)
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -844,5 +830,5 @@ CLI_COMMANDS = {
 }
 
 __all__ = ["retrain", "RetrainRequest", "score_trials", "read_experiment_dir", "find_trial", "export",
-           "load_run", "DeployedEarlyExitNet", "exit_confidence", "predict", "Prediction", "load_deployed",
+           "load_run", "DeployedEarlyExitNet", "predict", "Prediction", "load_deployed",
            "read_image", "format_prediction", "CLI_COMMANDS", "DEFAULT_EPOCHS", "INPUT_CONTRACT"]

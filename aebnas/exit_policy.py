@@ -27,7 +27,9 @@ PAPER_GRID: tuple[float, ...] = tuple(round(0.1 + 0.15 * k, 2) for k in range(7)
 PAPER_LAMBDA = 0.1
 # The authors round any tuned threshold above 0.95 to 1.0 (exit off).
 ROUND_TO_ONE_ABOVE = 0.95
-_CHUNK_ELEMENTS = 8_000_000  # bounds the (vectors × exits × samples) boolean block in memory
+# Bounds memory: the (vectors × samples) boolean blocks of the per-sample walk, and (÷ 8) the
+# joint histograms of the by-level count.
+_CHUNK_ELEMENTS = 8_000_000
 
 
 def torch_confidence(logits: torch.Tensor, measure: str = "margin") -> torch.Tensor:
@@ -35,17 +37,18 @@ def torch_confidence(logits: torch.Tensor, measure: str = "margin") -> torch.Ten
 
     margin: top-1 minus top-2 softmax probability (the paper's score margin);
     max_prob: top-1 probability; entropy: 1 − H(p)/log(classes).
+    Written so TorchScript compiles it: the exported model uses this very function.
     """
     probs = torch.softmax(logits.float(), dim=1)
     if measure == "margin":
-        top2 = probs.topk(2, dim=1).values
+        top2 = torch.topk(probs, 2, dim=1)[0]
         return top2[:, 0] - top2[:, 1]
     if measure == "max_prob":
-        return probs.max(dim=1).values
+        return torch.max(probs, dim=1)[0]
     if measure == "entropy":
         ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
         return 1.0 - ent / math.log(logits.shape[1])
-    raise ValueError(f"confidence={measure!r} is not one of {CONFIDENCE_MEASURES}")
+    raise ValueError("confidence='" + measure + "' is not one of ('margin', 'max_prob', 'entropy')")
 
 
 def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
@@ -111,6 +114,8 @@ def exit_index(outputs: ExitOutputs, thresholds: Sequence[float]) -> np.ndarray:
     """Exit taken by each sample (0…E-1 an exit, E the final classifier)."""
     th = np.asarray(validate_thresholds(thresholds, outputs.num_exits))
     e = outputs.num_exits
+    if e == 0:  # a static network: argmax over no exits would raise
+        return np.zeros(outputs.num_samples, dtype=np.int64)
     passes = (outputs.confidence[:e] >= th[:, None]) & (th < 1.0)[:, None]
     return np.where(passes.any(axis=0), passes.argmax(axis=0), e)
 
@@ -144,26 +149,76 @@ def simulate_many(outputs: ExitOutputs, threshold_vectors: np.ndarray,
     e, n = outputs.num_exits, outputs.num_samples
     if tv.ndim != 2 or tv.shape[1] != e:
         raise ValueError(f"threshold_vectors must have shape (K, {e}), got {tv.shape}")
-    k_total = tv.shape[0]
-    acc = np.empty(k_total)
-    util = np.empty((k_total, e + 1))
-    conf = outputs.confidence[:e]
-    correct = outputs.correct
-    cols = np.arange(n)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, e * n))
-    for start in range(0, k_total, chunk):
-        t = tv[start:start + chunk]
-        # Walk exits from last to first so the earliest passing exit wins.
-        idx = np.full((t.shape[0], n), e, dtype=np.int64)
-        for j in range(e - 1, -1, -1):
-            passes = conf[j][None, :] >= t[:, j:j + 1]
-            passes &= (t[:, j:j + 1] < 1.0)
-            idx[passes] = j
-        acc[start:start + chunk] = 100.0 * correct[idx, cols].mean(axis=1)
-        for j in range(e + 1):
-            util[start:start + chunk, j] = (idx == j).mean(axis=1)
+    levels = [np.unique(tv[:, j]) for j in range(e)]
+    if math.prod(len(v) + 1 for v in levels) <= _CHUNK_ELEMENTS // 8:
+        counts, right = _exit_counts_by_level(outputs, tv, levels)
+    else:
+        counts, right = _exit_counts_by_sample(outputs, tv)
+    util = counts / n
+    acc = 100.0 * (right / n)
     avg = (util * costs.cumulative(tv < 1.0)).sum(axis=1)
     return acc, avg, util
+
+
+def _exit_counts_by_level(outputs: ExitOutputs, tv: np.ndarray,
+                          values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Samples leaving at each exit (K, E+1) and right answers (K,), from joint histograms.
+
+    ``values[j]``: the distinct thresholds of exit j among the vectors (sorted). A sample's
+    *level* at exit j is how many of them below 1.0 its confidence reaches, so it passes
+    threshold ``values[j][t]`` iff its level > t (a threshold of 1.0 is never passed). A
+    sample leaves at exit j iff its levels are ≤ t_i before j and > t_j at j: a box of the
+    joint histogram of levels, summed in O(1) per vector after prefix sums. Work:
+    O(samples·exits + Π(len(values[j]) + 1) + vectors·exits) instead of
+    O(samples·exits·vectors); used when the histograms are small (the threshold grids).
+    """
+    e, k = outputs.num_exits, tv.shape[0]
+    sample_level = [np.searchsorted(v[v < 1.0], outputs.confidence[j], side="right") for j, v in enumerate(values)]
+    vector_index = [np.searchsorted(v, tv[:, j]) for j, v in enumerate(values)]
+    correct = outputs.correct
+    counts = np.empty((k, e + 1))
+    right = np.zeros(k)
+    for j in range(e + 1):
+        axes = min(j + 1, e)  # levels of exits 0…j (0…E-1 for the final classifier)
+        shape = tuple(len(v) + 1 for v in values[:axes])
+        cell = np.ravel_multi_index(sample_level[:axes], shape) if axes else np.zeros(outputs.num_samples, int)
+        size = math.prod(shape)
+        for weights, out in ((None, "count"), (correct[j], "right")):
+            hist = np.bincount(cell, weights=weights, minlength=size).astype(np.float64).reshape(shape)
+            for axis in range(min(j, e)):       # levels ≤ t_i before exit j
+                hist = np.cumsum(hist, axis=axis)
+            if j < e:                           # level > t_j at exit j
+                hist = np.flip(np.cumsum(np.flip(hist, axis=j), axis=j), axis=j)
+                index = tuple(vector_index[:j]) + (vector_index[j] + 1,)
+            else:
+                index = tuple(vector_index)
+            box = hist[index] if axes else np.full(k, hist.item())
+            if out == "count":
+                counts[:, j] = box
+            else:
+                right += box
+    return counts, right
+
+
+def _exit_counts_by_sample(outputs: ExitOutputs, tv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Same as :func:`_exit_counts_by_level`, walking every (vector, sample) pair in chunks."""
+    e, n, k = outputs.num_exits, outputs.num_samples, tv.shape[0]
+    counts = np.empty((k, e + 1))
+    right = np.empty(k)
+    conf, correct = outputs.confidence[:e], outputs.correct
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, e * n))
+    for start in range(0, k, chunk):
+        t = tv[start:start + chunk]
+        remaining = np.ones((t.shape[0], n), dtype=bool)
+        hits = np.zeros(t.shape[0])
+        for j in range(e):  # the earliest passing exit takes the sample
+            leave = remaining & (conf[j][None, :] >= t[:, j:j + 1]) & (t[:, j:j + 1] < 1.0)
+            counts[start:start + chunk, j] = np.count_nonzero(leave, axis=1)
+            hits += np.count_nonzero(leave & correct[j], axis=1)
+            remaining &= ~leave
+        counts[start:start + chunk, e] = np.count_nonzero(remaining, axis=1)
+        right[start:start + chunk] = hits + np.count_nonzero(remaining & correct[e], axis=1)
+    return counts, right
 
 
 def threshold_score(accuracy: np.ndarray | float, avg_macs: np.ndarray | float, target_macs: float,
@@ -176,9 +231,10 @@ def threshold_score(accuracy: np.ndarray | float, avg_macs: np.ndarray | float, 
 
 def threshold_grid(num_exits: int, grid: Sequence[float] = PAPER_GRID) -> np.ndarray:
     """All threshold vectors of ``grid`` (values > 0.95 rounded to 1.0), in itertools.product order."""
-    values = sorted({1.0 if g > ROUND_TO_ONE_ABOVE else float(g) for g in grid})
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+    # Checked before rounding: a value above 1 must fail, not quietly become 1.0.
+    if len(grid) == 0 or any(not 0.0 <= float(g) <= 1.0 for g in grid):
         raise ValueError(f"grid={tuple(grid)} must be non-empty values in [0, 1]")
+    values = sorted({1.0 if g > ROUND_TO_ONE_ABOVE else float(g) for g in grid})
     if num_exits == 0:
         return np.zeros((1, 0))
     return np.array(list(itertools.product(values, repeat=num_exits)), dtype=np.float64)

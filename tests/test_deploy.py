@@ -22,7 +22,7 @@ from aebnas.cli import main
 from aebnas.config import ArchConfig, ExitModuleConfig, is_arch_key, uniform_arch
 from aebnas.cost import exit_costs
 from aebnas.data import BatchLoader, load_dataset
-from aebnas.deploy import (DeployedEarlyExitNet, RetrainRequest, exit_confidence, export, load_experiment_data,
+from aebnas.deploy import (DeployedEarlyExitNet, RetrainRequest, export, load_experiment_data,
                            load_run, read_experiment_dir, retrain, score_trials, val_outputs_from_checkpoint)
 from aebnas.exit_policy import CONFIDENCE_MEASURES, load_exit_outputs, simulate, torch_confidence, tune_thresholds
 from aebnas.nn import EarlyExitNet
@@ -211,12 +211,6 @@ def test_retrain_errors_name_the_problem(experiment, run, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------- export
-def test_scripted_confidence_equals_exit_policy():
-    logits = torch.randn(64, 10) * 3
-    for measure in CONFIDENCE_MEASURES:
-        torch.testing.assert_close(exit_confidence(logits, measure), torch_confidence(logits, measure))
-
-
 def _median_thresholds(net, x, confidence):
     """Per exit, about the median confidence of the samples that reach it: several exits are taken.
 
