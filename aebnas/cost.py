@@ -2,10 +2,10 @@
 
 ptflops runs with its **aten** backend, chosen explicitly: it counts multiply-accumulates
 of ``aten.convolution`` (every conv: full, depthwise, 1×1, plus one MAC per output
-element for a bias) and of matrix products (``aten.mm/addmm/bmm``: linear layers, bias not
-counted). BatchNorm, activations, pooling, the squeeze-excite product and residual
-additions are *not* counted: they are element-wise, a few percent of the total, and
-counting them depends on how a framework fuses them.
+element for a bias) and of matrix products (``aten.mm/addmm/bmm``: linear layers, plus
+one MAC per output for a bias). BatchNorm, activations, pooling, the squeeze-excite
+product and residual additions are *not* counted: they are element-wise, a few percent
+of the total, and counting them depends on how a framework fuses them.
 
 Segments: ``stem`` (stem conv + first block), ``stage1``…``stage5``, ``exit{p}`` (the
 branch after stage p) and ``head``. The cost ``C_i`` of exit i (DESIGN.md): backbone up to

@@ -110,7 +110,20 @@ class Experiment:
                     f"search_alg={self.search_alg!r} needs Optuna, which is not installed: "
                     "pip install 'aebnas[optuna]' (or pip install optuna)") from None
         self.trial_settings()  # lr, confidence, grid, …
-        self.param_space()     # space keyword arguments
+        self._check_a_candidate()
+
+    def _check_a_candidate(self) -> None:
+        """Parse one candidate of the space with the fixed settings (as a trial would), so that a
+        value no trial can build, e.g. width_mult=0, is refused now instead of failing every trial."""
+        from ray.tune.search.sample import Domain
+
+        from .trainable import parse_trial_config
+
+        flat = {k: v.sample() if isinstance(v, Domain) else v for k, v in self.param_space().items()}
+        try:
+            parse_trial_config(flat)
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from None
 
     def trial_settings(self) -> TrialSettings:
         try:
@@ -176,12 +189,35 @@ def connect_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    from ray.exceptions import AuthenticationError
+
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_address_reachable(address)
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, AuthenticationError) as exc:
+            raise _join_error(address, exc) from None
     else:
         ray.init()
+
+
+def _join_error(address: str, exc: Exception) -> ExperimentError:
+    from ray.exceptions import AuthenticationError
+
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # ray.init wraps the GCS's refusal in a RuntimeError that quotes it as text.
+    if any(isinstance(e, AuthenticationError) or "AuthenticationError" in str(e) for e in chain):
+        # Ray sends this machine's token to an address given explicitly only when told to.
+        return ExperimentError(
+            f"the Ray cluster at address={address!r} did not accept this driver: it uses token "
+            "authentication; set RAY_AUTH_MODE=token and give this machine the cluster's token "
+            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH); see docs/cluster.md")
+    return ExperimentError(f"could not join the Ray cluster at address={address!r}: {exc}")
 
 
 def make_search_alg(exp: Experiment) -> Any:
@@ -260,6 +296,9 @@ def run(exp: Experiment) -> Any:
     from .data import load_dataset
 
     exp.validate()
+    address = exp.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address_reachable(address)  # fail fast: before the dataset is loaded (or downloaded)
     if not exp.name:
         exp = dataclasses.replace(exp, name=exp.experiment_name())
     path = experiment_path(exp)

@@ -140,6 +140,19 @@ def _fail(trial_dir: Path, message: str) -> TrialError:
     return TrialError(message)
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an allocation failed: GPU out of memory, MemoryError, or torch's CPU allocator refusing."""
+    # On CPU torch raises a plain RuntimeError: "[enforce fail at alloc_cpu.cpp:…] …
+    # DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes".
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _out_of_memory(trial_dir: Path, when: str, exc: BaseException) -> TrialError:
+    return _fail(trial_dir, f"{when}: out of memory ({type(exc).__name__}: {exc}); "
+                 "lower batch_size or resolution, or give each trial more memory")
+
+
 def _threads_for_trial() -> int:
     try:
         import ray
@@ -162,7 +175,9 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
         model = EarlyExitNet(arch)
         costs = exit_costs(arch)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, MemoryError) as exc:
+        if _is_out_of_memory(exc):
+            raise _out_of_memory(trial_dir, "building the candidate", exc) from exc
         raise _fail(trial_dir, f"candidate cannot be built: {exc}") from exc
 
     torch.set_num_threads(_threads_for_trial())
@@ -201,14 +216,15 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
         train_batches.set_epoch(epoch)
         try:
             stats = train_one_epoch(model, train_batches, optimizer, scheduler, ts)
+            t_eval = time.perf_counter()
+            recalibrate_bn(model, calib_batches, ts.bn_recalibration_batches)
+            outputs = {split: evaluate(model, loader, settings.confidence) for split, loader in eval_loaders.items()}
         except NonFiniteLossError as exc:
             raise _fail(trial_dir, f"epoch {epoch + 1}: {exc}") from exc
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            raise _fail(trial_dir, f"epoch {epoch + 1}: out of memory ({type(exc).__name__}: {exc}); "
-                        "lower batch_size or resolution, or give each trial more memory") from exc
-        t_eval = time.perf_counter()
-        recalibrate_bn(model, calib_batches, ts.bn_recalibration_batches)
-        outputs = {split: evaluate(model, loader, settings.confidence) for split, loader in eval_loaders.items()}
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            raise _out_of_memory(trial_dir, f"epoch {epoch + 1}", exc) from exc
         tuned = tune_thresholds(outputs["val"], costs, settings.target_macs, settings.threshold_grid,
                                 settings.score_lambda)
         metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], tuned.result, tuned.score, static_macs)

@@ -24,7 +24,7 @@ from aebnas.cost import exit_costs
 from aebnas.data import BatchLoader, load_dataset
 from aebnas.deploy import (DeployedEarlyExitNet, RetrainRequest, export, load_experiment_data,
                            load_run, read_experiment_dir, retrain, score_trials, val_outputs_from_checkpoint)
-from aebnas.exit_policy import CONFIDENCE_MEASURES, load_exit_outputs, simulate, torch_confidence, tune_thresholds
+from aebnas.exit_policy import load_exit_outputs, simulate, torch_confidence, tune_thresholds
 from aebnas.nn import EarlyExitNet
 from aebnas.train import evaluate, recalibrate_bn
 from aebnas.trainable import parse_trial_config
