@@ -1,4 +1,9 @@
-"""``aebnas`` command line: ``info`` (and the commands the other modules register)."""
+"""``aebnas`` command line: ``search | analyze | retrain | export | predict | info``.
+
+``info`` lives here; the other modules register theirs in a ``CLI_COMMANDS`` dict
+(``aebnas.experiment``, ``aebnas.deploy``, and ``analysis``, looked up by name at run time
+so that the library never imports the analysis package).
+"""
 
 from __future__ import annotations
 
