@@ -166,7 +166,7 @@ class TrialScore:
 
 def score_trials(exp: ExperimentDir, target_macs: float, data: Dataset,
                  device: torch.device | str = "cpu") -> list[TrialScore]:
-    """Validation score of every trial at ``target_macs``, best first (unknown scores last).
+    """Validation score of every trial at ``target_macs``, best first (finished trials first, unknown scores last).
 
     At the experiment's own target the reported score of the last epoch is used; at another
     target the thresholds are re-tuned on the trial's saved validation outputs
@@ -188,7 +188,15 @@ def score_trials(exp: ExperimentDir, target_macs: float, data: Dataset,
             _, settings = _trial_arch(trial, data)
             tuned = tune_thresholds(val, costs, target_macs, settings.threshold_grid, settings.score_lambda)
             scores.append(TrialScore(trial, tuned.score, source))
-    return sorted(scores, key=lambda s: -math.inf if s.score is None else s.score, reverse=True)
+    # Same rule as `analysis`: trials that trained all their epochs rank before ASHA-stopped
+    # or unfinished ones (a 1-epoch score is not comparable to a finished one).
+    return sorted(scores, key=lambda s: (s.score is not None, _finished(s.trial),
+                                         -math.inf if s.score is None else s.score), reverse=True)
+
+
+def _finished(trial: TrialRecord) -> bool:
+    last = trial.last or {}
+    return last.get("epoch") is not None and last.get("epoch") == last.get("epochs")
 
 
 def _trial_val_outputs(trial: TrialRecord, data: Dataset,
