@@ -1,0 +1,239 @@
+"""Tests for aebnas/cost.py: MACs against hand counts, C_i bookkeeping, caching."""
+
+import numpy as np
+import pytest
+
+from aebnas.config import ExitModuleConfig, largest_arch, smallest_arch, uniform_arch
+from aebnas.cost import ExitCosts, exit_costs, param_count, segment_macs
+
+# --------------------------------------------------------------------------- hand counting
+# Layer formulas (what ptflops' aten backend counts, see aebnas/cost.py):
+#   conv   MACs = Cout·Hout·Wout·(Cin/groups)·k·k  (+ Cout·Hout·Wout with a bias)
+#   linear MACs = in·out (+ out: aten.addmm counts the bias too)
+# 'same' padding k//2, so Hout = ceil(H / stride). Width 1.0 throughout: stem 16, first block
+# 16, stages 24/40/80/112/160 with strides 2/2/2/1/2, SE in stages 2, 4, 5, head 960 → 1280.
+
+
+def _conv(cin, cout, k, h, stride=1, groups=1, bias=False):
+    ho = -(-h // stride)
+    return cout * ho * ho * (cin // groups) * k * k + (cout * ho * ho if bias else 0), ho
+
+
+def _linear(i, o):
+    return i * o + o
+
+
+def _round8(v):
+    """Nearest multiple of 8, at least 8, never more than 10% below v (MobileNet rounding)."""
+    r = max(8, int(v + 4) // 8 * 8)
+    return r + 8 if r < 0.9 * v else r
+
+
+def _block(cin, cout, k, e, stride, se, h):
+    """Inverted residual: 1×1 expand (if e > 1) → k×k depthwise → SE (2 biased 1×1 convs on
+    the pooled 1×1 map) → 1×1 project."""
+    mid = _round8(cin * e) if e != 1 else cin
+    macs = _conv(cin, mid, 1, h)[0] if e != 1 else 0
+    m, ho = _conv(mid, mid, k, h, stride, groups=mid)
+    macs += m
+    if se:
+        r = _round8(mid / 4)
+        macs += _conv(mid, r, 1, 1, bias=True)[0] + _conv(r, mid, 1, 1, bias=True)[0]
+    return macs + _conv(mid, cout, 1, ho)[0], ho
+
+
+def _exit_branch(cin, modules, h, classes):
+    """Modules (1×1 expand if e > 1, k×k depthwise, 1×1 project, 2×2 ceil pool), GAP, linear."""
+    macs = 0
+    for ch, k, e, pool in modules:
+        mid = cin * e
+        macs += _conv(cin, mid, 1, h)[0] if e > 1 else 0
+        macs += _conv(mid, mid, k, h, groups=mid)[0] + _conv(mid, ch, 1, h)[0]
+        h = -(-h // 2) if pool else h
+        cin = ch
+    return macs + _linear(cin, classes)
+
+
+def _hand_segments(depth, k, e, exits, resolution, classes=10, in_channels=3):
+    """Every segment's MACs of uniform_arch(depth, k, e, exits={pos: modules}) at width 1.0."""
+    seg = {}
+    m, h = _conv(in_channels, 16, 3, resolution, stride=2)
+    m2, h = _block(16, 16, 3, 1, 1, False, h)
+    seg["stem"] = m + m2
+    cin = 16
+    for s, (cout, stride, se) in enumerate(zip((24, 40, 80, 112, 160), (2, 2, 2, 1, 2),
+                                               (False, True, False, True, True)), start=1):
+        macs = 0
+        for b in range(depth):
+            m, h = _block(cin, cout, k, e, stride if b == 0 else 1, se, h)
+            macs, cin = macs + m, cout
+        seg[f"stage{s}"] = macs
+        if s in exits:
+            seg[f"exit{s}"] = _exit_branch(cout, exits[s], h, classes)
+    seg["head"] = _conv(160, 960, 1, h)[0] + _conv(960, 1280, 1, 1)[0] + _linear(1280, classes)
+    return seg
+
+
+def _arch(depth, k, e, exits, resolution, **kwargs):
+    mods = next(iter(exits.values())) if exits else [(8, 3, 1, 0)]
+    assert all(v == mods for v in exits.values())  # uniform_arch: one branch architecture
+    return uniform_arch(depth, k, e, exits=tuple(exits), resolution=resolution,
+                        exit_module=ExitModuleConfig(*mods[0]),
+                        second_module=ExitModuleConfig(*mods[1]) if len(mods) > 1 else None, **kwargs)
+
+
+def _mmacs(macs):
+    return {name: v / 1e6 for name, v in macs.items()}
+
+
+def test_stem_exit_and_head_by_hand():
+    """Resolution 32, width 1.0, depth 2, kernel 3, expansion 3; one two-module exit after stage 2."""
+    arch = _arch(2, 3, 3, {2: [(8, 3, 2, 1), (10, 5, 1, 0)]}, resolution=32)
+    seg = segment_macs(arch)
+    # stem: 3×3 conv 3→16 stride 2 (32→16); first block: 3×3 depthwise 16, 1×1 16→16.
+    stem = 16 * 16 * 16 * 3 * 3 * 3 + 16 * 16 * 16 * 1 * 3 * 3 + 16 * 16 * 16 * 16
+    assert stem == 212_992
+    # exit after stage 2 (40 channels, 32/2/2/2 = 4×4):
+    #   module 1: 1×1 40→80, 3×3 depthwise 80, 1×1 80→8, pool → 2×2
+    #   module 2: 5×5 depthwise 8, 1×1 8→10; GAP; linear 10→10 (+10 bias)
+    branch = (4 * 4 * 80 * 40 + 4 * 4 * 80 * 9 + 4 * 4 * 8 * 80
+              + 2 * 2 * 8 * 25 + 2 * 2 * 10 * 8 + 10 * 10 + 10)
+    assert branch == 74_190
+    # head at 1×1 (32/2/2/2/2/1/2): 1×1 160→960, pool, 1×1 960→1280 (no bias), linear 1280→10.
+    head = 960 * 160 + 1280 * 960 + 1280 * 10 + 10
+    assert seg["stem"] == pytest.approx(stem / 1e6, rel=1e-12)
+    assert seg["exit2"] == pytest.approx(branch / 1e6, rel=1e-12)
+    assert seg["head"] == pytest.approx(head / 1e6, rel=1e-12)
+    # stage 1 (16→24, 16×16 → 8×8, no SE): block 0 and block 1.
+    stage1 = (16 * 16 * 48 * 16 + 8 * 8 * 48 * 9 + 8 * 8 * 24 * 48) + (8 * 8 * 72 * 24 + 8 * 8 * 72 * 9 + 8 * 8 * 24 * 72)
+    assert seg["stage1"] == pytest.approx(stage1 / 1e6, rel=1e-12)
+    # stage 2 block 0 has SE on its 72 expanded channels: 72/4 = 18 rounds to 16, which loses
+    # more than 10%, so 24; each SE conv is biased and runs on the pooled 1×1 map.
+    se = (24 * 72 + 24) + (72 * 24 + 72)
+    stage2_block0 = 8 * 8 * 72 * 24 + 4 * 4 * 72 * 9 + se + 4 * 4 * 40 * 72
+    assert _block(24, 40, 3, 3, 2, True, 8) == (stage2_block0, 4)
+
+
+@pytest.mark.parametrize("depth, k, e, exits, resolution, kwargs", [
+    (2, 3, 3, {2: [(8, 3, 2, 1), (10, 5, 1, 0)]}, 32, {}),
+    (3, 5, 4, {1: [(10, 5, 2, 0), (8, 3, 2, 1)], 3: [(10, 5, 2, 0), (8, 3, 2, 1)],
+               4: [(10, 5, 2, 0), (8, 3, 2, 1)]}, 40, {"num_classes": 100}),
+    (4, 7, 6, {1: [(8, 3, 1, 1)], 2: [(8, 3, 1, 1)], 3: [(8, 3, 1, 1)], 4: [(8, 3, 1, 1)]}, 57,
+     {"in_channels": 1}),
+    (2, 3, 3, {}, 28, {}),
+])
+def test_whole_network_by_hand(depth, k, e, exits, resolution, kwargs):
+    arch = _arch(depth, k, e, exits, resolution, **kwargs)
+    hand = _mmacs(_hand_segments(depth, k, e, exits, resolution,
+                                 classes=kwargs.get("num_classes", 10),
+                                 in_channels=kwargs.get("in_channels", 3)))
+    seg = segment_macs(arch)
+    assert seg.keys() == hand.keys()
+    for name in hand:
+        assert seg[name] == pytest.approx(hand[name], rel=1e-9), name
+    costs = exit_costs(arch)
+    backbone_total = sum(hand[n] for n in ("stem", "stage1", "stage2", "stage3", "stage4", "stage5"))
+    assert costs.static_macs == pytest.approx(backbone_total + hand["head"], rel=1e-9)
+
+
+def test_first_exit_cost_by_hand():
+    """C_1 = stem + stage 1 + branch 1; final = everything (all exits active)."""
+    exits = {1: [(8, 3, 1, 1)], 3: [(8, 3, 1, 1)]}
+    arch = _arch(2, 3, 3, exits, 32)
+    hand = _mmacs(_hand_segments(2, 3, 3, exits, 32))
+    c = exit_costs(arch).cumulative()
+    assert c[0] == pytest.approx(hand["stem"] + hand["stage1"] + hand["exit1"], rel=1e-9)
+    assert c[1] == pytest.approx(hand["stem"] + hand["stage1"] + hand["stage2"] + hand["stage3"]
+                                 + hand["exit1"] + hand["exit3"], rel=1e-9)
+    assert c[2] == pytest.approx(sum(hand.values()), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- C_i bookkeeping
+def test_cumulative_on_hand_made_pieces():
+    costs = ExitCosts(backbone=[1.0, 2.0, 3.0, 10.0], branch=[0.1, 0.2, 0.4])
+    np.testing.assert_allclose(costs.cumulative(), [1.1, 2.3, 3.7, 10.7])
+    c = costs.cumulative([True, False, True])
+    # exit 1 is off: nobody leaves there and nobody pays for it.
+    np.testing.assert_allclose(c[[0, 2, 3]], [1.1, 3.5, 10.5])
+    np.testing.assert_allclose(costs.cumulative([False, False, False])[3], 10.0)
+    # A batch of active masks gives one row of C_i per mask.
+    batch = costs.cumulative(np.array([[True, True, True], [True, False, True]]))
+    assert batch.shape == (2, 4)
+    np.testing.assert_allclose(batch[0], [1.1, 2.3, 3.7, 10.7])
+    np.testing.assert_allclose(batch[1][[0, 2, 3]], [1.1, 3.5, 10.5])
+    assert costs.static_macs == 10.0 and costs.num_exits == 3
+
+
+def test_exit_costs_shape_is_checked():
+    with pytest.raises(ValueError, match="one more entry"):
+        ExitCosts(backbone=[1.0, 2.0], branch=[0.1, 0.2])
+    with pytest.raises(ValueError, match=r"3 exits, got shape \(2,\)"):
+        ExitCosts(backbone=[1.0, 2.0, 3.0, 4.0], branch=[0.1, 0.2, 0.3]).cumulative([True, False])
+
+
+def test_a_disabled_exit_costs_nothing():
+    m = ExitModuleConfig(10, 5, 2, 0)
+    full = uniform_arch(2, 3, 4, exits=(1, 2, 3, 4), exit_module=m, width_mult=0.5)
+    without = uniform_arch(2, 3, 4, exits=(1, 3, 4), exit_module=m, width_mult=0.5)
+    c_off = exit_costs(full).cumulative([True, False, True, True])
+    c_without = exit_costs(without).cumulative()
+    np.testing.assert_allclose(c_off[[0, 2, 3, 4]], c_without, rtol=1e-12)
+    assert exit_costs(full).cumulative()[-1] > c_off[-1]  # the branch does cost when active
+    np.testing.assert_allclose(exit_costs(full).cumulative([False] * 4)[-1], exit_costs(full).static_macs)
+
+
+@pytest.mark.parametrize("arch", [
+    smallest_arch(), largest_arch(),
+    uniform_arch(3, 5, 6, exits=(1, 2, 3, 4), resolution=48, width_mult=0.5),
+    uniform_arch(2, 7, 3, exits=(2, 4), resolution=72, exit_module=ExitModuleConfig(8, 3, 1, 1)),
+], ids=["smallest", "largest", "all-four", "two"])
+def test_cumulative_costs_strictly_increase(arch):
+    c = exit_costs(arch).cumulative()
+    assert len(c) == arch.num_exits + 1
+    assert np.all(np.diff(c) > 0)
+
+
+@pytest.mark.parametrize("arch", [smallest_arch(), largest_arch(),
+                                  uniform_arch(3, 5, 4, exits=(2, 3), resolution=44)],
+                         ids=["smallest", "largest", "mid"])
+def test_static_macs_is_the_backbone_without_exits(arch):
+    static = arch.replace(exits=())
+    seg = segment_macs(static)
+    assert set(seg) == {"stem", "stage1", "stage2", "stage3", "stage4", "stage5", "head"}
+    assert exit_costs(arch).static_macs == pytest.approx(sum(seg.values()), rel=1e-12)
+    assert exit_costs(static).static_macs == pytest.approx(exit_costs(arch).static_macs, rel=1e-12)
+    assert exit_costs(static).cumulative().shape == (1,)
+
+
+def test_expected_is_the_utilization_weighted_sum():
+    arch = uniform_arch(2, 3, 3, exits=(1, 2, 4), width_mult=0.5)
+    costs = exit_costs(arch)
+    rng = np.random.default_rng(0)
+    for active in ([True, True, True], [True, False, True], [False, False, False]):
+        c = costs.cumulative(active)
+        for _ in range(5):
+            u = rng.dirichlet(np.ones(4))
+            u[:3] *= np.asarray(active)  # nobody leaves at an inactive exit
+            u /= u.sum()
+            by_hand = sum(u[i] * c[i] for i in range(4))
+            assert costs.expected(u, active) == pytest.approx(by_hand, rel=1e-12)
+    assert costs.expected([0, 0, 0, 1]) == pytest.approx(costs.cumulative()[-1])
+    assert costs.expected([0, 0, 0, 1], [False] * 3) == pytest.approx(costs.static_macs)
+
+
+def test_segment_macs_is_cached():
+    kwargs = dict(exits=(1, 3), resolution=36, width_mult=0.75)
+    first = segment_macs(uniform_arch(3, 5, 3, **kwargs))
+    hits = segment_macs.cache_info().hits
+    again = segment_macs(uniform_arch(3, 5, 3, **kwargs))  # equal, not the same object
+    assert again is first
+    assert segment_macs.cache_info().hits == hits + 1
+
+
+def test_param_count_grows_by_the_branch_parameters():
+    """Adding one exit adds exactly its branch's parameters (counted by hand)."""
+    base = uniform_arch(2, 3, 3, exits=(), resolution=32)
+    one = uniform_arch(2, 3, 3, exits=(2,), exit_module=ExitModuleConfig(8, 3, 2, 1), resolution=32)
+    # 1×1 40→80 + BN(80), 3×3 depthwise 80 + BN(80), 1×1 80→8 + BN(8), linear 8→10 with bias.
+    branch = 40 * 80 + 2 * 80 + 80 * 9 + 2 * 80 + 80 * 8 + 2 * 8 + 8 * 10 + 10
+    assert param_count(one) - param_count(base) == branch
