@@ -21,7 +21,7 @@ class UsageError(Exception):
 
 
 def read_arch_json(path: str | Path) -> ArchConfig:
-    """ArchConfig from a JSON file holding a flat trial config (non-architecture keys are ignored)."""
+    """ArchConfig from a JSON file holding a flat trial config (trial settings are accepted and ignored)."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p}: no such file (expected a JSON file with a flat trial config, e.g. a trial's arch.json)")
@@ -31,6 +31,12 @@ def read_arch_json(path: str | Path) -> ArchConfig:
         raise UsageError(f"{p}: not valid JSON ({exc})") from None
     if not isinstance(flat, dict):
         raise UsageError(f"{p}: expected a JSON object of flat config keys, got {type(flat).__name__}")
+    from .trainable import SETTING_KEYS  # training settings travel in the same flat dict
+
+    unknown = sorted(k for k in flat if not is_arch_key(k) and k not in SETTING_KEYS)
+    if unknown:
+        raise UsageError(f"{p}: unknown key(s) {unknown}: neither architecture keys (see aebnas.config) "
+                         f"nor trial settings ({', '.join(sorted(SETTING_KEYS))})")
     try:
         return ArchConfig.from_flat({k: v for k, v in flat.items() if is_arch_key(k)})
     except ValueError as exc:

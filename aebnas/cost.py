@@ -89,9 +89,13 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> float:
     return macs / 1e6
 
 
-@functools.lru_cache(maxsize=256)
 def segment_macs(arch: ArchConfig) -> dict[str, float]:
-    """MMACs of every segment of ``arch`` (cached per architecture)."""
+    """MMACs of every segment of ``arch`` (cached per architecture; the caller gets a copy)."""
+    return dict(_segment_macs(arch))
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_macs(arch: ArchConfig) -> dict[str, float]:
     from .nn import EarlyExitNet  # late import: nn imports exit_policy, which imports this module
 
     net = EarlyExitNet(arch).eval()

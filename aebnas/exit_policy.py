@@ -110,13 +110,23 @@ class SimResult:
     exit_index: np.ndarray      # (N,) exit taken by each sample
 
 
+def _as_confidence_dtype(thresholds: np.ndarray) -> np.ndarray:
+    """Thresholds in float32, the precision of the confidences.
+
+    ``EarlyExitNet.infer`` compares a float32 confidence tensor with a Python float, which
+    torch does in float32; comparing in float64 here could send a sample whose confidence
+    rounds to the threshold to another exit than ``infer`` does.
+    """
+    return np.asarray(thresholds, dtype=np.float64).astype(np.float32)
+
+
 def exit_index(outputs: ExitOutputs, thresholds: Sequence[float]) -> np.ndarray:
     """Exit taken by each sample (0…E-1 an exit, E the final classifier)."""
     th = np.asarray(validate_thresholds(thresholds, outputs.num_exits))
     e = outputs.num_exits
     if e == 0:  # a static network: argmax over no exits would raise
         return np.zeros(outputs.num_samples, dtype=np.int64)
-    passes = (outputs.confidence[:e] >= th[:, None]) & (th < 1.0)[:, None]
+    passes = (outputs.confidence[:e] >= _as_confidence_dtype(th)[:, None]) & (th < 1.0)[:, None]
     return np.where(passes.any(axis=0), passes.argmax(axis=0), e)
 
 
@@ -173,7 +183,8 @@ def _exit_counts_by_level(outputs: ExitOutputs, tv: np.ndarray,
     O(samples·exits·vectors); used when the histograms are small (the threshold grids).
     """
     e, k = outputs.num_exits, tv.shape[0]
-    sample_level = [np.searchsorted(v[v < 1.0], outputs.confidence[j], side="right") for j, v in enumerate(values)]
+    sample_level = [np.searchsorted(_as_confidence_dtype(v[v < 1.0]), outputs.confidence[j], side="right")
+                    for j, v in enumerate(values)]
     vector_index = [np.searchsorted(v, tv[:, j]) for j, v in enumerate(values)]
     correct = outputs.correct
     counts = np.empty((k, e + 1))
@@ -209,10 +220,11 @@ def _exit_counts_by_sample(outputs: ExitOutputs, tv: np.ndarray) -> tuple[np.nda
     chunk = max(1, _CHUNK_ELEMENTS // max(1, e * n))
     for start in range(0, k, chunk):
         t = tv[start:start + chunk]
+        t32 = _as_confidence_dtype(t)
         remaining = np.ones((t.shape[0], n), dtype=bool)
         hits = np.zeros(t.shape[0])
         for j in range(e):  # the earliest passing exit takes the sample
-            leave = remaining & (conf[j][None, :] >= t[:, j:j + 1]) & (t[:, j:j + 1] < 1.0)
+            leave = remaining & (conf[j][None, :] >= t32[:, j:j + 1]) & (t[:, j:j + 1] < 1.0)
             counts[start:start + chunk, j] = np.count_nonzero(leave, axis=1)
             hits += np.count_nonzero(leave & correct[j], axis=1)
             remaining &= ~leave

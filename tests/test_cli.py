@@ -119,3 +119,16 @@ def test_usage_errors_exit_with_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["no-such-command"])
     assert info.value.code == 2
+
+
+def test_info_names_a_misspelt_key(tmp_path, capsys):
+    """A typo in an optional key must not silently build another architecture."""
+    from aebnas.cli import main
+    from aebnas.config import smallest_arch
+
+    flat = {**smallest_arch().to_flat(), "width_mul": 0.5, "target_macs": 5.0}
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(flat))
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['width_mul']" in err

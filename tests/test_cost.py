@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from aebnas.config import ExitModuleConfig, largest_arch, smallest_arch, uniform_arch
-from aebnas.cost import ExitCosts, exit_costs, param_count, segment_macs
+from aebnas.cost import ExitCosts, _segment_macs, exit_costs, param_count, segment_macs
 
 # --------------------------------------------------------------------------- hand counting
 # Layer formulas (what ptflops' aten backend counts, see aebnas/cost.py):
@@ -224,10 +224,11 @@ def test_expected_is_the_utilization_weighted_sum():
 def test_segment_macs_is_cached():
     kwargs = dict(exits=(1, 3), resolution=36, width_mult=0.75)
     first = segment_macs(uniform_arch(3, 5, 3, **kwargs))
-    hits = segment_macs.cache_info().hits
-    again = segment_macs(uniform_arch(3, 5, 3, **kwargs))  # equal, not the same object
-    assert again is first
-    assert segment_macs.cache_info().hits == hits + 1
+    hits = _segment_macs.cache_info().hits
+    again = segment_macs(uniform_arch(3, 5, 3, **kwargs))  # an equal architecture hits the cache
+    assert again == first and _segment_macs.cache_info().hits == hits + 1
+    again["stem"] = -1.0  # callers get a copy: the cache stays intact
+    assert segment_macs(uniform_arch(3, 5, 3, **kwargs))["stem"] == first["stem"]
 
 
 def test_param_count_grows_by_the_branch_parameters():

@@ -351,3 +351,18 @@ def test_infer_and_simulate_agree_sample_by_sample():
     assert np.array_equal(logits.argmax(1).numpy(), outputs.prediction[sim.exit_index, np.arange(96)])
     assert set(sim.exit_index.tolist()) == {0, 2, 3, 4}  # every active path is taken
     assert sim.accuracy == pytest.approx(100.0 * float((logits.argmax(1) == y).float().mean()))
+
+
+def test_threshold_equal_to_a_float32_confidence_matches_infer():
+    """A confidence of exactly float32(0.7) passes threshold 0.7 in infer (float32 compare): same here."""
+    import torch
+
+    c = np.float32(0.7)
+    assert bool(torch.tensor([c]) >= 0.7)  # what infer does
+    outputs = ExitOutputs(confidence=np.array([[c], [0.0]], dtype=np.float32),
+                          prediction=np.array([[1], [0]]), labels=np.array([1]))
+    costs = ExitCosts(backbone=np.array([1.0, 2.0]), branch=np.array([0.5]))
+    assert exit_index(outputs, [0.7]).tolist() == [0]
+    acc, avg, util = simulate_many(outputs, np.array([[0.7], [0.85]]), costs)
+    assert util[:, 0].tolist() == [1.0, 0.0] and acc.tolist() == [100.0, 0.0]
+    assert simulate(outputs, [0.7], costs).exit_index.tolist() == [0]
