@@ -220,11 +220,32 @@ def _join_error(address: str, exc: Exception) -> ExperimentError:
     return ExperimentError(f"could not join the Ray cluster at address={address!r}: {exc}")
 
 
+def check_trial_fits(exp: Experiment, cluster_may_grow: bool) -> None:
+    """Refuse per-trial resources that no node of the connected Ray cluster has.
+
+    Ray Tune would wait for them forever. A cluster joined by address may be autoscaling,
+    so there this only warns.
+    """
+    import ray
+
+    need = {"CPU": exp.cpus_per_trial, "GPU": exp.gpus_per_trial}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        return
+    have = ", ".join(sorted({f"{node.get('CPU', 0):g} CPUs + {node.get('GPU', 0):g} GPUs" for node in nodes}))
+    message = (f"cpus_per_trial={exp.cpus_per_trial:g} and gpus_per_trial={exp.gpus_per_trial:g}, but no Ray node "
+               f"has that much (nodes: {have})")
+    if not cluster_may_grow:
+        raise ExperimentError(f"{message}; no trial could ever start: lower --cpus-per-trial / --gpus-per-trial")
+    print(f"aebnas: warning: {message}; trials wait until the cluster adds such a node", file=sys.stderr)
+
+
 def make_search_alg(exp: Experiment) -> Any:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if exp.search_alg == "random":
-        return BasicVariantGenerator(random_state=exp.seed)
+        # A SearchGenerator ignores TuneConfig.max_concurrent_trials (Ray warns and drops it).
+        return BasicVariantGenerator(random_state=exp.seed, max_concurrent=exp.max_concurrent or 0)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -262,7 +283,7 @@ def _build_tuner(exp: Experiment, data: Any, path: str) -> Any:
     tune_config = tune.TuneConfig(
         metric=None if multi_objective else "score", mode=None if multi_objective else "max",
         num_samples=exp.num_samples, search_alg=make_search_alg(exp), scheduler=make_scheduler(exp),
-        max_concurrent_trials=exp.max_concurrent, reuse_actors=True,
+        max_concurrent_trials=None if exp.search_alg == "random" else exp.max_concurrent, reuse_actors=True,
         trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname)
     from ray.tune import CLIReporter
 
@@ -321,6 +342,7 @@ def run(exp: Experiment) -> Any:
     print(f"aebnas: {data.summary()}", flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our chosen columns
     connect_ray(exp.address)
+    check_trial_fits(exp, cluster_may_grow=bool(address))
     if local:
         Path(path).mkdir(parents=True, exist_ok=True)
         if not exp.resume:

@@ -126,26 +126,33 @@ def _epochs(trial_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in f.read_text().splitlines()] if f.exists() else []
 
 
+def _checkpoints(trial_dir: Path) -> list[int]:
+    return sorted(int(p.name.rsplit("_", 1)[1]) for p in trial_dir.glob("checkpoint_*"))
+
+
 def test_interrupted_search_resumes(tmp_path, small_npz):
     """SIGINT the driver mid-search; --resume finishes it without rerunning finished work."""
     args = [sys.executable, str(REPO / "tune_configs" / "quickstart.py"), "--dataset", str(small_npz),
-            "--val-size", "100", "--resolutions", "32", "--width-mult", "0.25", "--epochs", "3",
+            "--val-size", "100", "--resolutions", "32", "--width-mult", "0.25", "--epochs", "4",
             "--num-samples", "3", "--max-concurrent", "1", "--scheduler", "fifo", "--batch-size", "64",
             "--storage-path", str(tmp_path), "--name", "resume"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     exp_dir = tmp_path / "resume"
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     try:
-        # Wait until one trial has finished and the next one has a checkpoint.
+        # Wait until one trial has finished and the next one has its first checkpoint (3 epochs
+        # still to go, so it is surely unfinished when the SIGINT lands). Checkpoints reach
+        # storage when reported; result.json only when the driver syncs, so watch those.
         while time.time() < deadline:
-            epochs = {d.name: _epochs(d) for d in exp_dir.glob("trial_*")}
-            finished = [n for n, e in epochs.items() if e and e[-1] == 3]
-            partial = [n for n, e in epochs.items() if e and e[-1] < 3]
+            ckpts = {d.name: _checkpoints(d) for d in exp_dir.glob("trial_*")}
+            finished = [n for n, c in ckpts.items() if c and c[-1] == 3]
+            partial = [n for n, c in ckpts.items() if c == [0]]
             if finished and partial:
                 break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()
+            time.sleep(0.1)
         else:
             pytest.fail("the search made no progress")
         proc.send_signal(signal.SIGINT)
@@ -153,16 +160,17 @@ def test_interrupted_search_resumes(tmp_path, small_npz):
     finally:
         if proc.poll() is None:
             proc.kill()
+        log.close()
     before = {d.name: _epochs(d) for d in exp_dir.glob("trial_*")}
-    assert any(e and e[-1] < 3 for e in before.values()), before
+    assert any(e and e[-1] < 4 for e in before.values()), before
 
     done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     after = {d.name: _epochs(d) for d in exp_dir.glob("trial_*")}
-    assert len(after) == 3 and all(e[-1] == 3 for e in after.values()), after
+    assert len(after) == 3 and all(e[-1] == 4 for e in after.values()), after
     for name, epochs in before.items():
-        if epochs and epochs[-1] == 3:
+        if epochs and epochs[-1] == 4:
             assert after[name] == epochs  # finished before: not run again
         elif epochs:
             # continued from its checkpointed epoch: no epoch is trained twice from scratch
-            assert after[name] == [1, 2, 3], (name, epochs, after[name])
+            assert after[name] == [1, 2, 3, 4], (name, epochs, after[name])
