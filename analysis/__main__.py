@@ -131,12 +131,12 @@ def write_plots(a: Analysis, out: Path, trial: pd.Series | None = None) -> list[
     where = f"{'budget' if a.budget_macs else 'target'} {a.budget_macs or a.target_macs:g} MMACs"
     paths = plots.plot_pareto(a.points, out / "pareto", target_macs=a.budget_macs or a.target_macs, best=a.best,
                               budget=a.budget_macs is not None,
-                              title=f"{names}: accuracy vs. MACs, thresholds tuned for {where}")
+                              title=f"{names}\naccuracy vs. MACs, thresholds tuned for {where}")
     on_front = [t for t in a.front["trial_id"] if t in set(a.sweep["trial_id"])]
     if on_front:
         paths += plots.plot_threshold_sweeps(a.sweep, on_front, out / "threshold_sweep", tuned=a.points,
                                              target_macs=a.target_macs, front=a.sweep_front,
-                                             title=f"{names}: threshold sweep of the front's trials (validation)")
+                                             title=f"{names}\nthreshold sweep of the front's trials (validation)")
     if trial is None:
         trial = a.results.trial(a.best["trial_id"], a.best["experiment"])
     try:
@@ -146,7 +146,7 @@ def write_plots(a: Analysis, out: Path, trial: pd.Series | None = None) -> list[
     except ValueError as exc:
         _progress(f"no exit plot: {exc}")
     paths += plots.plot_learning_curves(a.results.history, a.results.trials, out / "learning_curves",
-                                        title=f"{names}: score per epoch")
+                                        title=f"{names}\nscore per epoch")
     if len(a.results.settings) > 1:
         paths += plots.plot_pareto(a.points, out / "experiments_pareto", target_macs=a.target_macs,
                                    color_by="experiment", title=f"Experiments compared at {where}")

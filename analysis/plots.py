@@ -95,9 +95,9 @@ def _annotate_best(ax: Axes, best: pd.Series | None) -> None:
     ax.scatter([x], [y], s=180, facecolors="none", edgecolors="black", lw=1.6, zorder=5)
     x_mid = np.mean(ax.get_xlim())
     ax.annotate(f"best at target: {best['trial_id']}\n{y:.1f}% at {x:.2f} MMACs", xy=(x, y),
-                xytext=(-12 if x > x_mid else 12, -34), textcoords="offset points",
+                xytext=(-30 if x > x_mid else 30, -64), textcoords="offset points",
                 ha="right" if x > x_mid else "left", fontsize=8.5,
-                bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.6", "alpha": 0.9},
+                bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.6", "alpha": 0.75},
                 arrowprops={"arrowstyle": "->", "color": "0.3"}, zorder=6)
 
 
