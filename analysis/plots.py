@@ -85,7 +85,7 @@ def _step_fronts(ax: Axes, fronts: Sequence[tuple[pd.DataFrame, dict]]) -> None:
 def _target_line(ax: Axes, target_macs: float | None, budget: bool = False) -> None:
     if target_macs:
         word = "budget" if budget else "target"
-        ax.axvline(target_macs, color="tab:green", ls="--", lw=1.2, label=f"{word} {target_macs:g} MMACs", zorder=1)
+        ax.axvline(target_macs, color="0.35", ls="--", lw=1.2, label=f"{word} {target_macs:g} MMACs", zorder=1)
 
 
 def _annotate_best(ax: Axes, best: pd.Series | None) -> None:
