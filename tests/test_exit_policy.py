@@ -366,3 +366,14 @@ def test_threshold_equal_to_a_float32_confidence_matches_infer():
     acc, avg, util = simulate_many(outputs, np.array([[0.7], [0.85]]), costs)
     assert util[:, 0].tolist() == [1.0, 0.0] and acc.tolist() == [100.0, 0.0]
     assert simulate(outputs, [0.7], costs).exit_index.tolist() == [0]
+
+
+def test_a_network_without_exits_sends_everything_to_the_final_classifier():
+    """The static space: no exit, one threshold vector (the empty one), every sample at the final."""
+    outputs = ExitOutputs(confidence=np.zeros((1, 5), dtype=np.float32),
+                          prediction=np.array([[1, 0, 1, 1, 0]]), labels=np.array([1, 1, 1, 0, 0]))
+    costs = ExitCosts(backbone=np.array([3.0]), branch=np.array([]))
+    assert exit_index(outputs, []).tolist() == [0] * 5
+    tuned = tune_thresholds(outputs, costs, target_macs=3.0)
+    assert tuned.thresholds == [] and tuned.result.accuracy == 60.0 and tuned.result.avg_macs == 3.0
+    assert tuned.score == 60.0
