@@ -135,9 +135,48 @@ def _trial_dir() -> Path:
     return Path.cwd()
 
 
+def _stored_failure_file() -> tuple[Any, str] | None:
+    """(pyarrow filesystem, path) of the trial's failure.json under storage_path, or None outside Tune.
+
+    Unlike the working directory, storage_path is the same for a retry on another node and
+    for a resumed search (a new Ray session and working directory).
+    """
+    try:
+        storage = tune.get_context().get_storage()
+        return storage.storage_filesystem, f"{storage.trial_fs_path}/{FAILURE_FILE}"
+    except Exception:  # not in a Ray Tune trial (or Ray's developer API changed): the local record remains
+        return None
+
+
 def _fail(trial_dir: Path, message: str) -> TrialError:
-    (trial_dir / FAILURE_FILE).write_text(json.dumps({"error": message, "time": time.time()}))
+    record = json.dumps({"error": message, "time": time.time()})
+    (trial_dir / FAILURE_FILE).write_text(record)
+    stored = _stored_failure_file()
+    if stored is not None:
+        fs, path = stored
+        try:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(path) as f:
+                f.write(record.encode())
+        except OSError:  # the local record still stops retries on this node
+            pass
     return TrialError(message)
+
+
+def _previous_failure(trial_dir: Path) -> str | None:
+    """The error of an earlier attempt of this trial that failed deterministically, if any."""
+    local = trial_dir / FAILURE_FILE
+    if local.exists():
+        return json.loads(local.read_text())["error"]
+    stored = _stored_failure_file()
+    if stored is None:
+        return None
+    fs, path = stored
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())["error"]
+    except (OSError, ValueError):  # not there (pyarrow raises FileNotFoundError, an OSError)
+        return None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -167,9 +206,9 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
     """Ray Tune function trainable (use with ``tune.with_parameters(train_candidate, data=...)``)."""
     trial_dir = _trial_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    failure = trial_dir / FAILURE_FILE
-    if failure.exists():
-        raise TrialError(json.loads(failure.read_text())["error"] + " (failed before; not retried)")
+    previous = _previous_failure(trial_dir)
+    if previous is not None:
+        raise TrialError(previous + " (failed before; not retried)")
     try:
         arch, settings = parse_trial_config(config)
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
