@@ -212,6 +212,9 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
     try:
         arch, settings = parse_trial_config(config)
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
+        # Seed before the weights are drawn: with reused actors the global RNG otherwise
+        # carries the previous trial's state, and one candidate scores differently per search.
+        torch.manual_seed(settings.seed)
         model = EarlyExitNet(arch)
         costs = exit_costs(arch)
     except (ValueError, RuntimeError, MemoryError) as exc:
@@ -221,7 +224,6 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
 
     torch.set_num_threads(_threads_for_trial())
     device = select_device(settings.device)
-    torch.manual_seed(settings.seed)
     model.to(device)
     ts = settings.train_settings()
     train_batches = BatchLoader.for_split(data, "train", batch_size=ts.batch_size,
