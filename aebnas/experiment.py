@@ -158,6 +158,12 @@ class Experiment:
         return d
 
 
+def paper_experiment(dataset: str, *, target_macs: float, val_size: int) -> Experiment:
+    """The paper's search settings for one dataset: its space (resolution 32–72), 5 epochs, ASHA."""
+    return Experiment(dataset=dataset, val_size=val_size, space="aebnas", target_macs=target_macs, epochs=5,
+                      num_samples=100, scheduler="asha", grace_period=1, reduction_factor=2)
+
+
 # ------------------------------------------------------------------ Ray plumbing
 def resolve_storage_path(storage_path: str) -> str:
     """Absolute local path (Ray needs one) or the URI unchanged (s3://, gs://, …)."""

@@ -9,19 +9,9 @@ Every setting has a flag: python tune_configs/cifar10.py --help
 
 import sys
 
-from aebnas.experiment import Experiment, main
+from aebnas.experiment import main, paper_experiment
 
-PAPER = Experiment(
-    dataset="cifar10",
-    val_size=5000,
-    space="aebnas",
-    target_macs=17.0,
-    epochs=5,
-    num_samples=100,
-    scheduler="asha",
-    grace_period=1,
-    reduction_factor=2,
-)
+PAPER = paper_experiment("cifar10", target_macs=17.0, val_size=5000)
 
 if __name__ == "__main__":
     sys.exit(main(PAPER, description=__doc__))

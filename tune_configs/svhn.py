@@ -9,19 +9,9 @@ Every setting has a flag: python tune_configs/svhn.py --help
 
 import sys
 
-from aebnas.experiment import Experiment, main
+from aebnas.experiment import main, paper_experiment
 
-PAPER = Experiment(
-    dataset="svhn",
-    val_size=7325,
-    space="aebnas",
-    target_macs=1.0,
-    epochs=5,
-    num_samples=100,
-    scheduler="asha",
-    grace_period=1,
-    reduction_factor=2,
-)
+PAPER = paper_experiment("svhn", target_macs=1.0, val_size=7325)
 
 if __name__ == "__main__":
     sys.exit(main(PAPER, description=__doc__))
