@@ -282,7 +282,7 @@ def _build_tuner(exp: Experiment, data: Any, path: str) -> Any:
 
     trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data),
                                     {"cpu": exp.cpus_per_trial, "gpu": exp.gpus_per_trial})
-    if exp.resume and tune.Tuner.can_restore(path):
+    if exp.resume:  # run() has checked that Ray Tune can restore it
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=exp.param_space(data.num_classes, data.in_channels))
     multi_objective = exp.search_alg == "nsga2"
@@ -326,13 +326,13 @@ def run(exp: Experiment) -> Any:
     address = exp.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_address_reachable(address)  # fail fast: before the dataset is loaded (or downloaded)
+    if exp.resume and not exp.name:
+        raise ExperimentError("resume=True needs the name of the experiment to continue (--name)")
     if not exp.name:
         exp = dataclasses.replace(exp, name=exp.experiment_name())
     path = experiment_path(exp)
     local = "://" not in path
     if exp.resume:
-        if not exp.name:
-            raise ExperimentError("resume=True needs the name of the experiment to continue (--name)")
         saved = Path(path) / EXPERIMENT_FILE
         if local and not saved.exists():
             raise ExperimentError(f"nothing to resume at {path} (no {EXPERIMENT_FILE}); check --name and --storage-path")

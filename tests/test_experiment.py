@@ -63,6 +63,8 @@ def test_existing_experiment_is_not_overwritten(tmp_path, small_npz):
 def test_resume_needs_an_experiment(tmp_path, small_npz):
     with pytest.raises(ExperimentError, match="nothing to resume"):
         run(tiny_experiment(tmp_path, small_npz, name="ghost", resume=True))
+    with pytest.raises(ExperimentError, match="needs the name of the experiment"):
+        run(tiny_experiment(tmp_path, small_npz, name=None, resume=True))
 
 
 def _write_svhn(folder: Path, n_train: int, n_test: int) -> dict:
