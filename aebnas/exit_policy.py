@@ -20,11 +20,8 @@ import numpy as np
 import torch
 
 from .cost import ExitCosts
+from .settings import CONFIDENCE_MEASURES, PAPER_GRID, PAPER_LAMBDA
 
-CONFIDENCE_MEASURES = ("margin", "max_prob", "entropy")
-# The paper's grid: 0.1 … 1.0 in steps of 0.15 (7 values); λ = 0.1.
-PAPER_GRID: tuple[float, ...] = tuple(round(0.1 + 0.15 * k, 2) for k in range(7))
-PAPER_LAMBDA = 0.1
 # The authors round any tuned threshold above 0.95 to 1.0 (exit off).
 ROUND_TO_ONE_ABOVE = 0.95
 # Bounds memory: the (vectors × samples) boolean blocks of the per-sample walk, and (÷ 8) the

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .exit_policy import PAPER_GRID, PAPER_LAMBDA
-from .trainable import TrialSettings, train_candidate
+from .settings import TrialSettings
+from .trainable import train_candidate
 
 SEARCH_ALGS = ("random", "tpe", "nsga2")
 SCHEDULERS = ("asha", "fifo")
@@ -34,19 +34,22 @@ class ExperimentError(ValueError):
     """A setting of the experiment is wrong; raised before any trial starts."""
 
 
-@dataclass
-class Experiment:
-    """Everything that defines a search. Units: MACs in millions (MMACs)."""
+@dataclass(frozen=True)
+class Experiment(TrialSettings):
+    """Everything that defines a search. Units: MACs in millions (MMACs).
 
-    dataset: str = "cifar10-subset"
+    The training and trial settings (epochs, lr, target_macs, seed, …) are inherited from
+    :class:`aebnas.settings.TrialSettings`; the fields here are the search's own. Values are
+    checked by :meth:`validate` (``run`` calls it), not on construction, so that a bad value
+    is reported as an :class:`ExperimentError` naming it.
+    """
+
     data_dir: str | None = None
     download: bool = False
     val_size: int | None = None
     space: str = "aebnas"
     space_kwargs: dict[str, Any] = field(default_factory=dict)
     width_mult: float = 1.0
-    target_macs: float = 17.0
-    epochs: int = 5
     num_samples: int = 20
     search_alg: str = "random"
     scheduler: str = "asha"
@@ -58,18 +61,13 @@ class Experiment:
     storage_path: str = "aebnas_results"
     name: str | None = None
     address: str | None = None
-    seed: int = 0
     resume: bool = False
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-5
-    exit_weight: float = 1.0
-    confidence: str = "margin"
-    score_lambda: float = PAPER_LAMBDA
-    threshold_grid: tuple[float, ...] = PAPER_GRID
     max_failures: int = 2
     keep_checkpoints: int = 2
     verbose: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold_grid", tuple(self.threshold_grid))
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -126,11 +124,9 @@ class Experiment:
             raise ExperimentError(str(exc)) from None
 
     def trial_settings(self) -> TrialSettings:
+        """The settings every trial receives; ExperimentError naming a bad one."""
         try:
-            return TrialSettings(dataset=self.dataset, target_macs=self.target_macs, epochs=self.epochs,
-                                 batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                                 exit_weight=self.exit_weight, seed=self.seed, confidence=self.confidence,
-                                 score_lambda=self.score_lambda, threshold_grid=tuple(self.threshold_grid))
+            return super().trial_settings()
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
 

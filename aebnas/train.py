@@ -13,37 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exit_policy import ExitOutputs, torch_confidence
+from .settings import TrainSettings
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (diverged)."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation settings for a short from-scratch run (defaults measured on the CIFAR-10 subset).
-
-    SGD with Nesterov momentum and a one-cycle schedule gets a MobileNetV3 candidate to a
-    useful accuracy in a few epochs; ``exit_weight`` is w in CE(final) + w·ΣCE(exit_i).
-    """
-
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-5
-    momentum: float = 0.9
-    exit_weight: float = 1.0
-    label_smoothing: float = 0.0
-    bn_recalibration_batches: int = 10
-
-    def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-                  "weight_decay": self.weight_decay >= 0, "exit_weight": self.exit_weight >= 0,
-                  "momentum": 0 <= self.momentum < 1, "label_smoothing": 0 <= self.label_smoothing < 1,
-                  "bn_recalibration_batches": self.bn_recalibration_batches >= 0}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
 
 
 def select_device(preference: str = "auto") -> torch.device:

@@ -27,11 +27,11 @@ from ray import tune
 from .config import ArchConfig, is_arch_key
 from .cost import exit_costs
 from .data import BatchLoader, Dataset
-from .exit_policy import (CONFIDENCE_MEASURES, PAPER_GRID, PAPER_LAMBDA, ExitOutputs, SimResult,
-                          oracle, save_exit_outputs, simulate, tune_thresholds)
+from .exit_policy import ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
 from .nn import EarlyExitNet
-from .train import (NonFiniteLossError, TrainSettings, evaluate, make_optimizer, make_scheduler,
-                    recalibrate_bn, select_device, train_one_epoch)
+from .settings import SETTING_KEYS, TrialSettings
+from .train import (NonFiniteLossError, evaluate, make_optimizer, make_scheduler, recalibrate_bn, select_device,
+                    train_one_epoch)
 
 FAILURE_FILE = "failure.json"
 ARCH_FILE = "arch.json"
@@ -45,49 +45,6 @@ class TrialError(RuntimeError):
     Deterministic: the trial writes ``failure.json`` and a retry fails at once with the
     same message instead of spending compute on the same failure again.
     """
-
-
-@dataclass(frozen=True)
-class TrialSettings:
-    """The fixed (not searched) settings that travel in every trial's config."""
-
-    dataset: str = "cifar10-subset"
-    target_macs: float = 17.0
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-5
-    exit_weight: float = 1.0
-    bn_recalibration_batches: int = 10
-    seed: int = 0
-    confidence: str = "margin"
-    score_lambda: float = PAPER_LAMBDA
-    threshold_grid: tuple[float, ...] = PAPER_GRID
-    eval_batch_size: int = 512
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not self.target_macs > 0:
-            raise ValueError(f"target_macs={self.target_macs} must be > 0 (MMACs)")
-        if self.confidence not in CONFIDENCE_MEASURES:
-            raise ValueError(f"confidence={self.confidence!r} is not one of {CONFIDENCE_MEASURES}")
-        if self.score_lambda < 0:
-            raise ValueError(f"score_lambda={self.score_lambda} must be ≥ 0")
-        object.__setattr__(self, "threshold_grid", tuple(float(g) for g in self.threshold_grid))
-        self.train_settings()  # validates epochs, lr, …
-
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                             weight_decay=self.weight_decay, exit_weight=self.exit_weight,
-                             bn_recalibration_batches=self.bn_recalibration_batches)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["threshold_grid"] = list(self.threshold_grid)
-        return d
-
-
-SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(TrialSettings))
 
 
 def parse_trial_config(config: Mapping[str, Any]) -> tuple[ArchConfig, TrialSettings]:

@@ -1,0 +1,112 @@
+"""The fixed (not searched) settings of training and of a trial, declared once.
+
+``TrainSettings`` is how a candidate is optimised; ``TrialSettings`` adds what a trial
+needs around it (data, target, threshold tuning, device). ``aebnas.experiment.Experiment``
+extends ``TrialSettings`` with the search's own settings, so every setting has one
+declaration, one default and one check. A trial receives ``TrialSettings.to_dict()`` in
+its flat config next to the architecture keys; ``SETTING_KEYS`` names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# The paper's threshold grid: 0.1 … 1.0 in steps of 0.15 (7 values); λ = 0.1.
+PAPER_GRID: tuple[float, ...] = tuple(round(0.1 + 0.15 * k, 2) for k in range(7))
+PAPER_LAMBDA = 0.1
+CONFIDENCE_MEASURES = ("margin", "max_prob", "entropy")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation of one candidate (defaults measured on the CIFAR-10 subset).
+
+    SGD with Nesterov momentum and a one-cycle schedule gets a MobileNetV3 candidate to a
+    useful accuracy in a few epochs; ``exit_weight`` is w in CE(final) + w·ΣCE(exit_i).
+    ``bn_recalibration_batches`` batches of a fixed, seeded, shuffled sample of the training
+    split recompute BatchNorm statistics before every evaluation. ``amp``: bfloat16/float16
+    autocast on CUDA (ignored on CPU).
+    """
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-5
+    momentum: float = 0.9
+    exit_weight: float = 1.0
+    label_smoothing: float = 0.0
+    bn_recalibration_batches: int = 10
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        def integer(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = {"epochs": integer(self.epochs) and self.epochs >= 1,
+                  "batch_size": integer(self.batch_size) and self.batch_size >= 1,
+                  "lr": self.lr > 0 and math.isfinite(self.lr),
+                  "weight_decay": self.weight_decay >= 0, "exit_weight": self.exit_weight >= 0,
+                  "momentum": 0 <= self.momentum < 1, "label_smoothing": 0 <= self.label_smoothing < 1,
+                  "bn_recalibration_batches": integer(self.bn_recalibration_batches)
+                  and self.bn_recalibration_batches >= 0,
+                  "amp": isinstance(self.amp, bool)}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+
+    def train_settings(self) -> TrainSettings:
+        """Only the optimisation settings (a plain ``TrainSettings``)."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
+
+@dataclass(frozen=True)
+class TrialSettings(TrainSettings):
+    """Everything fixed that travels in a trial's config besides the architecture."""
+
+    dataset: str = "cifar10-subset"
+    target_macs: float = 17.0
+    seed: int = 0
+    confidence: str = "margin"
+    score_lambda: float = PAPER_LAMBDA
+    threshold_grid: tuple[float, ...] = PAPER_GRID
+    eval_batch_size: int = 512
+    device: str = "auto"
+
+    def check(self) -> None:
+        super().check()
+        if not self.target_macs > 0:
+            raise ValueError(f"target_macs={self.target_macs} must be > 0 (MMACs)")
+        if self.confidence not in CONFIDENCE_MEASURES:
+            raise ValueError(f"confidence={self.confidence!r} is not one of {CONFIDENCE_MEASURES}")
+        if self.score_lambda < 0:
+            raise ValueError(f"score_lambda={self.score_lambda} must be ≥ 0")
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={self.eval_batch_size!r} must be an integer ≥ 1")
+        grid = tuple(self.threshold_grid)
+        if not grid or any(not 0.0 <= float(g) <= 1.0 for g in grid):
+            raise ValueError(f"threshold_grid={grid} must be non-empty values in [0, 1]")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold_grid", tuple(float(g) for g in self.threshold_grid))
+        super().__post_init__()
+
+    def trial_settings(self) -> TrialSettings:
+        """Only the trial settings (a plain ``TrialSettings``)."""
+        return TrialSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrialSettings)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as the plain values a trial's flat config carries."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrialSettings)}
+        d["threshold_grid"] = list(self.threshold_grid)
+        return d
+
+
+SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(TrialSettings))
+"""Keys of a trial's flat config that are settings, not architecture."""
