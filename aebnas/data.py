@@ -1,11 +1,13 @@
-"""Datasets held in memory as uint8 tensors, and a batch loader that augments on tensors.
+"""Datasets held in memory as uint8 numpy arrays, and a batch loader that augments on tensors.
 
 ``load_dataset`` returns a :class:`Dataset`: train / validation / test splits as NCHW
-uint8 tensors plus what a trial needs to use them (classes, per-channel mean and std,
-whether horizontal flips make sense). ``BatchLoader`` turns one split into normalised
-float batches on a device; training batches get a random crop and flip computed for the
-whole batch at once (no PIL, no per-sample Python loop), so the same code is fast on CPU
-and GPU and a dataset is copied to the GPU once.
+uint8 numpy arrays plus what a trial needs to use them (classes, per-channel mean and
+std, whether horizontal flips make sense). Numpy arrays, not tensors, because Ray's object
+store maps them into every trial of a node without a copy (they arrive read-only);
+tensors would be deserialized, i.e. copied, once per trial. ``BatchLoader`` turns one
+split into normalised float batches on a device; training batches get a random crop and
+flip computed for the whole batch at once (no PIL, no per-sample Python loop), so the
+same code is fast on CPU and GPU and a dataset is copied to the GPU once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import pathlib
 import tarfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -44,15 +47,18 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclass(repr=False)
 class Dataset:
-    """Three splits as tensors: x uint8 (N, C, H, W) contiguous, y int64 (N,)."""
+    """Three splits as numpy arrays: x uint8 (N, C, H, W) C-contiguous, y int64 (N,).
+
+    Arrays that came through Ray's object store are read-only views of it.
+    """
 
     name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
     num_classes: int
     in_channels: int
     classes: list[str]
@@ -119,10 +125,10 @@ def load_dataset(
 
 def _build(
     name: str,
-    x_full: torch.Tensor,
-    y_full: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
+    x_full: np.ndarray,
+    y_full: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
     classes: list[str],
     hflip: bool,
     val_size: int | None,
@@ -138,19 +144,19 @@ def _build(
             f"0 < val_size < {n} (the number of training images); a validation split is "
             "needed to tune exit thresholds"
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, _ = perm[:val_size].sort()
-    train_idx, _ = perm[val_size:].sort()
-    x_train = x_full[train_idx].contiguous()
+    # torch's permutation, as before the splits became numpy: a seed gives the same split as ever.
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    x_train = np.ascontiguousarray(x_full[train_idx])
     mean, std = _channel_stats(x_train)
     return Dataset(
         name=name,
         x_train=x_train,
-        y_train=y_full[train_idx],
-        x_val=x_full[val_idx].contiguous(),
-        y_val=y_full[val_idx],
-        x_test=x_test.contiguous(),
-        y_test=y_test,
+        y_train=y_full[train_idx].astype(np.int64),
+        x_val=np.ascontiguousarray(x_full[val_idx]),
+        y_val=y_full[val_idx].astype(np.int64),
+        x_test=np.ascontiguousarray(x_test),
+        y_test=y_test.astype(np.int64),
         num_classes=len(classes),
         in_channels=x_train.shape[1],
         classes=classes,
@@ -160,16 +166,16 @@ def _build(
     )
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and population std of uint8 images, in [0, 1] units.
+def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of uint8 NCHW images, in [0, 1] units.
 
     Computed exactly from a 256-bin histogram per channel, so a full dataset never
     needs a float copy.
     """
-    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    levels = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
     for c in range(x.shape[1]):
-        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        counts = np.bincount(x[:, c].reshape(-1), minlength=256).astype(np.float64)
         mean = float((counts * levels).sum() / counts.sum())
         var = float((counts * (levels - mean) ** 2).sum() / counts.sum())
         means.append(mean)
@@ -192,10 +198,10 @@ def _from_torchvision(
         # torchvision's SVHN arrays are already (N, C, H, W) and labels 0..9.
         return _build(
             name,
-            torch.from_numpy(np.ascontiguousarray(train.data)),
-            torch.from_numpy(train.labels).long(),
-            torch.from_numpy(np.ascontiguousarray(test.data)),
-            torch.from_numpy(test.labels).long(),
+            np.ascontiguousarray(train.data),
+            np.asarray(train.labels, dtype=np.int64),
+            np.ascontiguousarray(test.data),
+            np.asarray(test.labels, dtype=np.int64),
             [str(d) for d in range(10)],
             hflip=False,  # digits are not mirror-symmetric
             val_size=val_size,
@@ -207,9 +213,9 @@ def _from_torchvision(
     return _build(
         name,
         _nhwc_to_nchw(train.data),
-        torch.tensor(train.targets, dtype=torch.int64),
+        np.asarray(train.targets, dtype=np.int64),
         _nhwc_to_nchw(test.data),
-        torch.tensor(test.targets, dtype=torch.int64),
+        np.asarray(test.targets, dtype=np.int64),
         list(train.classes),
         hflip=True,
         val_size=val_size,
@@ -264,8 +270,8 @@ def _not_found_message(cls, name: str, root: pathlib.Path, download: bool, err: 
     )
 
 
-def _nhwc_to_nchw(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+def _nhwc_to_nchw(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
 # --------------------------------------------------------------------------- .npz files
@@ -338,7 +344,7 @@ def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
         return arrays
 
 
-def _npz_images(path: pathlib.Path, key: str, x: np.ndarray) -> torch.Tensor:
+def _npz_images(path: pathlib.Path, key: str, x: np.ndarray) -> np.ndarray:
     """Validate images stored as NHWC (C in {1, 3}) or NHW; return NCHW uint8."""
     if x.dtype != np.uint8:
         if not np.issubdtype(x.dtype, np.integer):
@@ -362,7 +368,7 @@ def _npz_images(path: pathlib.Path, key: str, x: np.ndarray) -> torch.Tensor:
     return _nhwc_to_nchw(x)
 
 
-def _npz_labels(path: pathlib.Path, key: str, y: np.ndarray, n_images: int) -> torch.Tensor:
+def _npz_labels(path: pathlib.Path, key: str, y: np.ndarray, n_images: int) -> np.ndarray:
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{path}: {key} has dtype {y.dtype}; expected integer class labels")
     if y.ndim != 1:
@@ -372,7 +378,7 @@ def _npz_labels(path: pathlib.Path, key: str, y: np.ndarray, n_images: int) -> t
         raise ValueError(f"{path}: {key} has {len(y)} labels but {x_key} has {n_images} images; expected equal")
     if y.min() < 0:
         raise ValueError(f"{path}: {key} has negative label {y.min()}; expected labels >= 0")
-    return torch.from_numpy(y.astype(np.int64))
+    return y.astype(np.int64)
 
 
 def _npz_classes(path: pathlib.Path, classes: np.ndarray) -> list[str]:
@@ -387,6 +393,28 @@ def _npz_classes(path: pathlib.Path, classes: np.ndarray) -> list[str]:
 # --------------------------------------------------------------------------- batches
 
 
+def _is_uint8(a: np.ndarray | torch.Tensor) -> bool:
+    return a.dtype == (torch.uint8 if isinstance(a, torch.Tensor) else np.uint8)
+
+
+def _is_integer(a: np.ndarray | torch.Tensor) -> bool:
+    if isinstance(a, torch.Tensor):
+        return not (a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool)
+    return np.issubdtype(a.dtype, np.integer)
+
+
+def _as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``a`` as a CPU tensor sharing its memory when it is a numpy array (no copy)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    if not a.flags.c_contiguous:  # torch cannot wrap negative strides
+        a = np.ascontiguousarray(a)
+    with warnings.catch_warnings():
+        # Arrays from Ray's object store are read-only; nothing here writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(a)
+
+
 class BatchLoader:
     """Iterates (images float32 normalized (B,C,R,R) on device, labels int64 on device).
 
@@ -396,14 +424,15 @@ class BatchLoader:
     defaults to True when there is more than one batch. ``train=False``: every sample in
     order, no augmentation. Images are scaled to [0, 1], normalised with ``mean``/``std``
     (per channel) and resized bilinearly to ``resolution`` when it differs from the native
-    size. The uint8 tensors move to ``device`` once, here; random draws for an epoch move
-    once per epoch.
+    size. ``x`` and ``y`` are numpy arrays (read-only ones too) or tensors; on CPU a numpy
+    array is wrapped, not copied. The uint8 images move to ``device`` once, here; random
+    draws for an epoch move once per epoch.
     """
 
     def __init__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor,
         *,
         batch_size: int,
         resolution: int,
@@ -416,12 +445,17 @@ class BatchLoader:
         seed: int = 0,
         drop_last: bool | None = None,
     ) -> None:
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
-            got = f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x has {got}; expected a uint8 tensor (N, C, H, W)")
-        if not isinstance(y, torch.Tensor) or y.ndim != 1 or len(y) != len(x):
-            got = f"shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y has {got}; expected a 1-D tensor with one label per image ({len(x)})")
+        arrays = (np.ndarray, torch.Tensor)
+        if not isinstance(x, arrays) or not _is_uint8(x) or x.ndim != 4:
+            got = f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, arrays) else type(x).__name__
+            raise ValueError(f"x has {got}; expected a uint8 numpy array or tensor (N, C, H, W)")
+        if not isinstance(y, arrays) or y.ndim != 1 or len(y) != len(x):
+            got = f"shape {tuple(y.shape)}" if isinstance(y, arrays) else type(y).__name__
+            raise ValueError(
+                f"y has {got}; expected a 1-D numpy array or tensor with one label per image ({len(x)})"
+            )
+        if not _is_integer(y):
+            raise ValueError(f"y has dtype {y.dtype}; expected integer class labels")
         if len(x) == 0:
             raise ValueError("x has no images; expected at least one")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -440,8 +474,8 @@ class BatchLoader:
             raise ValueError(f"std={std} must be > 0 in every channel")
 
         self.device = torch.device(device)
-        self.x = x.to(self.device)
-        self.y = y.to(self.device, dtype=torch.int64)
+        self.x = _as_tensor(x).to(self.device)
+        self.y = _as_tensor(y).to(self.device, dtype=torch.int64)
         self.batch_size = batch_size
         self.resolution = resolution
         self.train = train

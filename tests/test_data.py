@@ -3,6 +3,7 @@
 import hashlib
 import pickle
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torchvision.datasets as tvd
 from aebnas.data import (
     DATASET_NAMES,
     BatchLoader,
+    Dataset,
     DatasetNotFoundError,
     embedded_dataset_path,
     load_dataset,
@@ -32,12 +34,12 @@ def _tagged_images(n, seed, channels=3, size=32):
 
 def _assert_train_val_are(data, x_written, y_written):
     """train ∪ val is exactly the written training set, each image with its own label."""
-    x = torch.cat([data.x_train, data.x_val])
-    y = torch.cat([data.y_train, data.y_val])
-    tags = x[:, 0, 0, 0].long()
+    x = np.concatenate([data.x_train, data.x_val])
+    y = np.concatenate([data.y_train, data.y_val])
+    tags = x[:, 0, 0, 0].astype(np.int64)
     assert sorted(tags.tolist()) == list(range(len(x_written)))
-    assert torch.equal(x, torch.from_numpy(x_written)[tags])
-    assert torch.equal(y, torch.as_tensor(y_written, dtype=torch.int64)[tags])
+    assert np.array_equal(x, x_written[tags])
+    assert np.array_equal(y, np.asarray(y_written, dtype=np.int64)[tags])
 
 
 def _pickle(path, obj):
@@ -69,10 +71,10 @@ def test_cifar10_real_format(tmp_path, monkeypatch):
     data = load_dataset("cifar10", data_dir=tmp_path, val_size=4)
 
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (16, 4, 6)
-    assert data.x_train.shape == (16, 3, 32, 32) and data.x_train.dtype == torch.uint8
-    assert data.x_train.is_contiguous() and data.y_train.dtype == torch.int64
+    assert data.x_train.shape == (16, 3, 32, 32) and data.x_train.dtype == np.uint8
+    assert data.x_train.flags.c_contiguous and data.y_train.dtype == np.int64
     _assert_train_val_are(data, x_train, y_train)
-    assert torch.equal(data.x_test, torch.from_numpy(x_test))
+    assert np.array_equal(data.x_test, x_test)
     assert data.y_test.tolist() == y_test
     # a pixel of the row-major planes: image 3, green plane, row 5, column 7
     assert data.x_test[3, 1, 5, 7] == x_test.reshape(6, 3072)[3, 1024 + 5 * 32 + 7]
@@ -100,7 +102,7 @@ def test_cifar100_real_format(tmp_path, monkeypatch):
 
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (10, 2, 5)
     _assert_train_val_are(data, x_train, y_train)
-    assert torch.equal(data.x_test, torch.from_numpy(x_test)) and data.y_test.tolist() == y_test
+    assert np.array_equal(data.x_test, x_test) and data.y_test.tolist() == y_test
     assert data.num_classes == 100 and data.classes[99] == "class99"
 
 
@@ -126,7 +128,7 @@ def test_svhn_real_format(tmp_path, monkeypatch):
     assert data.y_test.tolist() == [0, 0, 3, 9]
     # pixel X[h=5, w=7, c=2, n=1] of the file is image 1, channel 2, row 5, column 7
     assert data.x_test[1, 2, 5, 7] == x_test.transpose(2, 3, 1, 0)[5, 7, 2, 1]
-    assert torch.equal(data.x_test, torch.from_numpy(x_test))
+    assert np.array_equal(data.x_test, x_test)
     assert data.classes == [str(d) for d in range(10)] and data.hflip is False
 
 
@@ -175,16 +177,16 @@ def test_embedded_subset(subset):
     assert len(subset.y_train) + len(subset.y_val) == 3805 and len(subset.y_val) == 500
     assert len(subset.y_test) == 761 and subset.num_classes == 10 and subset.classes[0] == "airplane"
     assert subset.x_train.shape[1:] == (3, 32, 32) and subset.in_channels == 3
-    x = subset.x_train.double() / 255
-    assert np.allclose(subset.mean, x.mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
-    assert np.allclose(subset.std, x.std(dim=(0, 2, 3), unbiased=False).numpy(), atol=1e-9)
+    x = subset.x_train / 255.0
+    assert np.allclose(subset.mean, x.mean(axis=(0, 2, 3)), atol=1e-9)
+    assert np.allclose(subset.std, x.std(axis=(0, 2, 3)), atol=1e-9)
 
 
 def test_split_follows_the_seed(subset):
     again = load_dataset("cifar10-subset", seed=0)
     other = load_dataset("cifar10-subset", seed=1, val_size=300)
-    assert torch.equal(again.x_val, subset.x_val) and torch.equal(again.y_train, subset.y_train)
-    assert len(other.y_val) == 300 and not torch.equal(other.x_val[:300], subset.x_val[:300])
+    assert np.array_equal(again.x_val, subset.x_val) and np.array_equal(again.y_train, subset.y_train)
+    assert len(other.y_val) == 300 and not np.array_equal(other.x_val[:300], subset.x_val[:300])
 
 
 @pytest.mark.parametrize("val_size", [0, -1, 3805, 4000])
@@ -219,7 +221,7 @@ def test_npz_colour(tmp_path):
     data = load_dataset(str(tmp_path / "pets.npz"))
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (27, 3, 5)  # val: 10%
     assert data.classes == ["cat", "dog", "fox"] and data.num_classes == 3 and data.in_channels == 3
-    assert torch.equal(data.x_test, torch.from_numpy(arrays["x_test"]).permute(0, 3, 1, 2))
+    assert np.array_equal(data.x_test, arrays["x_test"].transpose(0, 3, 1, 2))
     assert data.x_test[2, 1, 4, 6] == arrays["x_test"][2, 4, 6, 1] and data.hflip is True
 
 
@@ -229,9 +231,9 @@ def test_npz_grayscale_relative_to_data_dir(tmp_path):
     del arrays["classes"]
     np.savez(tmp_path / "gray.npz", **arrays)
     data = load_dataset("gray.npz", data_dir=tmp_path, val_size=10)
-    assert data.in_channels == 1 and data.x_train.shape == (20, 1, 8, 8) and data.x_test.dtype == torch.uint8
+    assert data.in_channels == 1 and data.x_train.shape == (20, 1, 8, 8) and data.x_test.dtype == np.uint8
     assert data.classes == ["0", "1", "2"]
-    assert torch.equal(data.x_test[:, 0], torch.from_numpy(arrays["x_test"].astype(np.uint8)))
+    assert np.array_equal(data.x_test[:, 0], arrays["x_test"].astype(np.uint8))
 
 
 def _drop(key):
@@ -393,8 +395,8 @@ def test_for_split_uses_dataset_statistics(subset):
     assert len(loader) == 4 and loader.hflip is True
     images, labels = next(iter(loader))
     mean, std = torch.tensor(subset.mean).view(1, 3, 1, 1), torch.tensor(subset.std).view(1, 3, 1, 1)
-    expected = (subset.x_val[:128].double() / 255 - mean) / std
-    assert torch.allclose(images, expected.float(), atol=1e-5) and torch.equal(labels, subset.y_val[:128])
+    expected = (torch.from_numpy(subset.x_val[:128]).double() / 255 - mean) / std
+    assert torch.allclose(images, expected.float(), atol=1e-5) and labels.tolist() == subset.y_val[:128].tolist()
     with pytest.raises(ValueError, match="split='valid'"):
         BatchLoader.for_split(subset, "valid", batch_size=8, resolution=32, train=False)
 
@@ -407,3 +409,49 @@ def test_cuda_batches_match_cpu():
     assert all(i.device.type == "cuda" for i, _ in gpu)
     for (a, la), (b, lb) in zip(cpu, gpu):
         assert torch.equal(la, lb.cpu()) and torch.allclose(a, b.cpu(), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- numpy splits and Ray
+
+
+def _assert_numpy_splits(data: Dataset):
+    for split in ("train", "val", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        assert isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.flags.c_contiguous
+        assert isinstance(y, np.ndarray) and y.dtype == np.int64 and y.shape == (len(x),)
+
+
+def test_splits_are_numpy_arrays(subset, small_npz):
+    _assert_numpy_splits(subset)
+    _assert_numpy_splits(load_dataset(str(small_npz), val_size=100))
+
+
+def test_object_store_shares_the_arrays(ray_local, subset):
+    """ray.get maps the arrays from the object store (read-only, not copied); loaders still work."""
+    got = ray_local.get(ray_local.put(subset))
+    for split in ("train", "val", "test"):
+        x, y = getattr(got, f"x_{split}"), getattr(got, f"y_{split}")
+        assert not x.flags.writeable and x.flags.owndata is False and not y.flags.writeable
+        assert np.array_equal(x, getattr(subset, f"x_{split}"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "non-writable array" warning must not reach the user
+        loader = BatchLoader(got.x_val, got.y_val, batch_size=100, resolution=32, mean=got.mean, std=got.std,
+                             train=True, seed=1)
+        batches = list(loader)
+    assert loader.x.data_ptr() == got.x_val.ctypes.data  # a view of the shared array, no copy on CPU
+    assert len(batches) == 5 and batches[0][0].shape == (100, 3, 32, 32)
+    assert sorted(torch.cat([lab for _, lab in batches]).tolist()) == sorted(got.y_val.tolist())
+
+
+def test_loader_takes_numpy_and_tensors_alike():
+    x = _images(10)
+    from_numpy = list(BatchLoader(x.numpy(), np.arange(10), batch_size=4, resolution=32, mean=(0, 0, 0),
+                                  std=(1, 1, 1), train=True, seed=2))
+    from_tensor = list(_loader(x, seed=2))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(from_numpy, from_tensor))
+    with pytest.raises(ValueError, match="uint8"):
+        BatchLoader(x.numpy().astype(np.float32), np.arange(10), batch_size=4, resolution=32,
+                    mean=(0, 0, 0), std=(1, 1, 1), train=True)
+    with pytest.raises(ValueError, match="one label per image"):
+        BatchLoader(x.numpy(), np.arange(9), batch_size=4, resolution=32, mean=(0, 0, 0), std=(1, 1, 1),
+                    train=True)
