@@ -5,73 +5,12 @@ import pytest
 
 from aebnas.config import ExitModuleConfig, largest_arch, smallest_arch, uniform_arch
 from aebnas.cost import ExitCosts, _segment_macs, exit_costs, param_count, segment_macs
+from aebnas.reference import analytic_segment_macs, block_macs
 
 # --------------------------------------------------------------------------- hand counting
-# Layer formulas (what ptflops' aten backend counts, see aebnas/cost.py):
-#   conv   MACs = Cout·Hout·Wout·(Cin/groups)·k·k  (+ Cout·Hout·Wout with a bias)
-#   linear MACs = in·out (+ out: aten.addmm counts the bias too)
-# 'same' padding k//2, so Hout = ceil(H / stride). Width 1.0 throughout: stem 16, first block
-# 16, stages 24/40/80/112/160 with strides 2/2/2/1/2, SE in stages 2, 4, 5, head 960 → 1280.
-
-
-def _conv(cin, cout, k, h, stride=1, groups=1, bias=False):
-    ho = -(-h // stride)
-    return cout * ho * ho * (cin // groups) * k * k + (cout * ho * ho if bias else 0), ho
-
-
-def _linear(i, o):
-    return i * o + o
-
-
-def _round8(v):
-    """Nearest multiple of 8, at least 8, never more than 10% below v (MobileNet rounding)."""
-    r = max(8, int(v + 4) // 8 * 8)
-    return r + 8 if r < 0.9 * v else r
-
-
-def _block(cin, cout, k, e, stride, se, h):
-    """Inverted residual: 1×1 expand (if e > 1) → k×k depthwise → SE (2 biased 1×1 convs on
-    the pooled 1×1 map) → 1×1 project."""
-    mid = _round8(cin * e) if e != 1 else cin
-    macs = _conv(cin, mid, 1, h)[0] if e != 1 else 0
-    m, ho = _conv(mid, mid, k, h, stride, groups=mid)
-    macs += m
-    if se:
-        r = _round8(mid / 4)
-        macs += _conv(mid, r, 1, 1, bias=True)[0] + _conv(r, mid, 1, 1, bias=True)[0]
-    return macs + _conv(mid, cout, 1, ho)[0], ho
-
-
-def _exit_branch(cin, modules, h, classes):
-    """Modules (1×1 expand if e > 1, k×k depthwise, 1×1 project, 2×2 ceil pool), GAP, linear."""
-    macs = 0
-    for ch, k, e, pool in modules:
-        mid = cin * e
-        macs += _conv(cin, mid, 1, h)[0] if e > 1 else 0
-        macs += _conv(mid, mid, k, h, groups=mid)[0] + _conv(mid, ch, 1, h)[0]
-        h = -(-h // 2) if pool else h
-        cin = ch
-    return macs + _linear(cin, classes)
-
-
-def _hand_segments(depth, k, e, exits, resolution, classes=10, in_channels=3):
-    """Every segment's MACs of uniform_arch(depth, k, e, exits={pos: modules}) at width 1.0."""
-    seg = {}
-    m, h = _conv(in_channels, 16, 3, resolution, stride=2)
-    m2, h = _block(16, 16, 3, 1, 1, False, h)
-    seg["stem"] = m + m2
-    cin = 16
-    for s, (cout, stride, se) in enumerate(zip((24, 40, 80, 112, 160), (2, 2, 2, 1, 2),
-                                               (False, True, False, True, True)), start=1):
-        macs = 0
-        for b in range(depth):
-            m, h = _block(cin, cout, k, e, stride if b == 0 else 1, se, h)
-            macs, cin = macs + m, cout
-        seg[f"stage{s}"] = macs
-        if s in exits:
-            seg[f"exit{s}"] = _exit_branch(cout, exits[s], h, classes)
-    seg["head"] = _conv(160, 960, 1, h)[0] + _conv(960, 1280, 1, 1)[0] + _linear(1280, classes)
-    return seg
+# The per-layer formulas (what ptflops' aten backend counts) are aebnas.reference's; width
+# 1.0 throughout: stem 16, first block 16, stages 24/40/80/112/160 with strides 2/2/2/1/2, SE
+# in stages 2, 4, 5, head 960 → 1280.
 
 
 def _arch(depth, k, e, exits, resolution, **kwargs):
@@ -80,10 +19,6 @@ def _arch(depth, k, e, exits, resolution, **kwargs):
     return uniform_arch(depth, k, e, exits=tuple(exits), resolution=resolution,
                         exit_module=ExitModuleConfig(*mods[0]),
                         second_module=ExitModuleConfig(*mods[1]) if len(mods) > 1 else None, **kwargs)
-
-
-def _mmacs(macs):
-    return {name: v / 1e6 for name, v in macs.items()}
 
 
 def test_stem_exit_and_head_by_hand():
@@ -111,7 +46,7 @@ def test_stem_exit_and_head_by_hand():
     # more than 10%, so 24; each SE conv is biased and runs on the pooled 1×1 map.
     se = (24 * 72 + 24) + (72 * 24 + 72)
     stage2_block0 = 8 * 8 * 72 * 24 + 4 * 4 * 72 * 9 + se + 4 * 4 * 40 * 72
-    assert _block(24, 40, 3, 3, 2, True, 8) == (stage2_block0, 4)
+    assert block_macs(24, 40, 3, 3, 2, True, 8) == (stage2_block0, 4)
 
 
 @pytest.mark.parametrize("depth, k, e, exits, resolution, kwargs", [
@@ -124,9 +59,7 @@ def test_stem_exit_and_head_by_hand():
 ])
 def test_whole_network_by_hand(depth, k, e, exits, resolution, kwargs):
     arch = _arch(depth, k, e, exits, resolution, **kwargs)
-    hand = _mmacs(_hand_segments(depth, k, e, exits, resolution,
-                                 classes=kwargs.get("num_classes", 10),
-                                 in_channels=kwargs.get("in_channels", 3)))
+    hand = analytic_segment_macs(arch)
     seg = segment_macs(arch)
     assert seg.keys() == hand.keys()
     for name in hand:
@@ -140,7 +73,7 @@ def test_first_exit_cost_by_hand():
     """C_1 = stem + stage 1 + branch 1; final = everything (all exits active)."""
     exits = {1: [(8, 3, 1, 1)], 3: [(8, 3, 1, 1)]}
     arch = _arch(2, 3, 3, exits, 32)
-    hand = _mmacs(_hand_segments(2, 3, 3, exits, 32))
+    hand = analytic_segment_macs(arch)
     c = exit_costs(arch).cumulative()
     assert c[0] == pytest.approx(hand["stem"] + hand["stage1"] + hand["exit1"], rel=1e-9)
     assert c[1] == pytest.approx(hand["stem"] + hand["stage1"] + hand["stage2"] + hand["stage3"]

@@ -1,6 +1,6 @@
 """Tests for aebnas/exit_policy.py: confidences, exit simulation, threshold tuning, artifacts.
 
-The vectorized functions are checked against plain per-sample Python loops.
+The vectorized functions are checked against plain per-sample Python loops (aebnas.reference).
 """
 
 import itertools
@@ -28,6 +28,7 @@ from aebnas.exit_policy import (
     tune_thresholds,
 )
 from aebnas.nn import EarlyExitNet
+from aebnas.reference import loop_costs, loop_simulate, loop_tune_thresholds
 from aebnas.train import evaluate, recalibrate_bn
 
 COSTS = ExitCosts(backbone=[1.0, 2.5, 4.0, 9.0], branch=[0.2, 0.3, 0.5])
@@ -43,35 +44,6 @@ def _outputs(seed=0, exits=3, n=400, classes=10):
     # Confident when right, a little more often than not.
     confidence = np.clip(rng.random((exits + 1, n)) * 0.8 + 0.2 * right, 0, 1).astype(np.float32)
     return ExitOutputs(confidence, prediction, labels)
-
-
-def _loop_costs(costs, thresholds):
-    """C_i by hand: backbone to i + every active branch up to i; final: all active branches."""
-    e = len(thresholds)
-    active = [t < 1.0 for t in thresholds]
-    c = []
-    for i in range(e):
-        c.append(costs.backbone[i] + sum(costs.branch[j] for j in range(i) if active[j]) + costs.branch[i])
-    c.append(costs.backbone[e] + sum(costs.branch[j] for j in range(e) if active[j]))
-    return c
-
-
-def _loop_simulate(outputs, thresholds, costs):
-    """(exit per sample, accuracy %, utilization, avg MMACs) by a per-sample loop."""
-    e, n = outputs.num_exits, outputs.num_samples
-    idx, right = [], 0
-    for s in range(n):
-        taken = e
-        for j in range(e):
-            if thresholds[j] < 1.0 and outputs.confidence[j, s] >= thresholds[j]:
-                taken = j
-                break
-        idx.append(taken)
-        right += int(outputs.prediction[taken, s] == outputs.labels[s])
-    c = _loop_costs(costs, thresholds)
-    util = [idx.count(j) / n for j in range(e + 1)]
-    avg = sum(c[j] for j in idx) / n
-    return idx, 100.0 * right / n, util, avg
 
 
 def _random_thresholds(rng, outputs, k):
@@ -124,14 +96,14 @@ def test_simulate_equals_a_per_sample_loop(seed):
     outputs = _outputs(seed)
     rng = np.random.default_rng(100 + seed)
     for th in _random_thresholds(rng, outputs, 20):
-        idx, acc, util, avg = _loop_simulate(outputs, list(th), COSTS)
+        idx, acc, util, avg = loop_simulate(outputs, list(th), COSTS)
         sim = simulate(outputs, th, COSTS)
         assert sim.exit_index.tolist() == idx
         assert np.array_equal(exit_index(outputs, th), sim.exit_index)
         assert sim.accuracy == pytest.approx(acc, abs=1e-9)
         np.testing.assert_allclose(sim.utilization, util, atol=1e-12)
         assert sim.avg_macs == pytest.approx(avg, rel=1e-12)
-        np.testing.assert_allclose(sim.costs, _loop_costs(COSTS, th), rtol=1e-12)
+        np.testing.assert_allclose(sim.costs, loop_costs(COSTS, th), rtol=1e-12)
         for j in range(4):
             taken = [s for s in range(outputs.num_samples) if idx[s] == j]
             if taken:
@@ -177,7 +149,7 @@ def test_simulate_many_equals_the_loop(monkeypatch, chunk_elements):
     acc, avg, util = simulate_many(outputs, vectors, COSTS)
     assert acc.shape == avg.shape == (60,) and util.shape == (60, 4)
     for k, th in enumerate(vectors):
-        _, loop_acc, loop_util, loop_avg = _loop_simulate(outputs, list(th), COSTS)
+        _, loop_acc, loop_util, loop_avg = loop_simulate(outputs, list(th), COSTS)
         assert acc[k] == pytest.approx(loop_acc, abs=1e-9)
         assert avg[k] == pytest.approx(loop_avg, rel=1e-12)
         np.testing.assert_allclose(util[k], loop_util, atol=1e-12)
@@ -213,29 +185,12 @@ def test_threshold_score_formula():
         threshold_score(80.0, 8.0, 0.0)
 
 
-def _brute_force(outputs, costs, target, budget=None, grid=PAPER_GRID, lam=0.1):
-    """Best vector by an explicit loop over itertools.product (first one wins a tie)."""
-    best = None
-    results = []
-    for th in itertools.product(grid, repeat=outputs.num_exits):
-        _, acc, _, avg = _loop_simulate(outputs, list(th), costs)
-        results.append((th, acc, avg))
-    fits = [r for r in results if budget is None or r[2] <= budget + 1e-9]
-    if not fits:
-        cheapest = min(r[2] for r in results)
-        fits = [r for r in results if r[2] == cheapest]
-    for th, acc, avg in fits:
-        score = acc - lam * 100 * abs(avg - target) / target
-        if best is None or score > best[1]:
-            best = (list(th), score, avg)
-    return best
-
-
 @pytest.mark.parametrize("target", [2.0, 4.0, 7.0])
 def test_tune_thresholds_finds_the_brute_force_optimum(target):
     outputs = _outputs(seed=11, n=250)
     tuned = tune_thresholds(outputs, COSTS, target_macs=target)
-    th, score, _ = _brute_force(outputs, COSTS, target)
+    ref = loop_tune_thresholds(outputs, COSTS, target)
+    th, score = ref.thresholds, ref.score
     assert tuned.thresholds == th
     assert tuned.score == pytest.approx(score, abs=1e-9)
     assert tuned.result.thresholds == th
@@ -248,12 +203,14 @@ def test_tune_thresholds_with_a_budget_matches_brute_force():
     free = tune_thresholds(outputs, COSTS, target_macs=8.0)
     budget = free.result.avg_macs * 0.6
     tuned = tune_thresholds(outputs, COSTS, target_macs=8.0, budget_macs=budget)
-    th, score, avg = _brute_force(outputs, COSTS, 8.0, budget=budget)
+    ref = loop_tune_thresholds(outputs, COSTS, 8.0, budget_macs=budget)
+    th, score = ref.thresholds, ref.score
     assert tuned.thresholds == th and tuned.score == pytest.approx(score, abs=1e-9)
     assert tuned.result.avg_macs <= budget < free.result.avg_macs
     # No vector fits: the cheapest vector is returned.
     impossible = tune_thresholds(outputs, COSTS, target_macs=8.0, budget_macs=0.1)
-    th, score, avg = _brute_force(outputs, COSTS, 8.0, budget=0.1)
+    ref = loop_tune_thresholds(outputs, COSTS, 8.0, budget_macs=0.1)
+    th, avg = ref.thresholds, ref.avg_macs
     assert impossible.thresholds == th and impossible.result.avg_macs == pytest.approx(avg)
     assert avg == pytest.approx(simulate_many(outputs, threshold_grid(3), COSTS)[1].min())
 
@@ -263,14 +220,15 @@ def test_tune_thresholds_on_a_custom_grid():
     costs = ExitCosts(backbone=[1, 2, 3, 4, 8], branch=[0.1, 0.1, 0.2, 0.2])
     grid = (0.3, 0.6, 0.9, 1.0)
     tuned = tune_thresholds(outputs, costs, target_macs=3.0, grid=grid, lam=0.3)
-    th, score, _ = _brute_force(outputs, costs, 3.0, grid=grid, lam=0.3)
+    ref = loop_tune_thresholds(outputs, costs, 3.0, grid=grid, lam=0.3)
+    th, score = ref.thresholds, ref.score
     assert tuned.thresholds == th and tuned.score == pytest.approx(score, abs=1e-9)
 
 
 def test_oracle_equals_a_loop():
     outputs = _outputs(seed=21, n=300)
     e = outputs.num_exits
-    c = _loop_costs(COSTS, [0.5] * e)  # all exits active
+    c = loop_costs(COSTS, [0.5] * e)  # all exits active
     idx, right = [], 0
     for s in range(outputs.num_samples):
         ok = [j for j in range(e + 1) if outputs.prediction[j, s] == outputs.labels[s]]
