@@ -18,7 +18,7 @@ import pathlib
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ _TORCHVISION_LAYOUT = {
     "svhn": "DATA_DIR/train_32x32.mat + DATA_DIR/test_32x32.mat",
 }
 _NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
+SPLITS = ("train", "val", "test")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -49,7 +50,8 @@ class DatasetNotFoundError(FileNotFoundError):
 class Dataset:
     """Three splits as numpy arrays: x uint8 (N, C, H, W) C-contiguous, y int64 (N,).
 
-    Arrays that came through Ray's object store are read-only views of it.
+    Arrays that came through Ray's object store are read-only views of it. :meth:`split`
+    caches each split's tensors per device on the instance; the cache is never pickled.
     """
 
     name: str
@@ -65,6 +67,37 @@ class Dataset:
     hflip: bool
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    _tensors: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def split(self, name: str, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split ``name`` ("train", "val" or "test") as tensors (x uint8 NCHW, y int64) on ``device``.
+
+        Made once per (split, device) and cached on this instance, so a trial's training,
+        calibration and evaluation loaders share one device copy; on CPU the tensors share
+        memory with the numpy arrays (no copy at all).
+        """
+        if name not in SPLITS:
+            raise ValueError(f"split={name!r} is not one of {SPLITS}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one copy
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (name, device)
+        if key not in self._tensors:
+            x = _as_tensor(getattr(self, f"x_{name}")).to(device)
+            y = _as_tensor(getattr(self, f"y_{name}")).to(device, dtype=torch.int64)
+            self._tensors[key] = (x, y)
+        return self._tensors[key]
+
+    def __getstate__(self) -> dict:
+        # Device tensors are per process; pickling them would ship the data twice (or to a
+        # node without that device).
+        return {k: v for k, v in self.__dict__.items() if k != "_tensors"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tensors = {}
 
     def summary(self) -> str:
         """One line: name, split sizes, number of classes and image shape (C×H×W)."""
@@ -502,12 +535,14 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         seed: int = 0,
     ) -> BatchLoader:
-        """A loader over ``data``'s ``split`` ("train", "val" or "test") with its mean/std/hflip."""
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split={split!r} is not one of ('train', 'val', 'test')")
+        """A loader over ``data``'s ``split`` ("train", "val" or "test") with its mean/std/hflip.
+
+        Uses the device tensors cached by :meth:`Dataset.split`: loaders of one split share them.
+        """
+        x, y = data.split(split, device)
         return cls(
-            getattr(data, f"x_{split}"),
-            getattr(data, f"y_{split}"),
+            x,
+            y,
             batch_size=batch_size,
             resolution=resolution,
             mean=data.mean,

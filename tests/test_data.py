@@ -455,3 +455,38 @@ def test_loader_takes_numpy_and_tensors_alike():
     with pytest.raises(ValueError, match="one label per image"):
         BatchLoader(x.numpy(), np.arange(9), batch_size=4, resolution=32, mean=(0, 0, 0), std=(1, 1, 1),
                     train=True)
+
+
+# --------------------------------------------------------------------------- device tensors, once
+
+
+def test_split_tensors_are_made_once_and_not_pickled():
+    data = load_dataset("cifar10-subset")  # its own instance: the cache belongs to the instance
+    pickled_size = len(pickle.dumps(data))
+    x, y = data.split("train", "cpu")
+    assert x.dtype == torch.uint8 and tuple(x.shape) == data.x_train.shape and y.dtype == torch.int64
+    assert x.data_ptr() == data.x_train.ctypes.data and y.tolist() == data.y_train.tolist()  # CPU: no copy
+    again = data.split("train", torch.device("cpu"))
+    assert again[0] is x and again[1] is y
+    assert tuple(data.split("test", "cpu")[0].shape) == data.x_test.shape
+    train = BatchLoader.for_split(data, "train", batch_size=64, resolution=32, train=True)
+    calib = BatchLoader.for_split(data, "train", batch_size=64, resolution=32, train=False)
+    assert train.x is x and calib.x is x and train.y is y
+    assert repr(data) == f"Dataset({data.summary()})"
+    # The cached tensors are not pickled (they would double what Ray ships): same size as before.
+    assert len(pickle.dumps(data)) == pickled_size
+    clone = pickle.loads(pickle.dumps(data))
+    assert clone.split("train", "cpu")[0] is not x and np.array_equal(clone.x_train, data.x_train)
+    with pytest.raises(ValueError, match="split='valid'"):
+        data.split("valid", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_on_cuda_is_one_copy():
+    data = load_dataset("cifar10-subset")
+    x, y = data.split("train", "cuda")
+    assert x.device.type == "cuda" and data.split("train", torch.device("cuda", torch.cuda.current_device()))[0] is x
+    train = BatchLoader.for_split(data, "train", batch_size=64, resolution=32, train=True, device="cuda")
+    calib = BatchLoader.for_split(data, "train", batch_size=64, resolution=32, train=False, device="cuda")
+    assert train.x.data_ptr() == calib.x.data_ptr() == x.data_ptr()
+    assert torch.equal(x.cpu(), torch.from_numpy(data.x_train)) and torch.equal(y.cpu(), torch.from_numpy(data.y_train))
