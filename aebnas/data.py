@@ -426,6 +426,11 @@ def _npz_classes(path: pathlib.Path, classes: np.ndarray) -> list[str]:
 # --------------------------------------------------------------------------- batches
 
 
+def _require_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
 def _is_uint8(a: np.ndarray | torch.Tensor) -> bool:
     return a.dtype == (torch.uint8 if isinstance(a, torch.Tensor) else np.uint8)
 
@@ -491,14 +496,10 @@ class BatchLoader:
             raise ValueError(f"y has dtype {y.dtype}; expected integer class labels")
         if len(x) == 0:
             raise ValueError("x has no images; expected at least one")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
-            raise ValueError(f"resolution={resolution!r} must be an int >= 8")
-        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
-            raise ValueError(f"crop_padding={crop_padding!r} must be an int >= 0")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r} must be an int >= 0")
+        _require_int("batch_size", batch_size, 1)
+        _require_int("resolution", resolution, 8)
+        _require_int("crop_padding", crop_padding, 0)
+        _require_int("seed", seed, 0)
         channels = x.shape[1]
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != channels or len(std) != channels:
@@ -604,3 +605,41 @@ class BatchLoader:
                 x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=False
             )
         return x
+
+
+def calibration_loader(
+    data: Dataset,
+    *,
+    resolution: int,
+    batch_size: int,
+    num_batches: int,
+    seed: int,
+    device: str | torch.device,
+) -> BatchLoader:
+    """A loader over a fixed random sample of training images, for BatchNorm recalibration.
+
+    The sample is ``min(num_batches * batch_size, n_train)`` images (one batch's worth when
+    ``num_batches`` is 0, so a caller can build it unconditionally) chosen by a permutation
+    seeded with ``seed`` and served in that shuffled order without augmentation: the same
+    images on every call with the same seed, and a mix of classes whatever the file order
+    (the first batches of a class-sorted file hold one class). It is indexed once from the
+    cached device tensors of :meth:`Dataset.split`. Returns a :class:`BatchLoader` with
+    ``train=False`` of ``ceil(sample / batch_size)`` batches.
+    """
+    _require_int("num_batches", num_batches, 0)
+    _require_int("batch_size", batch_size, 1)
+    _require_int("seed", seed, 0)
+    x, y = data.split("train", device)
+    size = min(max(num_batches, 1) * batch_size, len(y))
+    sample = torch.from_numpy(np.random.default_rng(seed).permutation(len(y))[:size]).to(x.device)
+    return BatchLoader(
+        x[sample],
+        y[sample],
+        batch_size=batch_size,
+        resolution=resolution,
+        mean=data.mean,
+        std=data.std,
+        train=False,
+        hflip=data.hflip,
+        device=device,
+    )

@@ -16,6 +16,7 @@ from aebnas.data import (
     BatchLoader,
     Dataset,
     DatasetNotFoundError,
+    calibration_loader,
     embedded_dataset_path,
     load_dataset,
 )
@@ -490,3 +491,66 @@ def test_split_on_cuda_is_one_copy():
     calib = BatchLoader.for_split(data, "train", batch_size=64, resolution=32, train=False, device="cuda")
     assert train.x.data_ptr() == calib.x.data_ptr() == x.data_ptr()
     assert torch.equal(x.cpu(), torch.from_numpy(data.x_train)) and torch.equal(y.cpu(), torch.from_numpy(data.y_train))
+
+
+# --------------------------------------------------------------------------- BatchNorm calibration sample
+
+
+@pytest.fixture(scope="module")
+def class_sorted(tmp_path_factory):
+    """The embedded subset with its training images sorted by label (as some files come)."""
+    with np.load(embedded_dataset_path()) as z:
+        arrays = {k: z[k] for k in z.files}
+    order = np.argsort(arrays["y_train"], kind="stable")
+    arrays["x_train"], arrays["y_train"] = arrays["x_train"][order], arrays["y_train"][order]
+    path = tmp_path_factory.mktemp("sorted") / "cifar_sorted.npz"
+    np.savez(path, **arrays)
+    return load_dataset(str(path), val_size=500)
+
+
+def _calibration(data, **kw):
+    kw = {"resolution": 32, "batch_size": 128, "num_batches": 10, "seed": 0, "device": "cpu", **kw}
+    return calibration_loader(data, **kw)
+
+
+def test_calibration_sample_does_not_follow_file_order(class_sorted):
+    in_file_order = next(iter(BatchLoader.for_split(class_sorted, "train", batch_size=128, resolution=32,
+                                                    train=False)))[1]
+    assert len(set(in_file_order.tolist())) == 1  # what calibrating on the first batches used to see
+    loader = _calibration(class_sorted)
+    first = next(iter(loader))[1]
+    assert len(set(first.tolist())) >= 5
+    # nothing else in data.py keeps the file's class order: validation and training batches mix classes
+    assert len(set(class_sorted.y_val.tolist())) == 10
+    train_batch = next(iter(BatchLoader.for_split(class_sorted, "train", batch_size=128, resolution=32, train=True)))
+    assert len(set(train_batch[1].tolist())) >= 5
+
+
+def test_calibration_sample_is_fixed_by_the_seed(class_sorted):
+    loader = _calibration(class_sorted)
+    batches = list(loader)
+    assert len(loader) == 10 and [len(lab) for _, lab in batches] == [128] * 10 and loader.train is False
+    again = list(_calibration(class_sorted))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    other = next(iter(_calibration(class_sorted, seed=1)))
+    assert not torch.equal(other[1], batches[0][1])
+    # distinct training images, each with its own label, normalised without augmentation
+    train = {(img.tobytes(), int(lab)) for img, lab in zip(class_sorted.x_train, class_sorted.y_train)}
+    sample = [(img.numpy().tobytes(), int(lab)) for img, lab in zip(loader.x, loader.y)]
+    assert len(set(sample)) == 1280 and set(sample) <= train
+    mean = torch.tensor(class_sorted.mean).view(1, 3, 1, 1)
+    std = torch.tensor(class_sorted.std).view(1, 3, 1, 1)
+    expected = (loader.x[:128].double() / 255 - mean) / std
+    assert torch.allclose(batches[0][0], expected.float(), atol=1e-5)
+
+
+def test_calibration_sample_size(class_sorted):
+    n_train = len(class_sorted.y_train)
+    everything = _calibration(class_sorted, batch_size=1000, num_batches=5)
+    assert len(everything.y) == n_train and sorted(everything.y.tolist()) == sorted(class_sorted.y_train.tolist())
+    assert [len(lab) for _, lab in everything] == [1000, 1000, 1000, n_train - 3000]
+    assert len(_calibration(class_sorted, num_batches=0)) == 1  # recalibrate_bn(..., 0) uses none of it
+    for bad, message in (({"num_batches": -1}, "num_batches=-1"), ({"seed": -2}, "seed=-2"),
+                         ({"batch_size": 0}, "batch_size=0")):
+        with pytest.raises(ValueError, match=message):
+            _calibration(class_sorted, **bad)
