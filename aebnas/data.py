@@ -132,8 +132,9 @@ def load_dataset(
     ``download`` is true. ``cifar10-subset`` is the embedded file
     (:func:`embedded_dataset_path`) and ignores ``data_dir`` and ``download``. An ``.npz``
     file needs keys ``x_train``, ``y_train``, ``x_test``, ``y_test`` (optional
-    ``classes``), images uint8 NHWC or NHW; a relative path that does not exist is also
-    looked for under ``data_dir``.
+    ``classes``), images uint8 NHWC or NHW, labels 0-based class ids; without ``classes``
+    every id in 0..max label must occur in ``y_train``. A relative path that does not
+    exist is also looked for under ``data_dir``.
 
     The validation split is ``val_size`` images (default :data:`DEFAULT_VAL_SIZE`) drawn
     by a permutation seeded with ``seed``; both splits keep the original order.
@@ -340,7 +341,7 @@ def _from_npz(path: pathlib.Path, name: str, val_size: int | None, seed: int) ->
     if "classes" in arrays:
         classes = _npz_classes(path, arrays["classes"])
     else:
-        classes = [str(i) for i in range(int(max(y_full.max(), y_test.max())) + 1)]
+        classes = _classes_from_labels(path, y_full, y_test)
     for key, y in (("y_train", y_full), ("y_test", y_test)):
         if int(y.max()) >= len(classes):
             raise ValueError(
@@ -412,6 +413,26 @@ def _npz_labels(path: pathlib.Path, key: str, y: np.ndarray, n_images: int) -> n
     if y.min() < 0:
         raise ValueError(f"{path}: {key} has negative label {y.min()}; expected labels >= 0")
     return y.astype(np.int64)
+
+
+def _classes_from_labels(path: pathlib.Path, y_train: np.ndarray, y_test: np.ndarray) -> list[str]:
+    """Class names "0".."K-1" for a file without a classes key; every id must occur in y_train.
+
+    Without names, every id up to the largest label becomes a class: an id no training
+    image has is almost always a labelling mistake (1-based labels, a class dropped), and
+    it would add a class the network can never learn.
+    """
+    top = int(max(y_train.max(), y_test.max()))
+    unused = np.flatnonzero(np.bincount(y_train, minlength=top + 1) == 0)
+    if len(unused):
+        shown = ", ".join(str(i) for i in unused[:10]) + (f", … ({len(unused)} ids)" if len(unused) > 10 else "")
+        hint = "The labels look 1-based: subtract 1. " if unused.tolist() == [0] else ""
+        raise ValueError(
+            f"{path}: y_train never uses label(s) {shown} of 0..{top}; without a 'classes' key every id "
+            f"in 0..{top} becomes a class. {hint}Renumber the labels to 0..K-1, or add a 'classes' key "
+            "naming every class (then a class may be absent from the training split)"
+        )
+    return [str(i) for i in range(top + 1)]
 
 
 def _npz_classes(path: pathlib.Path, classes: np.ndarray) -> list[str]:

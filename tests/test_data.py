@@ -270,6 +270,40 @@ def test_npz_invalid(tmp_path, corrupt, key):
     assert str(path) in str(err.value) and key in str(err.value)
 
 
+def _unnamed(arrays, y_train, y_test):
+    """``arrays`` without a classes key, with these labels."""
+    arrays = {k: v for k, v in arrays.items() if k != "classes"}
+    return {**arrays, "y_train": np.asarray(y_train), "y_test": np.asarray(y_test)}
+
+
+def test_npz_one_based_labels_are_refused(tmp_path):
+    path = tmp_path / "one_based.npz"
+    np.savez(path, **_unnamed(_npz_arrays(), np.arange(30) % 3 + 1, [1, 2, 3, 3, 2]))  # e.g. SVHN's 1..10
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path))
+    message = str(err.value)
+    assert str(path) in message and "y_train never uses label(s) 0 of 0..3" in message
+    assert "labels look 1-based: subtract 1" in message and "'classes' key" in message
+
+
+def test_npz_label_gap_is_refused(tmp_path):
+    path = tmp_path / "gap.npz"
+    np.savez(path, **_unnamed(_npz_arrays(), np.arange(30) % 3 * 2, [0, 2, 4, 4, 6]))  # 0, 2, 4 (6: test only)
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path))
+    message = str(err.value)
+    assert str(path) in message and "y_train never uses label(s) 1, 3, 5, 6 of 0..6" in message
+    assert "1-based" not in message and "'classes' key naming every class" in message
+
+
+def test_npz_unused_labels_are_allowed_when_classes_names_them(tmp_path):
+    arrays = _unnamed(_npz_arrays(), np.arange(30) % 3 + 1, [1, 2, 3, 3, 2])
+    np.savez(tmp_path / "named.npz", **arrays, classes=np.array(["none", "cat", "dog", "fox"]))
+    data = load_dataset(str(tmp_path / "named.npz"))
+    assert data.num_classes == 4 and data.classes[0] == "none"
+    assert sorted(set(np.concatenate([data.y_train, data.y_val]).tolist())) == [1, 2, 3]
+
+
 def test_npz_missing_file(tmp_path):
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("nowhere.npz", data_dir=tmp_path)
