@@ -1,19 +1,23 @@
 """``aebnas`` command line: ``search | analyze | retrain | export | predict | info``.
 
-``info`` lives here; the other modules register theirs in a ``CLI_COMMANDS`` dict
-(``aebnas.experiment``, ``aebnas.deploy``, and ``analysis``, looked up by name at run time
-so that the library never imports the analysis package).
+All the wiring is here: each command's flags and the call it makes. A command imports
+its module only when it runs, so ``aebnas predict`` needs torch alone (no Ray), and
+``analyze`` reaches the ``analysis`` package by name (the library never imports it); an
+import that fails is shown as it is, not hidden.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import ArchConfig, is_arch_key
+from .settings import SETTING_KEYS
 
 
 class UsageError(Exception):
@@ -31,8 +35,6 @@ def read_arch_json(path: str | Path) -> ArchConfig:
         raise UsageError(f"{p}: not valid JSON ({exc})") from None
     if not isinstance(flat, dict):
         raise UsageError(f"{p}: expected a JSON object of flat config keys, got {type(flat).__name__}")
-    from .trainable import SETTING_KEYS  # training settings travel in the same flat dict
-
     unknown = sorted(k for k in flat if not is_arch_key(k) and k not in SETTING_KEYS)
     if unknown:
         raise UsageError(f"{p}: unknown key(s) {unknown}: neither architecture keys (see aebnas.config) "
@@ -45,7 +47,7 @@ def read_arch_json(path: str | Path) -> ArchConfig:
 
 def arch_info(arch: ArchConfig) -> dict[str, Any]:
     """Costs (MMACs) and size of ``arch``: C_i per exit with every exit active, static MMACs, parameters."""
-    from .cost import exit_costs, param_count, segment_macs
+    from .cost import exit_costs, param_count, segment_macs  # ptflops: only for this command
 
     costs = exit_costs(arch)
     cum = costs.cumulative()
@@ -77,48 +79,140 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands: name → (help, add_arguments, run). Other modules register theirs here.
+# ----------------------------------------------------------------- commands
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="JSON file with a flat trial config (a trial's arch.json)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+def _add_search(p: argparse.ArgumentParser) -> None:
+    from .experiment import Experiment, add_arguments
+
+    add_arguments(p, Experiment())
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .experiment import Experiment, experiment_from_args, run_cli
+
+    return run_cli(experiment_from_args(args, Experiment()))
+
+
+def _add_retrain(p: argparse.ArgumentParser) -> None:
+    from .retrain import DEFAULT_EPOCHS
+
+    p.add_argument("experiment_dir", help="experiment directory of a search (STORAGE_PATH/NAME, or its URI)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", help="trial to retrain: directory name (trial_…), trial id or a unique end of it")
+    which.add_argument("--best", action="store_true", help="retrain the trial with the best validation score "
+                       "at --target-macs")
+    p.add_argument("--target-macs", type=float, help="target average MMACs for ranking and threshold tuning "
+                   "(default: the experiment's)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default: %(default)s)")
+    p.add_argument("--out", help="run directory (default: EXPERIMENT_DIR/retrain_TRIAL); rerun to resume")
+    p.add_argument("--data-dir", help="where the dataset is, if not where the search found it")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
+                   help="download the dataset with torchvision if missing (default: as the search)")
+    p.add_argument("--batch-size", type=int, help="default: the trial's")
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: the trial's)")
+    p.add_argument("--seed", type=int, help="seed of initial weights and batch order (default: the trial's; "
+                   "the train/val split is always the search's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 …")
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from .retrain import RetrainRequest, retrain
+    from .train import NonFiniteLossError
+
+    req = RetrainRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RetrainRequest)})
+    try:
+        retrain(req)
+    except NonFiniteLossError as exc:
+        print(f"aebnas retrain: error: {exc}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last finished epoch is saved: run the same command again to resume", flush=True)
+        return 130
+    return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by `aebnas retrain`")
+    p.add_argument("--out", required=True, help="TorchScript file to write (model.json goes next to it)")
+    p.add_argument("--target-macs", type=float,
+                   help="re-tune the thresholds on the run's validation outputs for this target (MMACs)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    if args.target_macs is not None and not args.target_macs > 0:
+        raise UsageError(f"--target-macs={args.target_macs} must be > 0 (MMACs)")
+    export(args.run_dir, args.out, target_macs=args.target_macs)
+    return 0
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="TorchScript file written by `aebnas export`")
+    p.add_argument("images", nargs="+", help="PNG or JPEG files")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .export import format_prediction, predict
+
+    predictions = predict(args.model, args.images)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=1))
+    else:
+        for p in predictions:
+            print(format_prediction(p))
+    return 0
+
+
+def _analysis_cli() -> Any:
+    # By name at run time: the analysis package imports aebnas, never the other way round.
+    return importlib.import_module("analysis.__main__")
+
+
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    _analysis_cli().add_arguments(p)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    return _analysis_cli().run(args)
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {
+    "search": ("run a search (same flags as tune_configs/*.py)", _add_search, _cmd_search),
+    "analyze": ("Pareto front, post-hoc thresholds and plots of finished or partial searches", _add_analyze,
+                _cmd_analyze),
+    "retrain": ("train a trial's architecture from scratch for longer, tune its exits, test it",
+                _add_retrain, _cmd_retrain),
+    "export": ("write a run as one TorchScript file with its exits, thresholds and preprocessing",
+               _add_export, _cmd_export),
+    "predict": ("classify image files with an exported model", _add_predict, _cmd_predict),
     "info": ("MACs per exit, static MACs and parameters of an architecture", _add_info, cmd_info),
 }
+"""name → (help, add the command's flags, run it). Flags are added only for the command given."""
 
 
-def _load_command_modules() -> None:
-    import importlib
-
-    for mod in ("aebnas.experiment", "aebnas.deploy"):
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-            continue
-        COMMANDS.update(getattr(module, "CLI_COMMANDS", {}))
-    try:
-        from analysis.__main__ import CLI_COMMANDS as analysis_commands
-    except ModuleNotFoundError:
-        return
-    COMMANDS.update(analysis_commands)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _load_command_modules()
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the command named in ``argv`` gets its flags (and imports its module)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in args if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="aebnas", description="Early-exit network search on Ray Tune (AEBNAS)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(p)
+        if name == chosen:
+            add_args(p)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except UsageError as exc:

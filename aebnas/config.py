@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 
 NUM_STAGES = 5
 EXIT_POSITIONS = (1, 2, 3, 4)
-# Once-for-All MobileNetV3 macro-architecture (see DESIGN.md).
+# Once-for-All MobileNetV3 macro-architecture (see docs/design.md).
 STEM_CHANNELS = 16
 FIRST_BLOCK_CHANNELS = 16
 STAGE_CHANNELS = (24, 40, 80, 112, 160)
@@ -114,6 +114,32 @@ _LIMIT_SETS: dict[str, Allowed] = {
 PAPER_SPACE = SpaceValues()
 
 
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` without losing more than 10%."""
+    min_value = divisor if min_value is None else min_value
+    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """One inverted-residual block as the network builds it (torchvision's ``InvertedResidualConfig``).
+
+    ``stage`` 0 is the fixed first block (part of the stem), 1…5 the searched stages.
+    """
+
+    stage: int
+    in_channels: int
+    out_channels: int
+    kernel: int
+    expansion: int
+    stride: int
+    use_se: bool
+    activation: str
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """One inverted-residual block of a backbone stage."""
@@ -181,6 +207,37 @@ class ArchConfig:
     def num_exits(self) -> int:
         """Number of intermediate exits (the final classifier is not counted)."""
         return len(self.exits)
+
+    # ------------------------------------------------------------------ rows
+    @property
+    def stem_channels(self) -> int:
+        """Output channels of the stem convolution."""
+        return make_divisible(STEM_CHANNELS * self.width_mult)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Output channels of stage 1…5 (also the input channels of the exit after it)."""
+        return tuple(make_divisible(c * self.width_mult) for c in STAGE_CHANNELS)
+
+    @property
+    def head_channels(self) -> tuple[int, int]:
+        """(expand, feature) channels of the head."""
+        # Once-for-All keeps the 1280-wide feature mix unless the width grows.
+        feature = make_divisible(HEAD_FEATURE_CHANNELS * self.width_mult) if self.width_mult > 1.0 \
+            else HEAD_FEATURE_CHANNELS
+        return make_divisible(HEAD_EXPAND_CHANNELS * self.width_mult), feature
+
+    def block_rows(self) -> tuple[BlockRow, ...]:
+        """Every inverted-residual block in order: the first block (stage 0), then each stage's."""
+        first = make_divisible(FIRST_BLOCK_CHANNELS * self.width_mult)
+        rows = [BlockRow(0, self.stem_channels, first, 3, 1, 1, False, "relu")]
+        channels = first
+        for s, (stage, out) in enumerate(zip(self.stages, self.stage_channels)):
+            for b, block in enumerate(stage.blocks):
+                rows.append(BlockRow(s + 1, channels, out, block.kernel, block.expansion,
+                                     STAGE_STRIDES[s] if b == 0 else 1, STAGE_USE_SE[s], STAGE_ACTIVATION[s]))
+                channels = out
+        return tuple(rows)
 
     # ------------------------------------------------------------------ flat dicts
     @classmethod
@@ -392,7 +449,7 @@ def largest_arch(space: SpaceValues = PAPER_SPACE, **kwargs: Any) -> ArchConfig:
 
 
 __all__ = [
-    "Allowed", "SpaceValues", "PAPER_SPACE", "BlockConfig", "StageConfig", "ExitModuleConfig",
+    "Allowed", "SpaceValues", "BlockRow", "make_divisible", "PAPER_SPACE", "BlockConfig", "StageConfig", "ExitModuleConfig",
     "ExitConfig", "ArchConfig", "arch_keys", "is_arch_key", "uniform_arch", "smallest_arch",
     "largest_arch", "NUM_STAGES", "EXIT_POSITIONS",
 ]

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from .cost import ExitCosts
 from .settings import CONFIDENCE_MEASURES, PAPER_GRID, PAPER_LAMBDA
 
 # The authors round any tuned threshold above 0.95 to 1.0 (exit off).
@@ -27,25 +25,6 @@ ROUND_TO_ONE_ABOVE = 0.95
 # Bounds memory: the (vectors × samples) boolean blocks of the per-sample walk, and (÷ 8) the
 # joint histograms of the by-level count.
 _CHUNK_ELEMENTS = 8_000_000
-
-
-def torch_confidence(logits: torch.Tensor, measure: str = "margin") -> torch.Tensor:
-    """Confidence in [0, 1] of each row of ``logits`` (higher = more sure).
-
-    margin: top-1 minus top-2 softmax probability (the paper's score margin);
-    max_prob: top-1 probability; entropy: 1 − H(p)/log(classes).
-    Written so TorchScript compiles it: the exported model uses this very function.
-    """
-    probs = torch.softmax(logits.float(), dim=1)
-    if measure == "margin":
-        top2 = torch.topk(probs, 2, dim=1)[0]
-        return top2[:, 0] - top2[:, 1]
-    if measure == "max_prob":
-        return torch.max(probs, dim=1)[0]
-    if measure == "entropy":
-        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
-        return 1.0 - ent / math.log(logits.shape[1])
-    raise ValueError("confidence='" + measure + "' is not one of ('margin', 'max_prob', 'entropy')")
 
 
 def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
@@ -57,6 +36,51 @@ def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[flo
         if not 0.0 <= t <= 1.0 or math.isnan(t):
             raise ValueError(f"thresholds[{j}]={t} is not in [0, 1] (1.0 disables the exit)")
     return th
+
+
+@dataclass
+class ExitCosts:
+    """Per-exit cost pieces in MMACs; ``cumulative`` turns them into ``C_i``.
+
+    backbone: (E+1,) stem + stages up to each exit's position; the last entry is the whole
+    backbone plus the head. branch: (E,) each exit branch.
+    """
+
+    backbone: np.ndarray
+    branch: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.backbone = np.asarray(self.backbone, dtype=np.float64)
+        self.branch = np.asarray(self.branch, dtype=np.float64)
+        if self.backbone.shape != (self.branch.shape[0] + 1,):
+            raise ValueError(f"backbone {self.backbone.shape} must have one more entry than branch "
+                             f"{self.branch.shape}")
+
+    @property
+    def num_exits(self) -> int:
+        return self.branch.shape[0]
+
+    @property
+    def static_macs(self) -> float:
+        """MMACs of the network without any exit (backbone + head)."""
+        return float(self.backbone[-1])
+
+    def cumulative(self, active: np.ndarray | None = None) -> np.ndarray:
+        """``C_i`` (MMACs) for each exit and the final, shape (..., E+1), given active (..., E)."""
+        e = self.num_exits
+        act = np.ones(e, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+        if act.shape[-1:] != (e,):
+            raise ValueError(f"active must end in a dimension of {e} exits, got shape {act.shape}")
+        paid = act * self.branch                       # branches computed on the way
+        before = np.cumsum(paid, axis=-1) - paid       # active branches strictly before i
+        out = np.empty(act.shape[:-1] + (e + 1,))
+        out[..., :e] = self.backbone[:e] + before + self.branch
+        out[..., e] = self.backbone[e] + paid.sum(axis=-1)
+        return out
+
+    def expected(self, utilization: np.ndarray, active: np.ndarray | None = None) -> float:
+        """Expected MMACs per sample: Σ u_i · C_i."""
+        return float(np.asarray(utilization) @ self.cumulative(active))
 
 
 @dataclass

@@ -12,7 +12,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
+
+from .config import ArchConfig, is_arch_key
+
+# Files a trial directory and a retrain run directory hold.
+ARCH_FILE = "arch.json"               # the flat config: architecture + settings
+CHECKPOINT_FILE = "checkpoint.pt"     # resume state (tensors and plain values only)
+EXIT_OUTPUTS_FILE = "exit_outputs.npz"  # per split: every exit's confidence and prediction, the costs
+MODEL_FILE = "model.pt"               # retrain: final weights and thresholds
+THRESHOLDS_FILE = "thresholds.json"   # retrain: thresholds tuned on validation
+METRICS_FILE = "metrics.json"         # retrain: written last, so its presence says the run is complete
 
 # The paper's threshold grid: 0.1 … 1.0 in steps of 0.15 (7 values); λ = 0.1.
 PAPER_GRID: tuple[float, ...] = tuple(round(0.1 + 0.15 * k, 2) for k in range(7))
@@ -110,3 +120,22 @@ class TrialSettings(TrainSettings):
 
 SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(TrialSettings))
 """Keys of a trial's flat config that are settings, not architecture."""
+
+
+def parse_trial_config(config: Mapping[str, Any]) -> tuple[ArchConfig, TrialSettings]:
+    """Split a trial's flat config into the architecture and the fixed settings.
+
+    Raises ValueError naming any key that is neither (or a bad value).
+    """
+    unknown = sorted(k for k in config if not is_arch_key(k) and k not in SETTING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown trial config key(s) {unknown}; settings are {sorted(SETTING_KEYS)}, "
+                         "architecture keys are described in aebnas.config")
+    arch = ArchConfig.from_flat({k: v for k, v in config.items() if is_arch_key(k)})
+    settings = TrialSettings(**{k: v for k, v in config.items() if k in SETTING_KEYS})
+    return arch, settings
+
+
+def resolved_config(arch: ArchConfig, settings: TrialSettings) -> dict[str, Any]:
+    """The flat config of what a trial actually builds (``arch.json``)."""
+    return {**arch.to_flat(), **settings.to_dict()}

@@ -1,23 +1,48 @@
-"""Training and evaluation of an early-exit network: joint loss, epochs, cached exit outputs."""
+"""Training and evaluation of an early-exit network: joint loss, epochs, cached exit outputs.
+
+:class:`CandidateTraining` is the one training loop and the one evaluation path: a Ray
+Tune trial (``aebnas.trainable``) and ``aebnas retrain`` (``aebnas.retrain``) both run it,
+so a network is trained, BatchNorm-recalibrated and scored the same way in both.
+Nothing here imports Ray.
+"""
 
 from __future__ import annotations
 
 import math
+import pickle
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .exit_policy import ExitOutputs, torch_confidence
-from .settings import TrainSettings
+from .config import ArchConfig
+from .data import BatchLoader, Dataset, calibration_loader
+from .exit_policy import ExitOutputs
+from .nn import EarlyExitNet, torch_confidence
+from .settings import TrainSettings, TrialSettings
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (diverged)."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by aebnas, read without running code (``weights_only=True``).
+
+    Everything aebnas writes holds tensors and plain values only; a file carrying pickled
+    Python objects could execute code when loaded, so it is refused with a ValueError.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain values "
+                         f"({first}); aebnas never writes such files, and loading one could run code") from None
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -59,25 +84,43 @@ def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings,
         pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
 
 
+def autocast(device: torch.device, enabled: bool) -> ContextManager[Any]:
+    """Mixed precision on CUDA when ``enabled`` (bfloat16 where supported, else float16); else nothing."""
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                     settings: TrainSettings,
-                    on_batch: Callable[[int, float], None] | None = None) -> dict[str, float]:
+                    on_batch: Callable[[int, float], None] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over ``batches``; returns mean loss, seconds and images/s.
 
-    Raises :class:`NonFiniteLossError` as soon as the loss is NaN or infinite.
+    With ``settings.amp`` on a CUDA model the forward pass runs under :func:`autocast`
+    (``scaler`` scales float16 gradients). Raises :class:`NonFiniteLossError` as soon as
+    the loss is NaN or infinite.
     """
     model.train()
+    device = next(model.parameters()).device
     total, count, images = 0.0, 0, 0
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches):
-        loss = multi_exit_loss(model(x), y, settings.exit_weight, settings.label_smoothing)
+        with autocast(device, settings.amp):
+            loss = multi_exit_loss(model(x), y, settings.exit_weight, settings.label_smoothing)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(f"training loss is {value} at batch {step} (diverged; try a lower lr)")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total += value * len(y)
@@ -95,7 +138,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     """Recompute BatchNorm running statistics as plain averages over training batches.
 
     As Once-for-All does before evaluating a sub-network: after a few epochs the running
-    statistics lag behind the weights. Returns the number of batches used.
+    statistics lag behind the weights. ``batches`` must be a sample of the training split
+    that does not depend on the order of images in a file (``aebnas.data.calibration_loader``).
+    Returns the number of batches used.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or max_batches <= 0:
@@ -135,3 +180,73 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return ExitOutputs(confidence=torch.cat(confs, dim=1).numpy(),
                        prediction=torch.cat(preds, dim=1).numpy(),
                        labels=torch.cat(labels).numpy().astype(np.int64))
+
+
+EVAL_SPLITS = ("val", "test")
+"""The splits a candidate is scored on: thresholds are tuned on val, test only measures."""
+
+
+class CandidateTraining:
+    """One candidate's training run: network, optimiser, schedule and batches of one dataset.
+
+    ``train_epoch()`` trains one epoch; ``evaluate()`` recalibrates BatchNorm on a fixed,
+    seeded, shuffled sample of the training split and returns every exit's outputs on the
+    validation and test splits. ``state_dict()`` / ``load_state_dict()`` hold everything a
+    resumed run needs (weights, optimiser, schedule, epoch, random state), as plain tensors
+    and values (loadable with ``torch.load(weights_only=True)``). The initial weights depend
+    on ``settings.seed`` only.
+    """
+
+    def __init__(self, arch: ArchConfig, settings: TrialSettings, data: Dataset, device: torch.device) -> None:
+        self.arch, self.settings, self.device = arch, settings, device
+        self.train_settings = settings.train_settings()
+        torch.manual_seed(settings.seed)  # before the weights are drawn: with reused actors the RNG carries over
+        self.model = EarlyExitNet(arch, settings.confidence).to(device)
+        self.train_batches = BatchLoader.for_split(data, "train", batch_size=settings.batch_size,
+                                                   resolution=arch.resolution, train=True, device=device,
+                                                   seed=settings.seed)
+        self.calibration = calibration_loader(data, resolution=arch.resolution, batch_size=settings.batch_size,
+                                              num_batches=settings.bn_recalibration_batches, seed=settings.seed,
+                                              device=device)
+        self.eval_batches = {split: BatchLoader.for_split(data, split, batch_size=settings.eval_batch_size,
+                                                          resolution=arch.resolution, train=False, device=device)
+                             for split in EVAL_SPLITS}
+        self.optimizer = make_optimizer(self.model, self.train_settings)
+        self.scheduler = make_scheduler(self.optimizer, self.train_settings, len(self.train_batches))
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=settings.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.epoch = 0
+
+    def train_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> dict[str, float]:
+        """Train epoch ``self.epoch + 1``; returns mean loss, seconds, images/s and the last lr."""
+        self.train_batches.set_epoch(self.epoch)
+        stats = train_one_epoch(self.model, self.train_batches, self.optimizer, self.scheduler,
+                                self.train_settings, on_batch, self.scaler)
+        self.epoch += 1
+        return {**stats, "lr": self.scheduler.get_last_lr()[0]}
+
+    def evaluate(self, splits: Sequence[str] = EVAL_SPLITS) -> dict[str, ExitOutputs]:
+        """Recalibrate BatchNorm, then every exit's outputs on ``splits``."""
+        recalibrate_bn(self.model, self.calibration, self.settings.bn_recalibration_batches)
+        return {split: evaluate(self.model, self.eval_batches[split], self.settings.confidence) for split in splits}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "arch": self.arch.to_flat(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; ValueError if it holds another architecture."""
+        if state.get("arch") is not None and state["arch"] != self.arch.to_flat():
+            raise ValueError("the checkpoint holds another architecture than this run's")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])

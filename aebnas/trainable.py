@@ -3,67 +3,51 @@
 ``train_candidate(config, data)`` builds the network from the trial's flat config,
 trains it, and after every epoch evaluates the validation split, tunes the exit
 thresholds for the target MACs, writes ``arch.json`` and ``exit_outputs.npz`` in the trial
-directory and reports the metric contract (DESIGN.md) with a checkpoint. The last epoch
+directory and reports the metric contract (docs/design.md) with a checkpoint. The last epoch
 adds test metrics with the thresholds tuned on validation. Ray-specific code stays in
 this file; everything it calls runs without Ray.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
+import resource
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from ray import tune
 
-from .config import ArchConfig, is_arch_key
+from .config import ArchConfig
 from .cost import exit_costs
-from .data import BatchLoader, Dataset
+from .data import Dataset
 from .exit_policy import ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
 from .nn import EarlyExitNet
-from .settings import SETTING_KEYS, TrialSettings
-from .train import (NonFiniteLossError, evaluate, make_optimizer, make_scheduler, recalibrate_bn, select_device,
-                    train_one_epoch)
+from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
+                       parse_trial_config, resolved_config)
+from .train import CandidateTraining, NonFiniteLossError, load_checkpoint, select_device
 
 FAILURE_FILE = "failure.json"
-ARCH_FILE = "arch.json"
-EXIT_OUTPUTS_FILE = "exit_outputs.npz"
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class TrialError(RuntimeError):
-    """A trial that cannot succeed (cannot be built, diverged, out of memory).
+    """A trial that failed, with a message saying why."""
 
-    Deterministic: the trial writes ``failure.json`` and a retry fails at once with the
-    same message instead of spending compute on the same failure again.
+
+class CandidateFailure(TrialError):
+    """A failure that is the candidate's own and would repeat: it cannot be built, or its loss diverged.
+
+    Permanent: the trial writes ``failure.json`` (under ``storage_path``) and every retry,
+    including after ``--resume``, fails at once with the same message instead of spending
+    compute on it again. Everything else (out of memory, a lost node, any error of the
+    environment) is not recorded: Ray Tune retries it (``max_failures``) and ``--resume``
+    runs it again.
     """
-
-
-def parse_trial_config(config: Mapping[str, Any]) -> tuple[ArchConfig, TrialSettings]:
-    """Split a trial's flat config into the architecture and the fixed settings.
-
-    Raises ValueError naming any key that is neither (or a bad value).
-    """
-    unknown = sorted(k for k in config if not is_arch_key(k) and k not in SETTING_KEYS)
-    if unknown:
-        raise ValueError(f"unknown trial config key(s) {unknown}; settings are {sorted(SETTING_KEYS)}, "
-                         "architecture keys are described in aebnas.config")
-    arch = ArchConfig.from_flat({k: v for k, v in config.items() if is_arch_key(k)})
-    settings = TrialSettings(**{k: v for k, v in config.items() if k in SETTING_KEYS})
-    return arch, settings
-
-
-def resolved_config(arch: ArchConfig, settings: TrialSettings) -> dict[str, Any]:
-    """The flat config of what a trial actually builds (``arch.json``)."""
-    return {**arch.to_flat(), **settings.to_dict()}
 
 
 def epoch_metrics(arch: ArchConfig, val: ExitOutputs, sim: SimResult, score: float,
@@ -105,8 +89,9 @@ def _stored_failure_file() -> tuple[Any, str] | None:
         return None
 
 
-def _fail(trial_dir: Path, message: str) -> TrialError:
-    record = json.dumps({"error": message, "time": time.time()})
+def _fail(trial_dir: Path, message: str) -> CandidateFailure:
+    """Record a permanent candidate failure (locally and under storage_path); returns the error to raise."""
+    record = json.dumps({"error": message, "permanent": True, "time": time.time()})
     (trial_dir / FAILURE_FILE).write_text(record)
     stored = _stored_failure_file()
     if stored is not None:
@@ -117,22 +102,31 @@ def _fail(trial_dir: Path, message: str) -> TrialError:
                 f.write(record.encode())
         except OSError:  # the local record still stops retries on this node
             pass
-    return TrialError(message)
+    return CandidateFailure(message)
+
+
+def _read_failure(text: str | bytes) -> str | None:
+    """The message of a permanent failure record (aebnas 0.1 also recorded out-of-memory: retried now)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record["error"] if isinstance(record, dict) and record.get("permanent") else None
 
 
 def _previous_failure(trial_dir: Path) -> str | None:
-    """The error of an earlier attempt of this trial that failed deterministically, if any."""
+    """The error of an earlier attempt of this trial that failed permanently, if any."""
     local = trial_dir / FAILURE_FILE
     if local.exists():
-        return json.loads(local.read_text())["error"]
+        return _read_failure(local.read_text())
     stored = _stored_failure_file()
     if stored is None:
         return None
     fs, path = stored
     try:
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())["error"]
-    except (OSError, ValueError):  # not there (pyarrow raises FileNotFoundError, an OSError)
+            return _read_failure(f.read())
+    except OSError:  # not there (pyarrow raises FileNotFoundError, an OSError)
         return None
 
 
@@ -144,9 +138,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
-def _out_of_memory(trial_dir: Path, when: str, exc: BaseException) -> TrialError:
-    return _fail(trial_dir, f"{when}: out of memory ({type(exc).__name__}: {exc}); "
-                 "lower batch_size or resolution, or give each trial more memory")
+def _out_of_memory(when: str, exc: BaseException) -> TrialError:
+    """Not permanent: memory may be taken by a neighbour (another trial on a shared GPU)."""
+    return TrialError(f"{when}: out of memory ({type(exc).__name__}: {exc}); retried by Ray Tune "
+                      "(max_failures) and by --resume; if it repeats, lower batch_size or resolution, "
+                      "or give each trial more memory")
 
 
 def _threads_for_trial() -> int:
@@ -165,83 +161,65 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous_failure(trial_dir)
     if previous is not None:
-        raise TrialError(previous + " (failed before; not retried)")
+        raise CandidateFailure(previous + " (failed before; not retried)")
+    torch.set_num_threads(_threads_for_trial())
     try:
         arch, settings = parse_trial_config(config)
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
-        # Seed before the weights are drawn: with reused actors the global RNG otherwise
-        # carries the previous trial's state, and one candidate scores differently per search.
-        torch.manual_seed(settings.seed)
-        model = EarlyExitNet(arch)
         costs = exit_costs(arch)
-    except (ValueError, RuntimeError, MemoryError) as exc:
-        if _is_out_of_memory(exc):
-            raise _out_of_memory(trial_dir, "building the candidate", exc) from exc
+        device = select_device(settings.device)
+        run = CandidateTraining(arch, settings, data, device)
+    except ValueError as exc:
         raise _fail(trial_dir, f"candidate cannot be built: {exc}") from exc
+    except (RuntimeError, MemoryError) as exc:
+        if _is_out_of_memory(exc):
+            raise _out_of_memory("building the candidate", exc) from exc
+        raise
 
-    torch.set_num_threads(_threads_for_trial())
-    device = select_device(settings.device)
-    model.to(device)
-    ts = settings.train_settings()
-    train_batches = BatchLoader.for_split(data, "train", batch_size=ts.batch_size,
-                                          resolution=arch.resolution, train=True, device=device,
-                                          seed=settings.seed)
-    calib_batches = BatchLoader.for_split(data, "train", batch_size=ts.batch_size,
-                                          resolution=arch.resolution, train=False, device=device)
-    eval_loaders = {split: BatchLoader.for_split(data, split, batch_size=settings.eval_batch_size,
-                                                 resolution=arch.resolution, train=False, device=device)
-                    for split in ("val", "test")}
-    optimizer = make_optimizer(model, ts)
-    scheduler = make_scheduler(optimizer, ts, len(train_batches))
-
-    start_epoch = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        torch.set_rng_state(state["torch_rng"])
+            run.load_state_dict(load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, device))
 
     (trial_dir / ARCH_FILE).write_text(json.dumps(resolved_config(arch, settings), indent=1))
-    static_macs = costs.static_macs
     node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": platform.node(), "pid": os.getpid(),
             "device": str(device)}
 
-    for epoch in range(start_epoch, settings.epochs):
-        train_batches.set_epoch(epoch)
+    while run.epoch < settings.epochs:
+        epoch = run.epoch + 1
         try:
-            stats = train_one_epoch(model, train_batches, optimizer, scheduler, ts)
+            stats = run.train_epoch()
             t_eval = time.perf_counter()
-            recalibrate_bn(model, calib_batches, ts.bn_recalibration_batches)
-            outputs = {split: evaluate(model, loader, settings.confidence) for split, loader in eval_loaders.items()}
+            outputs = run.evaluate()
         except NonFiniteLossError as exc:
-            raise _fail(trial_dir, f"epoch {epoch + 1}: {exc}") from exc
+            raise _fail(trial_dir, f"epoch {epoch}: {exc}") from exc
         except (RuntimeError, MemoryError) as exc:
             if not _is_out_of_memory(exc):
                 raise
-            raise _out_of_memory(trial_dir, f"epoch {epoch + 1}", exc) from exc
+            raise _out_of_memory(f"epoch {epoch}", exc) from exc
         tuned = tune_thresholds(outputs["val"], costs, settings.target_macs, settings.threshold_grid,
                                 settings.score_lambda)
-        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], tuned.result, tuned.score, static_macs)
+        run.model.set_thresholds(tuned.thresholds)
+        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], tuned.result, tuned.score, costs.static_macs)
         orc = oracle(outputs["val"], costs)
-        metrics.update({"epoch": epoch + 1, "epochs": settings.epochs, "loss": stats["loss"],
+        metrics.update({"epoch": epoch, "epochs": settings.epochs, "loss": stats["loss"],
                         "train_seconds": stats["seconds"], "eval_seconds": time.perf_counter() - t_eval,
                         "images_per_s": stats["images_per_s"], "oracle_accuracy": orc.accuracy,
-                        "oracle_macs": orc.avg_macs, "target_macs": settings.target_macs, **node})
-        if epoch + 1 == settings.epochs:
+                        "oracle_macs": orc.avg_macs, "target_macs": settings.target_macs,
+                        "peak_rss_mb": _peak_rss_mb(), **node})
+        if epoch == settings.epochs:
             test = simulate(outputs["test"], tuned.thresholds, costs)
             metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_macs,
                             "test_final_accuracy": float(outputs["test"].exit_accuracy()[-1])})
         save_exit_outputs(trial_dir / EXIT_OUTPUTS_FILE, outputs, costs)
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                        "torch_rng": torch.get_rng_state(), "arch": arch.to_flat(),
-                        "thresholds": tuned.thresholds}, Path(tmp) / CHECKPOINT_FILE)
+            torch.save({**run.state_dict(), "thresholds": tuned.thresholds}, Path(tmp) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this worker process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _node_id() -> str:
@@ -264,5 +242,6 @@ def _node_ip() -> str:
 
 
 __all__ = ["train_candidate", "parse_trial_config", "resolved_config", "TrialSettings", "TrialError",
+           "CandidateFailure",
            "epoch_metrics", "SETTING_KEYS", "ARCH_FILE", "EXIT_OUTPUTS_FILE", "CHECKPOINT_FILE",
            "FAILURE_FILE"]

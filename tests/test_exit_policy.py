@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from aebnas.config import ExitModuleConfig, uniform_arch
-from aebnas.cost import ExitCosts, exit_costs
+from aebnas.cost import exit_costs
 from aebnas.exit_policy import (
     PAPER_GRID,
+    ExitCosts,
     ExitOutputs,
     exit_index,
     load_exit_outputs,
@@ -24,10 +25,9 @@ from aebnas.exit_policy import (
     simulate_many,
     threshold_grid,
     threshold_score,
-    torch_confidence,
     tune_thresholds,
 )
-from aebnas.nn import EarlyExitNet
+from aebnas.nn import EarlyExitNet, torch_confidence
 from aebnas.reference import loop_costs, loop_simulate, loop_tune_thresholds
 from aebnas.train import evaluate, recalibrate_bn
 

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aebnas.config import ExitModuleConfig, uniform_arch
-from aebnas.exit_policy import torch_confidence
-from aebnas.nn import EarlyExitNet, make_divisible
+from aebnas.nn import EarlyExitNet, make_divisible, torch_confidence
 from aebnas.train import recalibrate_bn
 
 NUM_CLASSES = 7
@@ -69,7 +68,7 @@ def test_forward_output_count_follows_the_exits(exits):
 def test_exit_branches_hang_after_their_stage():
     net = _net(exits=(2, 4), width_mult=1.0)
     # width 1.0: stage widths 24/40/80/112/160; exit modules read their stage's channels.
-    assert net.stage_channels == [24, 40, 80, 112, 160]
+    assert net.arch.stage_channels == (24, 40, 80, 112, 160)
     assert net.exits[0].features[0][0][0].in_channels == 40
     assert net.exits[1].features[0][0][0].in_channels == 112
     x = torch.randn(2, 3, 32, 32)
@@ -87,8 +86,8 @@ def test_exit_branches_hang_after_their_stage():
 
 def test_width_mult_scales_channels():
     net = _net(width_mult=0.25)
-    assert net.stage_channels == [make_divisible(c * 0.25) for c in (24, 40, 80, 112, 160)]
-    assert net.stage_channels == [8, 16, 24, 32, 40]
+    assert net.arch.stage_channels == tuple(make_divisible(c * 0.25) for c in (24, 40, 80, 112, 160))
+    assert net.arch.stage_channels == (8, 16, 24, 32, 40)
 
 
 # --------------------------------------------------------------------------- infer
@@ -230,3 +229,61 @@ def test_recalibrate_bn_with_zero_batches_changes_nothing():
     before = net.stem[0][1].running_mean.clone()
     assert recalibrate_bn(net, [(torch.randn(4, 3, 32, 32), None)], max_batches=0) == 0
     assert torch.equal(net.stem[0][1].running_mean, before)
+
+
+def test_scripted_network_infers_exactly_as_eager():
+    """The exit rule exists once: the network itself scripts, thresholds and measure inside."""
+    net = _net()
+    net.set_thresholds([0.2, 0.5, 1.0, 0.4])
+    scripted = torch.jit.script(net)
+    x = torch.randn(16, 3, 32, 32)
+    logits, idx = net.infer(x)
+    s_logits, s_idx = scripted.infer(x)
+    assert torch.equal(idx, s_idx) and len(set(idx.tolist())) > 1  # several exits taken
+    torch.testing.assert_close(s_logits, logits)
+    assert scripted.thresholds.tolist() == pytest.approx([0.2, 0.5, 1.0, 0.4])
+    for out, ref in zip(scripted(x), net(x)):
+        torch.testing.assert_close(out, ref)
+
+
+def test_thresholds_are_a_buffer_saved_with_the_weights():
+    net = _net()
+    assert net.thresholds.tolist() == [1.0] * 4  # exits off until thresholds are tuned
+    net.set_thresholds([0.3, 0.3, 0.3, 0.3])
+    other = _net(seed=1)
+    other.load_state_dict(net.state_dict())
+    assert other.thresholds.tolist() == pytest.approx([0.3] * 4)
+    with pytest.raises(ValueError, match="thresholds has 2 values"):
+        net.set_thresholds([0.1, 0.2])
+
+
+def test_state_dict_of_aebnas_0_1_loads():
+    """0.1 numbered its existing exits `exits.j` and kept no thresholds; its checkpoints still load."""
+    net = _net(exits=(2, 4))
+    old = {}
+    for key, value in net.state_dict().items():
+        if key.startswith("branches."):
+            stage, rest = key[len("branches."):].split(".", 1)
+            key = f"exits.{(2, 4).index(int(stage) + 1)}.{rest}"
+        if key != "thresholds":
+            old[key] = value
+    fresh = _net(exits=(2, 4), seed=3)
+    fresh.load_state_dict(old)
+    x = torch.randn(4, 3, 32, 32)
+    for out, ref in zip(fresh(x), net(x)):
+        torch.testing.assert_close(out, ref)
+
+
+def test_block_rows_describe_the_built_blocks():
+    """ArchConfig says what the network is, row by row; the network only turns rows into layers."""
+    arch = uniform_arch(3, 5, 4, exits=(2,), width_mult=0.5)
+    rows = arch.block_rows()
+    assert len(rows) == 1 + 5 * 3 and rows[0].stage == 0
+    net = EarlyExitNet(arch)
+    built = [net.stem[1]] + [block for stage in net.stages for block in stage]
+    for row, block in zip(rows, built):
+        depthwise = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.groups > 1][0]
+        assert depthwise.kernel_size == (row.kernel, row.kernel) and depthwise.stride == (row.stride, row.stride)
+        assert block.block[-1][0].out_channels == row.out_channels
+    assert [r.stride for r in rows if r.stage > 0][::3] == [2, 2, 2, 1, 2]
+    assert rows[-1].out_channels == arch.stage_channels[-1] == make_divisible(160 * 0.5)

@@ -8,7 +8,7 @@ import torch
 
 from aebnas.config import PAPER_SPACE, ArchConfig, ExitModuleConfig, uniform_arch
 from aebnas.data import BatchLoader, load_dataset
-from aebnas.exit_policy import torch_confidence
+from aebnas.nn import torch_confidence
 from aebnas.nn import EarlyExitNet
 from aebnas.train import (
     NonFiniteLossError,

@@ -1,8 +1,10 @@
 """Layers and the early-exit network built from an ``ArchConfig``."""
 
-from .blocks import ConvBNAct, InvertedResidual, SqueezeExcite, make_divisible
+from ..config import make_divisible
+from .blocks import ConvBNAct, InvertedResidual, SqueezeExcite
+from .confidence import torch_confidence
 from .exits import ExitBranch, ExitModule
 from .network import EarlyExitNet
 
 __all__ = ["ConvBNAct", "InvertedResidual", "SqueezeExcite", "make_divisible", "ExitBranch",
-           "ExitModule", "EarlyExitNet"]
+           "ExitModule", "EarlyExitNet", "torch_confidence"]

@@ -5,21 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import BlockRow, make_divisible
+
 # PyTorch's default BN momentum (0.1) rather than torchvision MobileNetV3's 0.01: a
 # candidate trains for a few epochs only, and with 0.01 its running statistics lag so far
-# behind that eval-mode predictions collapse to one class (measured, see DESIGN.md).
+# behind that eval-mode predictions collapse to one class (measured, see docs/design.md).
 BN_MOMENTUM = 0.1
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "hswish": nn.Hardswish}
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Round ``value`` to the nearest multiple of ``divisor`` without losing more than 10%."""
-    min_value = divisor if min_value is None else min_value
-    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if new_value < 0.9 * value:
-        new_value += divisor
-    return new_value
 
 
 def make_activation(name: str | None) -> nn.Module:
@@ -76,6 +69,12 @@ class InvertedResidual(nn.Module):
         layers.append(ConvBNAct(mid, out_channels, 1, activation=None))
         self.block = nn.Sequential(*layers)
         self.use_residual = stride == 1 and in_channels == out_channels
+
+    @classmethod
+    def from_row(cls, row: BlockRow) -> "InvertedResidual":
+        """The block a :class:`~aebnas.config.BlockRow` describes."""
+        return cls(row.in_channels, row.out_channels, row.kernel, row.expansion, row.stride, row.use_se,
+                   row.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)

@@ -1,68 +1,70 @@
 """EarlyExitNet: a MobileNetV3 (Once-for-All) backbone with exit branches after stages 1–4."""
+# No `from __future__ import annotations`: TorchScript reads the annotations of the scripted
+# methods and class attributes and cannot evaluate them as strings.
 
-from __future__ import annotations
-
-from typing import Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .. import config as C
-from ..config import ArchConfig
-from ..exit_policy import torch_confidence, validate_thresholds
-from .blocks import ConvBNAct, InvertedResidual, make_divisible
+from ..config import NUM_STAGES, ArchConfig
+from ..exit_policy import validate_thresholds
+from ..settings import CONFIDENCE_MEASURES
+from .blocks import ConvBNAct, InvertedResidual
+from .confidence import torch_confidence
 from .exits import ExitBranch
 
 
 class EarlyExitNet(nn.Module):
-    """The network an ``ArchConfig`` describes.
+    """The network an ``ArchConfig`` describes; scriptable with ``torch.jit.script``.
 
     Segments (what ``aebnas.cost`` measures): ``stem`` (stem conv + first block),
-    ``stages[0..4]``, ``exits[j]`` (one per existing exit, sorted by position), ``head``
-    (960-channel expand, pooling, 1280-channel mix, classifier).
+    ``stages[0..4]``, ``branches[s]`` (the exit after stage s + 1, ``Identity`` where there is
+    none), ``head`` (960-channel expand, pooling, 1280-channel mix, classifier).
+
+    The exit rule lives here once: :meth:`infer` with the ``thresholds`` buffer (one per
+    existing exit, position order; 1.0 = exit off, the default) and the ``confidence``
+    measure. Training, evaluation, ``aebnas export`` and ``aebnas predict`` all run it.
     """
 
-    def __init__(self, arch: ArchConfig) -> None:
+    __jit_unused_properties__ = ["exits"]
+    exit_index: List[int]
+    confidence: str
+    num_exits: int
+    num_classes: int
+
+    def __init__(self, arch: ArchConfig, confidence: str = "margin") -> None:
         super().__init__()
+        if confidence not in CONFIDENCE_MEASURES:
+            raise ValueError(f"confidence={confidence!r} is not one of {CONFIDENCE_MEASURES}")
         self.arch = arch
-        w = arch.width_mult
-        stem_ch = make_divisible(C.STEM_CHANNELS * w)
-        first_ch = make_divisible(C.FIRST_BLOCK_CHANNELS * w)
+        rows = arch.block_rows()
         self.stem = nn.Sequential(
-            ConvBNAct(arch.in_channels, stem_ch, 3, stride=2, activation="hswish"),
-            InvertedResidual(stem_ch, first_ch, kernel=3, expansion=1, activation="relu"),
-        )
-        stages, channels = [], first_ch
-        self.stage_channels: list[int] = []
-        for s, stage_cfg in enumerate(arch.stages):
-            out_ch = make_divisible(C.STAGE_CHANNELS[s] * w)
-            blocks = []
-            for b, block in enumerate(stage_cfg.blocks):
-                blocks.append(InvertedResidual(
-                    channels, out_ch, block.kernel, block.expansion,
-                    stride=C.STAGE_STRIDES[s] if b == 0 else 1,
-                    use_se=C.STAGE_USE_SE[s], activation=C.STAGE_ACTIVATION[s]))
-                channels = out_ch
-            stages.append(nn.Sequential(*blocks))
-            self.stage_channels.append(out_ch)
-        self.stages = nn.ModuleList(stages)
-        self.exits = nn.ModuleList(
-            ExitBranch(self.stage_channels[e.position - 1], e, arch.num_classes) for e in arch.exits)
-        expand_ch = make_divisible(C.HEAD_EXPAND_CHANNELS * w)
-        # Once-for-All keeps the 1280-wide feature mix unless the width grows.
-        feature_ch = make_divisible(C.HEAD_FEATURE_CHANNELS * w) if w > 1.0 else C.HEAD_FEATURE_CHANNELS
+            ConvBNAct(arch.in_channels, arch.stem_channels, 3, stride=2, activation="hswish"),
+            InvertedResidual.from_row(rows[0]))
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(InvertedResidual.from_row(r) for r in rows if r.stage == s))
+            for s in range(1, NUM_STAGES + 1))
+        by_position = {e.position: e for e in arch.exits}
+        self.branches = nn.ModuleList(
+            ExitBranch(arch.stage_channels[s], by_position[s + 1], arch.num_classes) if s + 1 in by_position
+            else nn.Identity() for s in range(NUM_STAGES))
+        # exit index (0-based, position order) after each stage, -1 where there is none
+        self.exit_index = [arch.exit_positions.index(s + 1) if s + 1 in by_position else -1
+                           for s in range(NUM_STAGES)]
+        expand_ch, feature_ch = arch.head_channels
         self.head = nn.Sequential(
-            ConvBNAct(channels, expand_ch, 1, activation="hswish"),
+            ConvBNAct(arch.stage_channels[-1], expand_ch, 1, activation="hswish"),
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(expand_ch, feature_ch, 1, bias=False),
             nn.Hardswish(inplace=True),
             nn.Flatten(1),
             nn.Linear(feature_ch, arch.num_classes),
         )
-        # exit index (0-based, in position order) hanging after each stage, -1 for none
-        self._exit_after_stage = [-1] * C.NUM_STAGES
-        for j, e in enumerate(arch.exits):
-            self._exit_after_stage[e.position - 1] = j
+        self.num_exits, self.num_classes = arch.num_exits, arch.num_classes
+        self.confidence = confidence
+        self.register_buffer("thresholds", torch.ones(arch.num_exits))
+        self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -79,48 +81,74 @@ class EarlyExitNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @property
-    def num_exits(self) -> int:
-        return len(self.exits)
+    def exits(self) -> List[nn.Module]:
+        """The existing exit branches in position order."""
+        return [self.branches[e.position - 1] for e in self.arch.exits]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    @torch.jit.ignore
+    def set_thresholds(self, thresholds: Sequence[float]) -> "EarlyExitNet":
+        """Store the thresholds :meth:`infer` uses (validated); returns self."""
+        th = validate_thresholds(thresholds, self.num_exits)
+        self.thresholds.copy_(torch.tensor(th, dtype=self.thresholds.dtype))
+        return self
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Logits of every existing exit (position order), then of the final classifier."""
-        outputs = []
+        outputs: List[torch.Tensor] = []
         h = self.stem(x)
-        for stage, j in zip(self.stages, self._exit_after_stage):
+        for s, (stage, branch) in enumerate(zip(self.stages, self.branches)):
             h = stage(h)
-            if j >= 0:
-                outputs.append(self.exits[j](h))
+            if self.exit_index[s] >= 0:
+                outputs.append(branch(h))
         outputs.append(self.head(h))
         return outputs
 
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor, thresholds: Sequence[float],
-              confidence: str = "margin") -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic inference; returns (logits (N, classes), exit index (N,)).
+    @torch.jit.export
+    def infer(self, x: torch.Tensor, thresholds: Optional[List[float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic inference; returns (logits (N, classes) float32, exit index (N,) int64).
 
         Exit index j < num_exits is the j-th existing exit, ``num_exits`` the final
         classifier. A sample leaves at the first exit whose confidence ≥ its threshold and
         is not computed any further; an exit with threshold ≥ 1.0 is never computed.
+        ``thresholds`` defaults to the stored ones (:meth:`set_thresholds`).
         """
-        th = validate_thresholds(thresholds, self.num_exits)
-        n = x.shape[0]
-        logits_out = x.new_zeros((n, self.arch.num_classes))
-        exit_out = torch.full((n,), self.num_exits, dtype=torch.long, device=x.device)
-        remaining = torch.arange(n, device=x.device)
-        h = self.stem(x)
-        for stage, j in zip(self.stages, self._exit_after_stage):
-            if remaining.numel() == 0:
-                break
-            h = stage(h)
-            if j < 0 or th[j] >= 1.0:
-                continue
-            logits = self.exits[j](h)
-            leave = torch_confidence(logits, confidence) >= th[j]
-            idx = remaining[leave]
-            logits_out[idx] = logits[leave].to(logits_out.dtype)
-            exit_out[idx] = j
-            stay = ~leave
-            h, remaining = h[stay], remaining[stay]
-        if remaining.numel():
-            logits_out[remaining] = self.head(h).to(logits_out.dtype)
-        return logits_out, exit_out
+        with torch.no_grad():
+            th: List[float] = self.thresholds.tolist() if thresholds is None else thresholds
+            if len(th) != self.num_exits:
+                raise ValueError("thresholds has " + str(len(th)) + " values but the network has "
+                                 + str(self.num_exits) + " exits")
+            for j in range(len(th)):
+                if not (0.0 <= th[j] <= 1.0):
+                    raise ValueError("thresholds[" + str(j) + "]=" + str(th[j])
+                                     + " is not in [0, 1] (1.0 disables the exit)")
+            n = x.shape[0]
+            logits_out = torch.zeros((n, self.num_classes), dtype=torch.float32, device=x.device)
+            exit_out = torch.full((n,), self.num_exits, dtype=torch.long, device=x.device)
+            remaining = torch.arange(n, device=x.device)
+            h = self.stem(x)
+            for s, (stage, branch) in enumerate(zip(self.stages, self.branches)):
+                j = self.exit_index[s]
+                # No `break` in a loop over modules under TorchScript: skip the rest instead.
+                if remaining.numel() > 0:
+                    h = stage(h)
+                    if j >= 0 and th[j] < 1.0:
+                        logits = branch(h)
+                        leave = torch_confidence(logits, self.confidence) >= th[j]
+                        idx = remaining[leave]
+                        logits_out[idx] = logits[leave].float()
+                        exit_out[idx] = j
+                        stay = torch.logical_not(leave)
+                        h, remaining = h[stay], remaining[stay]
+            if remaining.numel() > 0:
+                logits_out[remaining] = self.head(h).float()
+            return logits_out, exit_out
+
+    @torch.jit.ignore
+    def _upgrade_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        """Read state dicts of aebnas 0.1 (exits numbered ``exits.j``, no ``thresholds``)."""
+        old = prefix + "exits."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            j, rest = key[len(old):].split(".", 1)
+            position = self.arch.exits[int(j)].position
+            state_dict[f"{prefix}branches.{position - 1}.{rest}"] = state_dict.pop(key)
+        state_dict.setdefault(prefix + "thresholds", self.thresholds.detach().clone())

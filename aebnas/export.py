@@ -1,0 +1,279 @@
+"""Ship a retrained run: one TorchScript file with its exits, and prediction on image files.
+
+``export`` turns a run directory written by ``aebnas retrain`` into one TorchScript file
+whose ``forward`` does the whole inference: input normalisation, resize to the trained
+resolution, then ``EarlyExitNet.infer`` — the network's own exit rule, with its tuned
+thresholds and confidence measure as buffers and attributes. It loads with
+``torch.jit.load`` alone (no aebnas). ``predict`` classifies image files with such a file.
+This module needs torch only: ``aebnas predict`` never imports Ray.
+"""
+# No `from __future__ import annotations` here: TorchScript reads the class-level attribute
+# annotations of the exported module and cannot evaluate them as strings.
+
+import copy
+import json
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UsageError
+from .cost import exit_costs
+from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
+from .nn import EarlyExitNet, torch_confidence
+from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
+                       TrialSettings, parse_trial_config)
+from .train import load_checkpoint
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+class DeployedEarlyExitNet(nn.Module):
+    """An EarlyExitNet with its preprocessing inside, for ``torch.jit.script``.
+
+    ``forward(images)``: images (N, C, H, W), float in [0, 1] or uint8 in 0..255, any H and
+    W; returns (logits (N, classes) float32, exit index (N,) int64) where index j <
+    ``num_exits`` is the j-th exit of the architecture and ``num_exits`` the final
+    classifier: ``EarlyExitNet.infer`` itself, on the normalised, resized images.
+    """
+
+    classes: List[str]
+    exit_positions: List[int]
+    exit_macs: List[float]
+    mean: List[float]
+    std: List[float]
+
+    def __init__(self, net: EarlyExitNet, thresholds: Sequence[float],
+                 mean: Sequence[float], std: Sequence[float], classes: Sequence[str]) -> None:
+        super().__init__()
+        arch = net.arch
+        th = validate_thresholds(thresholds, net.num_exits)
+        if len(classes) != arch.num_classes or len(mean) != arch.in_channels or len(std) != arch.in_channels:
+            raise ValueError(f"{len(classes)} classes, mean {list(mean)} and std {list(std)} do not fit a network "
+                             f"of {arch.num_classes} classes and {arch.in_channels} channels")
+        self.net = copy.deepcopy(net).eval().set_thresholds(th)
+        self.num_exits = net.num_exits
+        self.in_channels, self.resolution = arch.in_channels, arch.resolution
+        self.exit_positions = list(arch.exit_positions)
+        self.exit_macs = [float(c) for c in exit_costs(arch).cumulative(np.asarray(th) < 1.0)]
+        self.classes, self.mean, self.std = list(classes), [float(m) for m in mean], [float(s) for s in std]
+        # The same arithmetic as BatchLoader: x·scale + shift, scale = 1/(255·std) for uint8.
+        std_t = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
+        self.register_buffer("scale_uint8", 1.0 / (255.0 * std_t))
+        self.register_buffer("scale", 1.0 / std_t)
+        self.register_buffer("shift", -mean_t / std_t)
+        self.eval()
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise and resize to the trained resolution (bilinear, as in training)."""
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise ValueError("images must have shape (N, " + str(self.in_channels) + ", H, W), got "
+                             + str(images.shape))
+        if images.dtype == torch.uint8:
+            x = images.float() * self.scale_uint8 + self.shift
+        elif images.is_floating_point():
+            x = images.float() * self.scale + self.shift
+        else:
+            raise ValueError("images must be float in [0, 1] or uint8, got " + str(images.dtype))
+        if x.shape[2] != self.resolution or x.shape[3] != self.resolution:
+            x = F.interpolate(x, size=[self.resolution, self.resolution], mode="bilinear",
+                              align_corners=False, antialias=False)
+        return x
+
+    @torch.jit.export
+    def exit_confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """Confidence (the model's measure) of each row of ``logits``."""
+        return torch_confidence(logits, self.net.confidence)
+
+    @torch.jit.export
+    def thresholds(self) -> List[float]:
+        """The exit thresholds (1.0 = exit off)."""
+        return self.net.thresholds.tolist()
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return self.net.infer(self.preprocess(images))
+
+
+@dataclass
+class RunFiles:
+    """A finished run directory, loaded: the network in eval mode and what export needs."""
+
+    net: EarlyExitNet
+    thresholds: list[float]
+    confidence: str
+    metrics: dict[str, Any]
+    exit_outputs: dict[str, ExitOutputs]
+    costs: ExitCosts
+    settings: TrialSettings
+
+
+def load_run(run_dir: str | Path) -> RunFiles:
+    """Read a run directory written by ``retrain``; UsageError naming what is missing."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"run directory {root} does not exist (write one with `aebnas retrain`)")
+    missing = [f for f in (ARCH_FILE, MODEL_FILE, THRESHOLDS_FILE, METRICS_FILE, EXIT_OUTPUTS_FILE)
+               if not (root / f).is_file()]
+    if missing:
+        hint = " (training unfinished? rerun the same `aebnas retrain` to resume)" \
+            if (root / CHECKPOINT_FILE).is_file() else ""
+        raise UsageError(f"{root} lacks {', '.join(missing)}{hint}")
+    arch, settings = parse_trial_config(json.loads((root / ARCH_FILE).read_text()))
+    th = json.loads((root / THRESHOLDS_FILE).read_text())
+    net = EarlyExitNet(arch, th["confidence"])
+    try:
+        net.load_state_dict(load_checkpoint(root / MODEL_FILE))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    splits, costs = load_exit_outputs(root / EXIT_OUTPUTS_FILE)
+    return RunFiles(net.eval(), [float(t) for t in th["thresholds"]], th["confidence"],
+                    json.loads((root / METRICS_FILE).read_text()), splits, costs, settings)
+
+
+def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = None,
+           thresholds: Sequence[float] | None = None, log: Callable[[str], None] = _print) -> dict[str, Any]:
+    """Write the TorchScript file ``out`` and ``out`` with suffix .json; returns that JSON.
+
+    Thresholds: the run's (tuned on val for its target), re-tuned on the run's validation
+    outputs for ``target_macs``, or given explicitly.
+    """
+    run = load_run(run_dir)
+    th, target = run.thresholds, run.metrics["target_macs"]
+    if target_macs is not None:
+        s = run.settings
+        th = tune_thresholds(run.exit_outputs["val"], run.costs, target_macs, s.threshold_grid,
+                             s.score_lambda).thresholds
+        target = target_macs
+    if thresholds is not None:
+        th, target = validate_thresholds(thresholds, run.net.num_exits), None
+    data = run.metrics["data"]
+    module = DeployedEarlyExitNet(run.net, th, data["mean"], data["std"], data["classes"])
+    test = simulate(run.exit_outputs["test"], th, run.costs)
+    arch = run.net.arch
+    meta = {
+        "format": "aebnas TorchScript early-exit network",
+        "input": INPUT_CONTRACT, "output": OUTPUT_CONTRACT,
+        "resolution": arch.resolution, "in_channels": arch.in_channels, "classes": data["classes"],
+        "mean": data["mean"], "std": data["std"], "confidence": run.confidence, "thresholds": th,
+        "target_macs": target,
+        "exits": [{"index": j, "position": p, "threshold": th[j], "active": th[j] < 1.0,
+                   "macs": module.exit_macs[j]} for j, p in enumerate(arch.exit_positions)]
+        + [{"index": arch.num_exits, "position": "final", "macs": module.exit_macs[-1]}],
+        "static_macs": run.costs.static_macs,
+        "test": {"accuracy": test.accuracy, "avg_macs": test.avg_macs,
+                 "utilization": [float(u) for u in test.utilization]},
+        "architecture": arch.to_flat(),
+        "run_dir": str(Path(run_dir).resolve()),
+    }
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(meta, indent=1)
+    with _torchscript():
+        scripted = torch.jit.script(module)
+        scripted.save(str(out), _extra_files={"model.json": text})
+    out.with_suffix(".json").write_text(text)
+    log(f"exported {out} and {out.with_suffix('.json')}: thresholds {th}, test accuracy {test.accuracy:.2f}% "
+        f"at {test.avg_macs:.3f} MMACs")
+    return meta
+
+
+@contextmanager
+def _torchscript() -> Iterator[None]:
+    """Silence torch.jit's deprecation notice: TorchScript is still the format that keeps
+    data-dependent control flow and loads without the Python code (torch.export would
+    need every exit rewritten with torch.cond)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
+        yield
+
+
+INPUT_CONTRACT = ("one tensor (N, C, H, W): float32 RGB (or gray when C = 1) in [0, 1], or uint8 in 0..255; "
+                  "any H and W (resized bilinearly, without antialiasing, to the square training "
+                  "resolution; downscale large images with an antialiased filter first); "
+                  "normalisation with the training mean/std happens inside")
+OUTPUT_CONTRACT = ("(logits (N, classes) float32, exit (N,) int64): exit j < len(exit_positions) is the "
+                   "j-th exit (after stage exit_positions[j]), len(exit_positions) the final classifier")
+
+
+# ----------------------------------------------------------------- predict
+@dataclass
+class Prediction:
+    path: str
+    class_index: int
+    class_name: str
+    probability: float   # softmax probability of the class
+    confidence: float    # the model's exit confidence measure
+    exit: int            # 0-based; num_exits = final classifier
+    num_exits: int
+    position: int | None  # backbone stage the exit follows; None for the final classifier
+
+
+def load_deployed(path: str | Path) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` an exported model; UsageError naming the file if it is not one."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"model file {p} does not exist (write one with `aebnas export RUN_DIR --out {p}`)")
+    try:
+        with _torchscript():
+            module = torch.jit.load(str(p), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"{p} is not a TorchScript file ({str(exc).splitlines()[0]})") from None
+    if not all(hasattr(module, a) for a in ("classes", "resolution", "in_channels", "exit_positions")):
+        raise UsageError(f"{p} is a TorchScript file but not one written by `aebnas export`")
+    return module
+
+
+def read_image(path: str | Path, channels: int, resolution: int) -> torch.Tensor:
+    """An image file as uint8 (1, C, H, W), RGB or gray; shrunk (antialiased) to ``resolution`` if larger."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB" if channels == 3 else "L")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"cannot read image {path}: {exc}") from None
+    if max(img.size) > resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.BILINEAR, reducing_gap=None)
+    array = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def predict(model_path: str | Path, images: Sequence[str | Path]) -> list[Prediction]:
+    """Classify image files with an exported model; UsageError listing every unreadable file."""
+    module = load_deployed(model_path)
+    tensors, errors = [], []
+    for path in images:
+        try:
+            tensors.append(read_image(path, int(module.in_channels), int(module.resolution)))
+        except UsageError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise UsageError("\n".join(errors))
+    num_exits = len(module.exit_positions)
+    out = []
+    for path, x in zip(images, tensors):
+        logits, exit_index = module(x)
+        probs = torch.softmax(logits, dim=1)[0]
+        k, j = int(probs.argmax()), int(exit_index[0])
+        out.append(Prediction(str(path), k, module.classes[k], float(probs[k]),
+                              float(module.exit_confidence(logits)[0]), j, num_exits,
+                              None if j == num_exits else int(module.exit_positions[j])))
+    return out
+
+
+def format_prediction(p: Prediction) -> str:
+    """``cat.png  cat  0.82  exit 2/3 (stage 3)``: path, class, probability, exit taken."""
+    where = "final" if p.position is None else f"stage {p.position}"
+    return f"{p.path}  {p.class_name}  {p.probability:.2f}  exit {p.exit + 1}/{p.num_exits + 1} ({where})"
+
+

@@ -1,0 +1,489 @@
+"""Retrain a trial of a search: longer, from scratch, on the search's own data split.
+
+``retrain`` picks a trial of an experiment directory (by id, or the best validation score
+at a target, by the rule of ``aebnas.ranking``), trains its architecture from scratch for
+more epochs with the same training loop and evaluation path as a trial
+(``aebnas.train.CandidateTraining``: BatchNorm recalibrated on a seeded, shuffled sample of
+the training split before every evaluation), tunes the exit thresholds on the validation
+split and measures the test split with them. It is resumable: a checkpoint after every
+epoch. A run directory holds::
+
+    arch.json         flat config: architecture + the settings of this run
+    checkpoint.pt     resume state (weights, optimizer, schedule, epoch, log)
+    train_log.csv     one row per epoch
+    model.pt          state dict of the final EarlyExitNet (BN recalibrated, thresholds inside)
+    thresholds.json   thresholds tuned on validation for the target MMACs
+    exit_outputs.npz  per-exit confidence/prediction on val and test, and the costs
+    metrics.json      test/val accuracy (%), average MMACs, exit utilization, data, source
+
+An experiment under a URI (``s3://…``, ``gs://…``, ``file://…``) is read through pyarrow's
+filesystem layer, as Ray Tune writes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .cli import UsageError
+from .config import ArchConfig
+from .cost import exit_costs
+from .data import BatchLoader, Dataset, DatasetNotFoundError, load_dataset
+from .exit_policy import (ExitCosts, ExitOutputs, SimResult, load_exit_outputs, save_exit_outputs, simulate,
+                          tune_thresholds)
+from .experiment import EXPERIMENT_FILE
+from .nn import EarlyExitNet
+from .ranking import rank
+from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
+                       TrialSettings, parse_trial_config, resolved_config)
+from .train import CandidateTraining, evaluate, load_checkpoint, select_device
+
+
+# Trials train a few epochs; a from-scratch MobileNetV3 keeps improving well past that.
+DEFAULT_EPOCHS = 30
+TRAIN_LOG_FILE = "train_log.csv"
+LOG_COLUMNS = ("epoch", "loss", "val_accuracy", "val_avg_macs", "val_final_accuracy", "lr", "seconds")
+# Settings that change the weights: a run directory resumes only with the same values.
+_TRAINING_KEYS = ("dataset", "epochs", "batch_size", "lr", "weight_decay", "momentum", "exit_weight",
+                  "label_smoothing", "bn_recalibration_batches", "seed")
+
+Log = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------- experiment directory
+@dataclass
+class TrialRecord:
+    """What a trial left on disk: its flat config and its last reported metrics (or None)."""
+
+    path: Path
+    config: dict[str, Any]
+    last: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass
+class ExperimentDir:
+    path: Path
+    settings: dict[str, Any]  # aebnas_experiment.json
+    trials: list[TrialRecord]
+
+    def trial_names(self) -> str:
+        return ", ".join(t.name for t in self.trials) or "(none)"
+
+
+def read_experiment_dir(path: str | Path) -> ExperimentDir:
+    """The experiment settings and every trial's config and last result; UsageError if it is not one.
+
+    A URI is copied to a local cache directory first (through pyarrow's filesystem layer,
+    as Ray Tune wrote it); ``ExperimentDir.path`` is then that copy.
+    """
+    root = _local_copy(str(path)) if "://" in str(path) else Path(path).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"experiment directory {root} does not exist")
+    exp_file = root / EXPERIMENT_FILE
+    if not exp_file.is_file():
+        raise UsageError(f"{root} is not an aebnas experiment directory (no {EXPERIMENT_FILE}); "
+                         "pass the directory `aebnas search` printed (STORAGE_PATH/NAME)")
+    trials = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("trial_")):
+        # arch.json is the resolved config; Ray's params.json the sampled one (parsed the same way).
+        config_file = next((d / f for f in (ARCH_FILE, "params.json") if (d / f).is_file()), None)
+        if config_file is None:
+            continue
+        trials.append(TrialRecord(d, json.loads(config_file.read_text()), _last_result(d / "result.json")))
+    return ExperimentDir(root, json.loads(exp_file.read_text()), trials)
+
+
+def _local_copy(uri: str) -> Path:
+    """Copy the experiment at ``uri`` into a fresh local directory; UsageError if it cannot be read."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            raise UsageError(f"experiment directory {uri} does not exist")
+        local = Path(tempfile.mkdtemp(prefix="aebnas_experiment_")) / Path(root).name
+        pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except (OSError, ValueError) as exc:  # pyarrow: unknown scheme, no access, …
+        raise UsageError(f"cannot read the experiment at {uri}: {exc}") from None
+    return local
+
+
+def _last_result(path: Path) -> dict[str, Any] | None:
+    """The last complete line of a trial's result.json (a trial killed mid-write leaves half a line)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def find_trial(exp: ExperimentDir, ident: str) -> TrialRecord:
+    """The trial named ``ident``: its directory name, its trial id, or a unique end of either."""
+    for t in exp.trials:
+        if ident in (t.name, t.name.removeprefix("trial_")):
+            return t
+    matches = [t for t in exp.trials if t.name.endswith(ident)]
+    if len(matches) == 1:
+        return matches[0]
+    why = f"matches {len(matches)} trials" if matches else "is not a trial"
+    raise UsageError(f"--trial {ident!r} {why} of {exp.path}; available trials: {exp.trial_names()}")
+
+
+def load_experiment_data(exp: ExperimentDir, data_dir: str | None = None,
+                         download: bool | None = None) -> Dataset:
+    """The search's dataset with the same seeded train/validation split."""
+    s = exp.settings
+    try:
+        return load_dataset(s["dataset"], data_dir=data_dir if data_dir is not None else s.get("data_dir"),
+                            download=download if download is not None else bool(s.get("download")),
+                            val_size=s.get("val_size"), seed=int(s.get("seed", 0)))
+    except (DatasetNotFoundError, ValueError) as exc:
+        raise UsageError(f"dataset of {exp.path}: {exc}") from None
+
+
+def _trial_arch(trial: TrialRecord, data: Dataset) -> tuple[ArchConfig, TrialSettings]:
+    try:
+        arch, settings = parse_trial_config(trial.config)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{trial.name}: {exc}") from None
+    return arch.replace(num_classes=data.num_classes, in_channels=data.in_channels), settings
+
+
+@dataclass
+class TrialScore:
+    trial: TrialRecord
+    score: float | None   # paper's score (val) at the target, None if it cannot be known
+    source: str           # where it came from: reported / exit_outputs.npz / checkpoint / why not
+
+
+def score_trials(exp: ExperimentDir, target_macs: float, data: Dataset,
+                 device: torch.device | str = "cpu") -> list[TrialScore]:
+    """Validation score of every trial at ``target_macs``, best first (finished trials first, unknown scores last).
+
+    At the experiment's own target the reported score of the last epoch is used; at another
+    target the thresholds are re-tuned on the trial's saved validation outputs
+    (``exit_outputs.npz``), or, where a trial has none, on outputs recomputed from its last
+    checkpoint (the same weights the outputs came from).
+    """
+    scores = []
+    at_search_target = math.isclose(target_macs, float(exp.settings["target_macs"]))
+    for trial in exp.trials:
+        if trial.last is None:
+            scores.append(TrialScore(trial, None, "no result"))
+        elif at_search_target and "score" in trial.last:
+            scores.append(TrialScore(trial, float(trial.last["score"]), f"reported (epoch {trial.last['epoch']})"))
+        else:
+            val, costs, source = _trial_val_outputs(trial, data, device)
+            if val is None:
+                scores.append(TrialScore(trial, None, source))
+                continue
+            _, settings = _trial_arch(trial, data)
+            tuned = tune_thresholds(val, costs, target_macs, settings.threshold_grid, settings.score_lambda)
+            scores.append(TrialScore(trial, tuned.score, source))
+    return rank(scores, lambda s: trial_status(s.trial), lambda s: s.score)
+
+
+def trial_status(trial: TrialRecord) -> str:
+    """``finished`` (every configured epoch), ``errored`` (error.txt, not finished) or ``unfinished``."""
+    last = trial.last or {}
+    if last.get("epoch") is not None and last.get("epoch") == last.get("epochs"):
+        return "finished"
+    return "errored" if (trial.path / "error.txt").is_file() else "unfinished"
+
+
+def _trial_val_outputs(trial: TrialRecord, data: Dataset,
+                       device: torch.device | str) -> tuple[ExitOutputs | None, ExitCosts | None, str]:
+    arch, settings = _trial_arch(trial, data)
+    costs = exit_costs(arch)
+    npz = trial.path / EXIT_OUTPUTS_FILE
+    if npz.is_file():
+        splits, saved = load_exit_outputs(npz)
+        if saved.num_exits == costs.num_exits and np.allclose(saved.backbone, costs.backbone):
+            return splits["val"], saved, EXIT_OUTPUTS_FILE
+    val = val_outputs_from_checkpoint(trial, data, device)
+    if val is None:
+        return None, None, f"no {EXIT_OUTPUTS_FILE} and no checkpoint of this architecture"
+    return val, costs, "checkpoint"
+
+
+def val_outputs_from_checkpoint(trial: TrialRecord, data: Dataset,
+                                device: torch.device | str = "cpu") -> ExitOutputs | None:
+    """Validation outputs of the trial's last checkpoint (None without a matching one).
+
+    Checkpoints hold the weights after BatchNorm recalibration, so these are the outputs
+    the trial reported from.
+    """
+    arch, settings = _trial_arch(trial, data)
+    ckpts = sorted(trial.path.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    if not ckpts:
+        return None
+    try:
+        state = load_checkpoint(ckpts[-1], device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if state.get("arch") != arch.to_flat():
+        return None
+    model = EarlyExitNet(arch, settings.confidence).to(device)
+    model.load_state_dict(state["model"])
+    loader = BatchLoader.for_split(data, "val", batch_size=settings.eval_batch_size,
+                                   resolution=arch.resolution, train=False, device=device)
+    return evaluate(model, loader, settings.confidence)
+
+
+# ----------------------------------------------------------------- retrain
+@dataclass(frozen=True)
+class RetrainRequest:
+    """What ``aebnas retrain`` was asked; ``None`` means: as the trial / experiment had it."""
+
+    experiment_dir: str
+    trial: str | None = None
+    best: bool = False
+    target_macs: float | None = None
+    epochs: int = DEFAULT_EPOCHS
+    out: str | None = None
+    data_dir: str | None = None
+    download: bool | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    device: str = "auto"
+
+
+def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
+    """Select, train (or resume), tune and measure; writes the run directory and returns metrics.json."""
+    if (req.trial is None) == (not req.best):
+        raise UsageError("pass exactly one of --trial ID and --best")
+    exp = read_experiment_dir(req.experiment_dir)
+    if not exp.trials:
+        raise UsageError(f"{exp.path} holds no trials (no trial_* directories with a config)")
+    target = float(req.target_macs if req.target_macs is not None else exp.settings["target_macs"])
+    if not target > 0:
+        raise UsageError(f"--target-macs={target} must be > 0 (MMACs)")
+    try:
+        device = select_device(req.device)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: torch.device() of a malformed name
+        raise UsageError(f"--device: {exc}") from None
+    trial = find_trial(exp, req.trial) if req.trial is not None else None
+    data = load_experiment_data(exp, req.data_dir, req.download)
+    log(f"data: {data.summary()} (split seed {exp.settings.get('seed', 0)}, as in the search)")
+
+    if trial is not None:
+        selected_by = f"--trial {req.trial}"
+    else:
+        ranking = score_trials(exp, target, data, device)
+        log(f"trials ranked by validation score at {target:g} MMACs:")
+        for s in ranking:
+            value = "      -" if s.score is None else f"{s.score:7.2f}"
+            log(f"  {s.trial.name:<28} {value}  ({s.source})")
+        if ranking[0].score is None:
+            raise UsageError(f"no trial of {exp.path} has a score; trials: {exp.trial_names()}")
+        trial = ranking[0].trial
+        selected_by = f"--best at {target:g} MMACs (search score {ranking[0].score:.2f})"
+
+    arch, trial_settings = _trial_arch(trial, data)
+    overrides = {k: v for k, v in {"batch_size": req.batch_size, "lr": req.lr, "seed": req.seed}.items()
+                 if v is not None}
+    try:
+        settings = dataclasses.replace(trial_settings, epochs=req.epochs, target_macs=target,
+                                       device=req.device, **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if req.out:
+        run_dir = Path(req.out).expanduser()
+    elif "://" in str(req.experiment_dir):  # exp.path is a local copy: keep the run where the user is
+        run_dir = Path.cwd() / f"retrain_{trial.name}"
+    else:
+        run_dir = exp.path / f"retrain_{trial.name}"
+    log(f"retraining {trial.name} ({selected_by}) for {settings.epochs} epochs on {device} into {run_dir}")
+    run = _Run(run_dir, arch, settings, data, device, log)
+    run.train()
+    source = {"experiment": str(exp.path.resolve()), "trial": trial.name, "selected_by": selected_by,
+              "search_metrics": {k: trial.last.get(k) for k in ("score", "accuracy", "avg_macs", "epoch",
+                                                               "test_accuracy")} if trial.last else None}
+    return run.finish(source)
+
+
+class _Run:
+    """One retraining run in ``run_dir``; resumes from ``checkpoint.pt`` when it is there."""
+
+    def __init__(self, run_dir: Path, arch: ArchConfig, settings: TrialSettings, data: Dataset,
+                 device: torch.device, log: Log) -> None:
+        self.dir, self.arch, self.settings, self.data, self.log = run_dir, arch, settings, data, log
+        self.costs = exit_costs(arch)
+        self.config = resolved_config(arch, settings)
+        self.training = CandidateTraining(arch, settings, data, device)
+        self.history: list[dict[str, float]] = []
+
+    # -- checkpoints
+    def _resume(self) -> None:
+        path = self.dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return
+        try:
+            state = load_checkpoint(path, self.training.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        saved = state["config"]
+        differ = [k for k in sorted(set(saved) | set(self.config))
+                  if (k in _TRAINING_KEYS or k in self.arch.to_flat()) and saved.get(k) != self.config.get(k)]
+        if differ:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} there, {self.config.get(k)!r} now" for k in differ)
+            raise UsageError(f"{self.dir} holds another run ({changes}); resume it with the same settings, "
+                             "or pass another --out")
+        self.training.load_state_dict(state)
+        self.history = list(state["history"])
+        epoch, epochs = self.training.epoch, self.settings.epochs
+        self.log(f"resuming from {path} at epoch {epoch + 1} of {epochs}" if epoch < epochs else
+                 f"training already complete in {path} ({epoch} epochs); tuning and testing again")
+
+    def _checkpoint(self) -> None:
+        state = {**self.training.state_dict(), "history": self.history, "config": self.config}
+        _atomic(self.dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        _atomic(self.dir / TRAIN_LOG_FILE, lambda tmp: _write_log(tmp, self.history))
+
+    # -- training
+    def train(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._resume()
+        _write_json(self.dir / ARCH_FILE, self.config)
+        epochs, first = self.settings.epochs, self.training.epoch
+        started = time.perf_counter()
+        while self.training.epoch < epochs:
+            t0 = time.perf_counter()
+            stats = self.training.train_epoch()
+            val = self.training.evaluate(("val",))["val"]
+            tuned = self._tune(val)
+            epoch = self.training.epoch
+            self.history.append({
+                "epoch": epoch, "loss": stats["loss"], "val_accuracy": tuned.result.accuracy,
+                "val_avg_macs": tuned.result.avg_macs, "val_final_accuracy": float(val.exit_accuracy()[-1]),
+                "lr": stats["lr"], "seconds": time.perf_counter() - t0})
+            self._checkpoint()
+            eta = (time.perf_counter() - started) / (epoch - first) * (epochs - epoch)
+            row = self.history[-1]
+            self.log(f"epoch {epoch:>{len(str(epochs))}}/{epochs}  loss {row['loss']:.4f}  "
+                     f"val acc {row['val_accuracy']:5.2f}% at {row['val_avg_macs']:.3f} MMACs "
+                     f"(final exit {row['val_final_accuracy']:5.2f}%)  {row['seconds']:.1f} s  "
+                     f"ETA {_duration(eta)}")
+
+    def _tune(self, val: ExitOutputs) -> Any:
+        s = self.settings
+        return tune_thresholds(val, self.costs, s.target_macs, s.threshold_grid, s.score_lambda)
+
+    # -- after training
+    def finish(self, source: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate as a trial does, tune thresholds on val, measure test; write the final files."""
+        outputs = self.training.evaluate()
+        s = self.settings
+        tuned = self._tune(outputs["val"])
+        test = simulate(outputs["test"], tuned.thresholds, self.costs)
+        model = self.training.model.set_thresholds(tuned.thresholds)
+        # metrics.json last: its presence says the other files are complete.
+        _atomic(self.dir / MODEL_FILE, lambda tmp: torch.save(model.state_dict(), tmp))
+        save_exit_outputs(self.dir / EXIT_OUTPUTS_FILE, outputs, self.costs)
+        _write_json(self.dir / THRESHOLDS_FILE, {
+            "thresholds": tuned.thresholds, "exit_positions": list(self.arch.exit_positions),
+            "confidence": s.confidence, "target_macs": s.target_macs, "tuned_on": "val",
+            "grid": list(s.threshold_grid), "score_lambda": s.score_lambda})
+        d = self.data
+        metrics = {
+            "target_macs": s.target_macs, "thresholds": tuned.thresholds, "confidence": s.confidence,
+            "test": _split_metrics(outputs["test"], test),
+            "val": {**_split_metrics(outputs["val"], tuned.result), "score": tuned.score},
+            "exits": _exit_table(self.arch, tuned.result, test, outputs["test"]),
+            "static_macs": self.costs.static_macs, "epochs": self.training.epoch,
+            "train_seconds": sum(r["seconds"] for r in self.history),
+            "data": {"dataset": d.name, "classes": list(d.classes), "mean": list(d.mean), "std": list(d.std),
+                     "in_channels": d.in_channels, "image_size": list(d.x_train.shape[2:]),
+                     "train": len(d.y_train), "val": len(d.y_val), "test": len(d.y_test)},
+            "source": source,
+        }
+        _write_json(self.dir / METRICS_FILE, metrics)
+        self.log(format_summary(metrics, self.dir))
+        return metrics
+
+
+def _split_metrics(outputs: ExitOutputs, sim: SimResult) -> dict[str, Any]:
+    return {"accuracy": sim.accuracy, "avg_macs": sim.avg_macs,
+            "final_accuracy": float(outputs.exit_accuracy()[-1]),
+            "utilization": [float(u) for u in sim.utilization]}
+
+
+def _exit_table(arch: ArchConfig, val: SimResult, test: SimResult, test_out: ExitOutputs) -> list[dict[str, Any]]:
+    alone = test_out.exit_accuracy()
+    rows = []
+    for j in range(arch.num_exits + 1):
+        final = j == arch.num_exits
+        taken = test.taken_accuracy[j]
+        rows.append({"exit": j, "position": None if final else arch.exits[j].position,
+                     "threshold": None if final else val.thresholds[j], "macs": float(test.costs[j]),
+                     "val_util": float(val.utilization[j]), "test_util": float(test.utilization[j]),
+                     "test_accuracy_taken": None if np.isnan(taken) else float(taken),
+                     "test_accuracy_alone": float(alone[j])})
+    return rows
+
+
+def format_summary(metrics: dict[str, Any], run_dir: Path) -> str:
+    """The table ``retrain`` prints at the end (test split, thresholds tuned on val)."""
+    t = metrics["test"]
+    lines = [f"test accuracy {t['accuracy']:.2f}% at {t['avg_macs']:.3f} MMACs on average "
+             f"(target {metrics['target_macs']:g}; final exit alone {t['final_accuracy']:.2f}%, "
+             f"static network {metrics['static_macs']:.3f} MMACs); thresholds tuned on val "
+             f"(val accuracy {metrics['val']['accuracy']:.2f}%, score {metrics['val']['score']:.2f})",
+             f"{'exit':>5} {'after':>7} {'threshold':>10} {'MMACs':>8} {'test util':>10} {'acc taken':>10}"]
+    n = len(metrics["exits"])
+    for row in metrics["exits"]:
+        where = "head" if row["position"] is None else f"stage{row['position']}"
+        th = "-" if row["threshold"] is None else ("off" if row["threshold"] >= 1.0 else f"{row['threshold']:.2f}")
+        acc = "-" if row["test_accuracy_taken"] is None else f"{row['test_accuracy_taken']:.1f}%"
+        lines.append(f"{row['exit'] + 1:>3}/{n} {where:>7} {th:>10} {row['macs']:>8.3f} "
+                     f"{100 * row['test_util']:>9.1f}% {acc:>10}")
+    lines.append(f"saved in {run_dir}: {ARCH_FILE}, {MODEL_FILE}, {THRESHOLDS_FILE}, {METRICS_FILE}, "
+                 f"{EXIT_OUTPUTS_FILE}, {TRAIN_LOG_FILE}")
+    return "\n".join(lines)
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file, so an interruption never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
