@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .settings import CONFIDENCE_MEASURES, PAPER_GRID, PAPER_LAMBDA
+from .settings import PAPER_GRID, PAPER_LAMBDA
 
 # The authors round any tuned threshold above 0.95 to 1.0 (exit off).
 ROUND_TO_ONE_ABOVE = 0.95

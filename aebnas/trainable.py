@@ -18,7 +18,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from ray import tune
@@ -27,7 +27,6 @@ from .config import ArchConfig
 from .cost import exit_costs
 from .data import Dataset
 from .exit_policy import ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
-from .nn import EarlyExitNet
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
 from .train import CandidateTraining, NonFiniteLossError, load_checkpoint, select_device
