@@ -3,8 +3,11 @@
 ``Experiment`` holds plain values; ``run(experiment)`` validates them (before Ray
 starts), loads the dataset once and ships it to every trial through the Ray object store
 (``tune.with_parameters``), connects to a cluster or starts local Ray, and runs — or
-resumes — the search. ``main(defaults)`` is the command line shared by ``tune_configs/``
-and ``aebnas search``.
+resumes — the search. The settings are saved as ``aebnas_experiment.json`` in the
+experiment directory, a local path or a storage URI alike (``write_experiment_settings`` /
+``read_experiment_settings``, through ``pyarrow.fs`` as Ray Tune does); a resume is checked
+against them. ``main(defaults)`` is the command line shared by ``tune_configs/`` and
+``aebnas search``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ SCHEDULERS = ("asha", "fifo")
 EXPERIMENT_FILE = "aebnas_experiment.json"
 PROGRESS_METRICS = {"epoch": "epoch", "score": "score", "accuracy": "acc %", "avg_macs": "MMACs",
                     "num_exits": "exits", "test_accuracy": "test %"}
+# What a resume may change: where the data and the results are, where to connect, and what
+# each trial reserves (Ray Tune applies new resources to the trials it restarts).
+RESUME_FREE = frozenset({"data_dir", "download", "storage_path", "name", "address", "resume", "cpus_per_trial",
+                         "gpus_per_trial"})
+# Ray Tune restores these from its snapshot and ignores new values: a change is reported, not refused.
+RESUME_KEPT_BY_RAY = frozenset({"max_concurrent", "max_failures", "keep_checkpoints", "verbose"})
 
 
 class ExperimentError(ValueError):
@@ -56,7 +65,7 @@ class Experiment(TrialSettings):
     grace_period: int = 1
     reduction_factor: float = 2
     cpus_per_trial: float = 1
-    gpus_per_trial: float = 0
+    gpus_per_trial: float | None = None  # None: 1 when the cluster has a GPU, else 0 (see trial_resources)
     max_concurrent: int | None = None
     storage_path: str = "aebnas_results"
     name: str | None = None
@@ -94,8 +103,8 @@ class Experiment(TrialSettings):
             raise bad("grace_period", f"must be ≤ epochs ({self.epochs})")
         if not self.cpus_per_trial > 0:
             raise bad("cpus_per_trial", "must be > 0")
-        if self.gpus_per_trial < 0:
-            raise bad("gpus_per_trial", "must be ≥ 0")
+        if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
+            raise bad("gpus_per_trial", "must be ≥ 0 (or None: one GPU per trial when the cluster has GPUs)")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise bad("max_concurrent", "must be ≥ 1 (or None for no limit)")
         if self.max_failures < 0:
@@ -130,8 +139,13 @@ class Experiment(TrialSettings):
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
 
-    def param_space(self, num_classes: int = 10, in_channels: int = 3) -> dict[str, Any]:
-        """The Tuner's param space: the search space's samplers plus the fixed settings."""
+    def param_space(self, num_classes: int = 10, in_channels: int = 3, gpus_per_trial: float | None = None
+                    ) -> dict[str, Any]:
+        """The Tuner's param space: the search space's samplers plus the fixed settings.
+
+        ``gpus_per_trial`` (what each trial reserves, if known): with 0, ``device="auto"`` becomes
+        ``"cpu"``, because Ray 2.60 no longer hides a node's GPUs from a trial that reserved none.
+        """
         from search_spaces import SPACES
 
         try:
@@ -139,6 +153,8 @@ class Experiment(TrialSettings):
         except (TypeError, ValueError) as exc:
             raise ExperimentError(f"space_kwargs={self.space_kwargs!r} for space {self.space!r}: {exc}") from None
         settings = self.trial_settings().to_dict()
+        if gpus_per_trial == 0 and self.device == "auto":
+            settings["device"] = "cpu"
         return {**space, **settings, "width_mult": self.width_mult, "num_classes": num_classes,
                 "in_channels": in_channels}
 
@@ -149,9 +165,19 @@ class Experiment(TrialSettings):
         return f"{self.space}_{data}_{time.strftime('%Y%m%d-%H%M%S')}"
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["threshold_grid"] = list(self.threshold_grid)
-        return d
+        """The settings as JSON values (tuples become lists), as ``aebnas_experiment.json`` holds them."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any], base: Experiment | None = None) -> Experiment:
+        """``base`` (default: the defaults) with the values of ``saved`` (a ``to_json`` dict); keys
+        that are not settings (any more) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in saved.items() if k in names}
+        if isinstance(values.get("space_kwargs"), dict):
+            values["space_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in values["space_kwargs"].items()}
+        return dataclasses.replace(base or cls(), **values)
 
 
 def paper_experiment(dataset: str, *, target_macs: float, val_size: int) -> Experiment:
@@ -166,6 +192,81 @@ def resolve_storage_path(storage_path: str) -> str:
     if "://" in storage_path:
         return storage_path
     return str(Path(storage_path).expanduser().resolve())
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    """The ``pyarrow.fs`` file system of a local path or a storage URI (as Ray Tune opens it), and the
+    path inside it."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        fs, inside = pafs.FileSystem.from_uri(path)
+        return fs, inside.rstrip("/") or "/"
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def write_experiment_settings(path: str, exp: Experiment) -> None:
+    """Write ``exp`` as ``aebnas_experiment.json`` into the experiment directory ``path`` (a local
+    path or a storage URI such as ``s3://bucket/results/name``), creating the directory."""
+    fs, root = _filesystem(path)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{EXPERIMENT_FILE}") as f:
+        f.write(json.dumps(exp.to_json(), indent=1).encode())
+
+
+def read_experiment_settings(path: str) -> dict[str, Any]:
+    """The settings saved in the experiment directory ``path`` (local path or storage URI) as a
+    ``to_json`` dict; FileNotFoundError when it holds no ``aebnas_experiment.json``."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(path)
+    file = f"{root}/{EXPERIMENT_FILE}"
+    if fs.get_file_info(file).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no {EXPERIMENT_FILE} in {path}")
+    with fs.open_input_stream(file) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def _is_empty(path: str) -> bool:
+    """True when the directory ``path`` (local or URI) is missing or empty."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(path)
+    return not fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+
+
+def resume_conflicts(saved: dict[str, Any], exp: Experiment) -> tuple[list[str], list[str]]:
+    """How ``exp`` differs from the ``saved`` settings of the experiment it resumes, as
+    ``"name=new (saved old)"`` items: (settings a resume must keep, settings Ray Tune keeps anyway).
+
+    A setting missing from an older ``saved`` file counts as its default.
+    """
+    now, default = exp.to_json(), Experiment().to_json()
+    refused, kept = [], []
+    for name in now:
+        old = saved.get(name, default[name])
+        if name in RESUME_FREE or now[name] == old:
+            continue
+        (kept if name in RESUME_KEPT_BY_RAY else refused).append(f"{name}={now[name]!r} (saved {old!r})")
+    return refused, kept
+
+
+def check_resumable(exp: Experiment, path: str) -> None:
+    """Refuse to resume ``path`` when it holds no experiment, or with settings that change what its
+    trials train or how they are scored (data, split, seed, space, training, target, search …): the
+    trials continue from checkpoints made with the saved ones."""
+    try:
+        saved = read_experiment_settings(path)
+    except FileNotFoundError:
+        raise ExperimentError(f"nothing to resume at {path} (no {EXPERIMENT_FILE}); "
+                              "check --name and --storage-path") from None
+    refused, kept = resume_conflicts(saved, exp)
+    if refused:
+        raise ExperimentError(f"--resume with settings that differ from the saved experiment: {', '.join(refused)}; "
+                              "resume with the saved settings or start a new --name")
+    if kept:
+        print(f"aebnas: warning: --resume ignores {', '.join(kept)}: Ray Tune keeps the saved values",
+              file=sys.stderr)
 
 
 def check_address_reachable(address: str, timeout: float = 5.0) -> None:
@@ -222,20 +323,43 @@ def _join_error(address: str, exc: Exception) -> ExperimentError:
     return ExperimentError(f"could not join the Ray cluster at address={address!r}: {exc}")
 
 
-def check_trial_fits(exp: Experiment, cluster_may_grow: bool) -> None:
-    """Refuse per-trial resources that no node of the connected Ray cluster has.
+def trial_resources(exp: Experiment, cluster_resources: dict[str, float]) -> dict[str, float]:
+    """What one trial reserves, ``{"cpu": …, "gpu": …}``, on a cluster with ``cluster_resources``
+    (``ray.cluster_resources()``: totals such as ``{"CPU": 16.0, "GPU": 1.0}``).
+
+    ``gpus_per_trial=None`` (the default) gives each trial one GPU when the cluster has one,
+    else none; trials then run one per GPU at most, whatever ``max_concurrent`` allows.
+    """
+    gpus = exp.gpus_per_trial
+    if gpus is None:
+        gpus = 1 if cluster_resources.get("GPU", 0) >= 1 else 0
+    return {"cpu": exp.cpus_per_trial, "gpu": gpus}
+
+
+def describe_resources(resources: dict[str, float], cluster_resources: dict[str, float]) -> str:
+    """One line: what each trial gets, and what the cluster has."""
+    def count(n: float, unit: str) -> str:
+        return f"{n:g} {unit}" + ("" if n == 1 else "s")
+
+    return (f"each trial gets {count(resources['cpu'], 'CPU')} and {count(resources['gpu'], 'GPU')} "
+            f"(cluster: {count(cluster_resources.get('CPU', 0), 'CPU')}, "
+            f"{count(cluster_resources.get('GPU', 0), 'GPU')})")
+
+
+def check_trial_fits(resources: dict[str, float], cluster_may_grow: bool) -> None:
+    """Refuse per-trial ``resources`` (``trial_resources``) that no node of the connected Ray cluster has.
 
     Ray Tune would wait for them forever. A cluster joined by address may be autoscaling,
     so there this only warns.
     """
     import ray
 
-    need = {"CPU": exp.cpus_per_trial, "GPU": exp.gpus_per_trial}
+    need = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
         return
     have = ", ".join(sorted({f"{node.get('CPU', 0):g} CPUs + {node.get('GPU', 0):g} GPUs" for node in nodes}))
-    message = (f"cpus_per_trial={exp.cpus_per_trial:g} and gpus_per_trial={exp.gpus_per_trial:g}, but no Ray node "
+    message = (f"cpus_per_trial={need['CPU']:g} and gpus_per_trial={need['GPU']:g}, but no Ray node "
                f"has that much (nodes: {have})")
     if not cluster_may_grow:
         raise ExperimentError(f"{message}; no trial could ever start: lower --cpus-per-trial / --gpus-per-trial")
@@ -273,14 +397,14 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _build_tuner(exp: Experiment, data: Any, path: str) -> Any:
+def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, float]) -> Any:
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data),
-                                    {"cpu": exp.cpus_per_trial, "gpu": exp.gpus_per_trial})
+    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data), resources)
+    param_space = exp.param_space(data.num_classes, data.in_channels, gpus_per_trial=resources["gpu"])
     if exp.resume:  # run() has checked that Ray Tune can restore it
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=exp.param_space(data.num_classes, data.in_channels))
+                                  param_space=param_space)
     multi_objective = exp.search_alg == "nsga2"
     tune_config = tune.TuneConfig(
         metric=None if multi_objective else "score", mode=None if multi_objective else "max",
@@ -299,13 +423,16 @@ def _build_tuner(exp: Experiment, data: Any, path: str) -> Any:
         # without this Ray leaves them there (not in storage_path) once actors are reused.
         sync_config=tune.SyncConfig(sync_artifacts=True),
         progress_reporter=reporter, verbose=exp.verbose)
-    return tune.Tuner(trainable, param_space=exp.param_space(data.num_classes, data.in_channels),
-                      tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
 def experiment_path(exp: Experiment) -> str:
-    root = resolve_storage_path(exp.storage_path)
-    return f"{root.rstrip('/')}/{exp.experiment_name()}"
+    """The experiment's directory: an absolute local path, or a URI (its ``?query`` kept at the end)."""
+    root, query = resolve_storage_path(exp.storage_path), ""
+    if "://" in root and "?" in root:
+        root, query = root.split("?", 1)
+        query = "?" + query
+    return f"{root.rstrip('/')}/{exp.experiment_name()}{query}"
 
 
 def run(exp: Experiment) -> Any:
@@ -327,12 +454,9 @@ def run(exp: Experiment) -> Any:
     if not exp.name:
         exp = dataclasses.replace(exp, name=exp.experiment_name())
     path = experiment_path(exp)
-    local = "://" not in path
     if exp.resume:
-        saved = Path(path) / EXPERIMENT_FILE
-        if local and not saved.exists():
-            raise ExperimentError(f"nothing to resume at {path} (no {EXPERIMENT_FILE}); check --name and --storage-path")
-    elif local and Path(path).exists() and any(Path(path).iterdir()):
+        check_resumable(exp, path)
+    elif not _is_empty(path):
         raise ExperimentError(f"an experiment already exists at {path}; pass --resume to continue it "
                               "or another --name to start a new one")
 
@@ -344,15 +468,18 @@ def run(exp: Experiment) -> Any:
     print(f"aebnas: {data.summary()}", flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our chosen columns
     connect_ray(exp.address)
-    check_trial_fits(exp, cluster_may_grow=bool(address))
-    if local:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        if not exp.resume:
-            (Path(path) / EXPERIMENT_FILE).write_text(json.dumps(exp.to_json(), indent=1))
+    import ray
+
+    cluster = ray.cluster_resources()
+    resources = trial_resources(exp, cluster)
+    print(f"aebnas: {describe_resources(resources, cluster)}", flush=True)
+    check_trial_fits(resources, cluster_may_grow=bool(address))
+    if not exp.resume:
+        write_experiment_settings(path, exp)  # as given: gpus_per_trial=None is resolved again on resume
     if exp.resume and not tune.Tuner.can_restore(path):
         raise ExperimentError(f"Ray Tune cannot restore {path}: the driver stopped before saving any state; "
                               "start it again without --resume")
-    tuner = _build_tuner(exp, data, path)
+    tuner = _build_tuner(exp, data, path, resources)
     results = tuner.fit()
     _print_summary(exp, results, path)
     return results
@@ -371,49 +498,78 @@ def _print_summary(exp: Experiment, results: Any, path: str) -> None:
         print("no trial reported a score")
     if n_err:
         print(f"{n_err} trial(s) errored; see error.txt in their trial directories", file=sys.stderr)
-    print(f"analyse it with:\n  python -m analysis {path} --target-macs {exp.target_macs} --out {path}/analysis")
+    out = f"{path}/analysis" if "://" not in path else f"{exp.name}_analysis"
+    print(f"analyse it with:\n  python -m analysis {path} --out {out}")
 
 
 # ------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None:
-    """The flags of ``aebnas search`` and of every tune_config, defaulting to ``defaults``."""
+    """The flags of ``aebnas search`` and of every tune_config, defaulting to ``defaults``.
+
+    A flag that is not given is absent from the parsed arguments (``argparse.SUPPRESS``), so that
+    :func:`experiment_from_args` can tell it from one given with its default value.
+    """
     d = defaults
-    a = parser.add_argument
-    a("--dataset", default=d.dataset,
-      help="cifar10, cifar100, svhn, cifar10-subset (embedded) or the path of an .npz file (default: %(default)s)")
-    a("--data-dir", default=d.data_dir, help="directory with the dataset in torchvision's layout")
-    a("--download", action=argparse.BooleanOptionalAction, default=d.download,
-      help="download the dataset with torchvision if missing")
-    a("--val-size", type=int, default=d.val_size, help="validation images taken from train")
-    a("--space", default=d.space, help="search space: aebnas, fixed_exits or static (default: %(default)s)")
-    a("--resolutions", type=_int_list, default=None, help="comma-separated input resolutions to search")
-    a("--width-mult", type=float, default=d.width_mult, help="channel width multiplier (default: %(default)s)")
-    a("--target-macs", type=float, default=d.target_macs, help="target average MMACs (default: %(default)s)")
-    a("--epochs", type=int, default=d.epochs, help="training epochs per trial (default: %(default)s)")
-    a("--num-samples", type=int, default=d.num_samples, help="number of trials (default: %(default)s)")
-    a("--search-alg", default=d.search_alg, choices=SEARCH_ALGS, help="default: %(default)s")
-    a("--scheduler", default=d.scheduler, choices=SCHEDULERS, help="default: %(default)s")
-    a("--grace-period", type=int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
-    a("--reduction-factor", type=float, default=d.reduction_factor, help="ASHA: keep 1/factor per rung")
-    a("--cpus-per-trial", type=float, default=d.cpus_per_trial, help="default: %(default)s")
-    a("--gpus-per-trial", type=float, default=d.gpus_per_trial, help="default: %(default)s")
-    a("--max-concurrent", type=int, default=d.max_concurrent, help="at most this many trials at once")
-    a("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    a("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle schedule")
-    a("--storage-path", default=d.storage_path, help="where results go; shared by all nodes on a cluster")
-    a("--name", default=d.name, help="experiment name (default: SPACE_DATASET_TIME)")
-    a("--address", default=d.address, help="Ray cluster address HOST:PORT (default: $RAY_ADDRESS or local)")
-    a("--seed", type=int, default=d.seed, help="default: %(default)s")
-    a("--resume", action="store_true", help="continue the experiment --name from where it stopped")
+
+    def a(flag: str, help: str, default: Any = None, **kw: Any) -> None:
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help + shown, **kw)
+
+    a("--dataset", "cifar10, cifar100, svhn, cifar10-subset (embedded) or the path of an .npz file", d.dataset)
+    a("--data-dir", "directory with the dataset in torchvision's layout", d.data_dir)
+    a("--download", "download the dataset with torchvision if missing", d.download,
+      action=argparse.BooleanOptionalAction)
+    a("--val-size", "validation images taken from train", d.val_size, type=int)
+    a("--space", "search space: aebnas, fixed_exits or static", d.space)
+    a("--resolutions", "comma-separated input resolutions to search",
+      ",".join(map(str, d.space_kwargs["resolutions"])) if "resolutions" in d.space_kwargs else None,
+      type=_int_list)
+    a("--width-mult", "channel width multiplier", d.width_mult, type=float)
+    a("--target-macs", "target average MMACs", d.target_macs, type=float)
+    a("--epochs", "training epochs per trial", d.epochs, type=int)
+    a("--num-samples", "number of trials", d.num_samples, type=int)
+    a("--search-alg", "how candidates are proposed", d.search_alg, choices=SEARCH_ALGS)
+    a("--scheduler", "asha stops weak trials early; fifo runs every trial to the end", d.scheduler,
+      choices=SCHEDULERS)
+    a("--grace-period", "ASHA: epochs before a trial can stop", d.grace_period, type=int)
+    a("--reduction-factor", "ASHA: keep 1/factor per rung", d.reduction_factor, type=float)
+    a("--cpus-per-trial", "CPUs each trial reserves (and torch threads in it)", d.cpus_per_trial, type=float)
+    a("--gpus-per-trial", "GPUs each trial reserves; 0 trains on CPU (default: 1 when the cluster has a GPU, "
+      "else 0)" if d.gpus_per_trial is None else "GPUs each trial reserves; 0 trains on CPU",
+      d.gpus_per_trial, type=float)
+    a("--amp", "mixed precision on CUDA (ignored on CPU)", d.amp, action=argparse.BooleanOptionalAction)
+    a("--max-concurrent", "at most this many trials at once", d.max_concurrent, type=int)
+    a("--batch-size", "training batch size", d.batch_size, type=int)
+    a("--lr", "peak learning rate of the one-cycle schedule", d.lr, type=float)
+    a("--storage-path", "where results go (a path or a URI such as s3://bucket/dir); shared by all nodes on "
+      "a cluster", d.storage_path)
+    a("--name", "experiment name (default: SPACE_DATASET_TIME)", d.name)
+    a("--address", "Ray cluster address HOST:PORT (default: $RAY_ADDRESS or local)", d.address)
+    a("--seed", "seed of the data split, the search and the trials", d.seed, type=int)
+    a("--resume", "continue the experiment --name from where it stopped; flags not given take the "
+      "values it was started with", action="store_true")
+
+
+# Taken from the command line or the script's defaults on --resume, never from the saved experiment.
+_NOT_FROM_SAVED = ("address", "resume", "name", "storage_path")
 
 
 def experiment_from_args(args: argparse.Namespace, defaults: Experiment) -> Experiment:
-    space_kwargs = dict(defaults.space_kwargs)
-    if args.resolutions:
-        space_kwargs["resolutions"] = tuple(args.resolutions)
+    """The experiment the flags ask for: each flag not given takes its value from ``defaults`` or, with
+    ``--resume``, from the saved experiment (so the same search continues without repeating its flags)."""
     fields = {f.name for f in dataclasses.fields(Experiment)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    return dataclasses.replace(defaults, space_kwargs=space_kwargs, **values)
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    exp = dataclasses.replace(defaults, **given)
+    if exp.resume and exp.name:
+        try:
+            saved = read_experiment_settings(experiment_path(exp))
+        except FileNotFoundError:
+            return exp  # run() says there is nothing to resume
+        base = Experiment.from_json({k: v for k, v in saved.items() if k not in _NOT_FROM_SAVED}, defaults)
+        exp = dataclasses.replace(base, **given)
+    if getattr(args, "resolutions", None):
+        exp = dataclasses.replace(exp, space_kwargs={**exp.space_kwargs, "resolutions": tuple(args.resolutions)})
+    return exp
 
 
 def _int_list(text: str) -> list[int]:

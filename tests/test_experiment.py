@@ -1,7 +1,11 @@
-"""Experiment: settings refused before Ray starts, the search algorithms, interrupt and resume."""
+"""Experiment: settings refused before Ray starts, the search algorithms, interrupt and resume,
+resources per trial, storage URIs."""
 
+import argparse
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +16,9 @@ import numpy as np
 import pytest
 import torchvision.datasets as tvd
 
-from aebnas.experiment import Experiment, ExperimentError, experiment_path, run
+from aebnas.experiment import (EXPERIMENT_FILE, Experiment, ExperimentError, add_arguments, describe_resources,
+                               experiment_from_args, experiment_path, read_experiment_settings, run,
+                               trial_resources)
 from conftest import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +71,109 @@ def test_resume_needs_an_experiment(tmp_path, small_npz):
         run(tiny_experiment(tmp_path, small_npz, name="ghost", resume=True))
     with pytest.raises(ExperimentError, match="needs the name of the experiment"):
         run(tiny_experiment(tmp_path, small_npz, name=None, resume=True))
+
+
+@pytest.mark.parametrize("exp, cluster, expected", [
+    (Experiment(), {"CPU": 16.0, "GPU": 1.0}, {"cpu": 1, "gpu": 1}),        # auto: a GPU when there is one
+    (Experiment(), {"CPU": 2.0}, {"cpu": 1, "gpu": 0}),                      # auto on a CPU-only cluster
+    (Experiment(max_concurrent=2), {"CPU": 16.0, "GPU": 4.0}, {"cpu": 1, "gpu": 1}),  # still one per trial
+    (Experiment(gpus_per_trial=0), {"CPU": 16.0, "GPU": 1.0}, {"cpu": 1, "gpu": 0}),  # forced CPU
+    (Experiment(gpus_per_trial=0.5, cpus_per_trial=4), {"CPU": 16.0, "GPU": 1.0}, {"cpu": 4, "gpu": 0.5}),
+])
+def test_trial_resources(exp, cluster, expected):
+    assert trial_resources(exp, cluster) == expected
+
+
+def test_resources_line_and_device():
+    assert describe_resources({"cpu": 1, "gpu": 1}, {"CPU": 16.0, "GPU": 1.0}) == \
+        "each trial gets 1 CPU and 1 GPU (cluster: 16 CPUs, 1 GPU)"
+    assert describe_resources({"cpu": 2, "gpu": 0}, {"CPU": 2.0}) == \
+        "each trial gets 2 CPUs and 0 GPUs (cluster: 2 CPUs, 0 GPUs)"
+    # A trial that reserved no GPU must not use one Ray leaves visible to it (Ray ≥ 2.4x).
+    assert Experiment().param_space(gpus_per_trial=0)["device"] == "cpu"
+    assert Experiment().param_space(gpus_per_trial=1)["device"] == "auto"
+    assert Experiment(device="cuda").param_space(gpus_per_trial=0)["device"] == "cuda"
+
+
+def _resumable_copy(tiny_search, root: Path) -> Experiment:
+    """A copy of the finished tiny search under ``root`` (so resuming it leaves the shared one alone)."""
+    path, _, exp = tiny_search
+    shutil.copytree(path, root / path.name)
+    return dataclasses.replace(exp, storage_path=str(root), resume=True)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"seed": 1, "epochs": 3, "val_size": 50}, ["seed=1 (saved 0)", "epochs=3 (saved 2)", "val_size=50 (saved 100)"]),
+    ({"space_kwargs": {"resolutions": (36,)}}, ["space_kwargs={'resolutions': [36]} (saved {'resolutions': [32]})"]),
+    ({"width_mult": 0.5, "target_macs": 2.0}, ["width_mult=0.5 (saved 0.25)", "target_macs=2.0 (saved 1.0)"]),
+    ({"dataset": "cifar10-subset"}, ["dataset='cifar10-subset' (saved '"]),
+    ({"amp": True, "lr": 0.05}, ["amp=True (saved False)", "lr=0.05 (saved 0.1)"]),
+    ({"num_samples": 8}, ["num_samples=8 (saved 4)"]),  # Ray Tune would ignore it: refused, not dropped
+])
+def test_resume_refuses_other_settings(change, named, tiny_search, tmp_path):
+    exp = _resumable_copy(tiny_search, tmp_path)
+    with pytest.raises(ExperimentError) as err:
+        run(dataclasses.replace(exp, **change))
+    message = str(err.value)
+    assert message.startswith("--resume with settings that differ from the saved experiment: ")
+    assert message.endswith("; resume with the saved settings or start a new --name")
+    for item in named:
+        assert item in message
+    assert message.count("(saved ") == len(named)  # nothing else is named
+
+
+def test_resume_with_the_saved_settings_continues(tiny_search, tmp_path, capsys):
+    exp = _resumable_copy(tiny_search, tmp_path)
+    lines = {d.name: _epochs(d) for d in (tmp_path / "tiny").glob("trial_*")}
+    # Where the data is and what each trial reserves may change; max_concurrent is kept by Ray Tune.
+    results = run(dataclasses.replace(exp, data_dir=str(tmp_path), cpus_per_trial=2, max_concurrent=1))
+    assert len(results) == 4 and results.num_errors == 0
+    assert {d.name: _epochs(d) for d in (tmp_path / "tiny").glob("trial_*")} == lines  # nothing rerun
+    err = capsys.readouterr().err
+    assert "--resume ignores max_concurrent=1 (saved None): Ray Tune keeps the saved values" in err
+
+
+def _parse(argv: list[str], defaults: Experiment = Experiment()) -> Experiment:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, defaults)
+    return experiment_from_args(parser.parse_args(argv), defaults)
+
+
+def test_resume_flags_default_to_the_saved_settings(tiny_search, tmp_path):
+    exp = _resumable_copy(tiny_search, tmp_path)
+    where = ["--storage-path", str(tmp_path), "--name", "tiny"]
+    assert _parse(where + ["--resume"]) == exp
+    assert _parse(where + ["--resume", "--cpus-per-trial", "2", "--resolutions", "36"]) == dataclasses.replace(
+        exp, cpus_per_trial=2.0, space_kwargs={"resolutions": (36,)})
+    # A flag given with the default's value still counts as given.
+    assert _parse(where + ["--resume", "--epochs", str(Experiment().epochs)]).epochs == Experiment().epochs
+    # Without --resume the flags not given take the defaults, not the saved values.
+    fresh = _parse(where)
+    assert fresh == dataclasses.replace(Experiment(), storage_path=str(tmp_path), name="tiny")
+    assert _parse(["--gpus-per-trial", "0", "--amp"]).gpus_per_trial == 0 and _parse(["--amp"]).amp is True
+    assert _parse([]).gpus_per_trial is None and _parse([]).amp is False
+
+
+@pytest.mark.slow
+def test_search_under_a_storage_uri(ray_local, small_npz, tmp_path, capsys):
+    """A file:// URI goes through pyarrow.fs like s3:// or gs://: settings, existing-experiment and resume checks."""
+    exp = tiny_experiment(f"file://{tmp_path}", small_npz, name="uri", num_samples=2, epochs=1)
+    results = run(exp)
+    assert len(results) == 2 and results.num_errors == 0
+    assert "aebnas: each trial gets 1 CPU and 0 GPUs (cluster: 2 CPUs, 0 GPUs)" in capsys.readouterr().out
+    assert all(r.config["device"] == "cpu" for r in results)
+    path = experiment_path(exp)
+    assert path == f"file://{tmp_path}/uri" and (tmp_path / "uri" / EXPERIMENT_FILE).is_file()
+    assert read_experiment_settings(path) == read_experiment_settings(str(tmp_path / "uri")) == exp.to_json()
+
+    with pytest.raises(ExperimentError, match="already exists .* --resume"):
+        run(exp)
+    with pytest.raises(ExperimentError, match=r"differ from the saved experiment: seed=3 \(saved 0\);"):
+        run(dataclasses.replace(exp, resume=True, seed=3))
+    with pytest.raises(ExperimentError, match="nothing to resume"):
+        run(dataclasses.replace(exp, resume=True, name="ghost"))
+    resumed = run(dataclasses.replace(exp, resume=True))
+    assert len(resumed) == 2 and resumed.num_errors == 0
 
 
 def _write_svhn(folder: Path, n_train: int, n_test: int) -> dict:
