@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from aebnas.config import is_arch_key
+from aebnas.experiment import EXPERIMENT_FILE, write_experiment_settings
 from analysis.results import (NotAnExperimentError, count_failures, dedupe_epochs, first_error_line,
                               load_experiment, load_experiments, trial_status)
 
@@ -114,6 +115,27 @@ def test_storage_uri_loads_like_a_path(tiny_search):
     pd.testing.assert_frame_equal(local.trials[cols], uri.trials[cols])
 
 
+def test_default_target_from_the_settings_under_a_uri(tiny_search, tmp_path):
+    """With no --target-macs, analysis works at the experiment's own target, read from the settings
+    file that aebnas.experiment writes under a storage URI (the same pyarrow.fs layer both ways)."""
+    from analysis.__main__ import _target, main
+
+    path, _, exp = tiny_search
+    copy = tmp_path / path.name
+    shutil.copytree(path, copy)
+    (copy / EXPERIMENT_FILE).unlink()
+    uri = f"file://{copy}"
+    write_experiment_settings(uri, exp)
+    res = load_experiment(uri)
+    assert res.settings[path.name] == exp.to_json()
+    assert _target(res, None, None) == exp.target_macs
+    res.trials = res.trials.drop(columns="target_macs")  # the settings alone decide
+    assert _target(res, None, None) == exp.target_macs
+    out = tmp_path / "out"
+    assert main([uri, "--out", str(out)]) == 0
+    assert (pd.read_csv(out / "trials.csv")["at_target_target_macs"] == exp.target_macs).all()
+
+
 def test_several_experiments_in_one_frame(tiny_search, tmp_path):
     path = tiny_search[0]
     twin = tmp_path / "other" / path.name  # same base name: told apart by the parent
@@ -165,9 +187,11 @@ PARTIAL_DRIVER = """
 import sys
 import ray
 from aebnas.experiment import Experiment, run
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+# One CPU: trials run one at a time, and Ray Tune creates all four at the start (a searcher's
+# max_concurrent=1 would create each only when the one before ends, so the last could be missing).
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 run(Experiment(dataset=sys.argv[2], val_size=100, space_kwargs={"resolutions": (32,)}, width_mult=0.25,
-               target_macs=1.0, epochs=4, num_samples=4, scheduler="fifo", batch_size=64, max_concurrent=1,
+               target_macs=1.0, epochs=4, num_samples=4, scheduler="fifo", batch_size=64,
                max_failures=0, storage_path=sys.argv[1], name="partial", verbose=0))
 """
 
@@ -179,6 +203,15 @@ def _epochs(trial_dir: Path) -> list[dict]:
         return []
 
 
+def _trials_in_state(exp_dir: Path) -> int:
+    """How many trials Ray Tune's newest experiment state lists (0 before it is first saved)."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    try:
+        return len(json.loads(states[-1].read_text())["trial_data"]) if states else 0
+    except (json.JSONDecodeError, KeyError):
+        return 0  # being rewritten
+
+
 def _progress(exp_dir: Path) -> tuple[dict[str, list[dict]], set[str]]:
     """Result lines per trial id, and the ids of trials with an error.txt, as storage holds them now."""
     runs = {d.name[len("trial_"):]: _epochs(d) for d in exp_dir.glob("trial_*")}
@@ -188,14 +221,15 @@ def _progress(exp_dir: Path) -> tuple[dict[str, list[dict]], set[str]]:
 @pytest.fixture(scope="module")
 def partial_search(small_npz, tmp_path_factory):
     """A real search left partial: a trial's worker SIGKILLed (it errors: max_failures=0), then the
-    driver SIGKILLed while a later trial runs. Returns (path, errored ids, running ids), read from
-    the files once the driver is dead (nothing changes them any more)."""
+    driver SIGKILLed while a later trial runs and once Ray Tune's saved state lists all four trials
+    (so the one not started yet is in it). Returns (path, errored ids, running ids), read from the
+    files once the driver is dead (nothing changes them any more)."""
     root = tmp_path_factory.mktemp("partial")
     exp_dir = root / "partial"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     proc = subprocess.Popen([sys.executable, "-c", PARTIAL_DRIVER, str(root), str(small_npz)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline, killed_worker, ready = time.time() + 150, False, False
+    deadline, killed_worker, ready = time.time() + 300, False, False  # a guard: each step waits for progress
     try:
         while time.time() < deadline and not ready:
             assert proc.poll() is None, proc.stdout.read()
@@ -204,7 +238,7 @@ def partial_search(small_npz, tmp_path_factory):
             if not killed_worker and midway and any(e and e[-1]["epoch"] == 4 for e in runs.values()):
                 os.kill(runs[midway[0]][-1]["pid"], signal.SIGKILL)  # the worker running that trial
                 killed_worker = True
-            ready = bool(errored) and bool(midway)
+            ready = bool(errored) and bool(midway) and _trials_in_state(exp_dir) == 4
             time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
