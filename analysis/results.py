@@ -12,7 +12,8 @@ searches all load, from a local path or a storage URI (``s3://``, ``gs://``,
   architecture and fixed settings;
 - ``trial_*/failure.json`` (a deterministic failure written by the trainable) and
   ``error.txt`` (written by Ray for every failed attempt): the error;
-- ``aebnas_experiment.json``: the experiment's settings (written for local storage).
+- ``aebnas_experiment.json``: the experiment's settings (under a path or a URI alike), which
+  give the default target MACs.
 
 Why not ``ray.tune.ExperimentAnalysis`` or ``Tuner.restore(...).get_results()``: both
 unpickle Ray objects (so need the Ray version that wrote them), ``Trial.error_file``
