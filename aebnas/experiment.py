@@ -16,19 +16,20 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .settings import TrialSettings
+from .cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
+from .data import DatasetNotFoundError, load_dataset
+from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, parse_trial_config
+from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .trainable import train_candidate
 
 SEARCH_ALGS = ("random", "tpe", "nsga2")
 SCHEDULERS = ("asha", "fifo")
-EXPERIMENT_FILE = "aebnas_experiment.json"
 PROGRESS_METRICS = {"epoch": "epoch", "score": "score", "accuracy": "acc %", "avg_macs": "MMACs",
                     "num_exits": "exits", "test_accuracy": "test %"}
 # What a resume may change: where the data and the results are, where to connect, and what
@@ -37,10 +38,6 @@ RESUME_FREE = frozenset({"data_dir", "download", "storage_path", "name", "addres
                          "gpus_per_trial"})
 # Ray Tune restores these from its snapshot and ignores new values: a change is reported, not refused.
 RESUME_KEPT_BY_RAY = frozenset({"max_concurrent", "max_failures", "keep_checkpoints", "verbose"})
-
-
-class ExperimentError(ValueError):
-    """A setting of the experiment is wrong; raised before any trial starts."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +121,6 @@ class Experiment(TrialSettings):
         value no trial can build, e.g. width_mult=0, is refused now instead of failing every trial."""
         from ray.tune.search.sample import Domain
 
-        from .trainable import parse_trial_config
-
         flat = {k: v.sample() if isinstance(v, Domain) else v for k, v in self.param_space().items()}
         try:
             parse_trial_config(flat)
@@ -186,55 +181,7 @@ def paper_experiment(dataset: str, *, target_macs: float, val_size: int) -> Expe
                       num_samples=100, scheduler="asha", grace_period=1, reduction_factor=2)
 
 
-# ------------------------------------------------------------------ Ray plumbing
-def resolve_storage_path(storage_path: str) -> str:
-    """Absolute local path (Ray needs one) or the URI unchanged (s3://, gs://, …)."""
-    if "://" in storage_path:
-        return storage_path
-    return str(Path(storage_path).expanduser().resolve())
-
-
-def _filesystem(path: str) -> tuple[Any, str]:
-    """The ``pyarrow.fs`` file system of a local path or a storage URI (as Ray Tune opens it), and the
-    path inside it."""
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, inside = pafs.FileSystem.from_uri(path)
-        return fs, inside.rstrip("/") or "/"
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
-
-
-def write_experiment_settings(path: str, exp: Experiment) -> None:
-    """Write ``exp`` as ``aebnas_experiment.json`` into the experiment directory ``path`` (a local
-    path or a storage URI such as ``s3://bucket/results/name``), creating the directory."""
-    fs, root = _filesystem(path)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{EXPERIMENT_FILE}") as f:
-        f.write(json.dumps(exp.to_json(), indent=1).encode())
-
-
-def read_experiment_settings(path: str) -> dict[str, Any]:
-    """The settings saved in the experiment directory ``path`` (local path or storage URI) as a
-    ``to_json`` dict; FileNotFoundError when it holds no ``aebnas_experiment.json``."""
-    import pyarrow.fs as pafs
-
-    fs, root = _filesystem(path)
-    file = f"{root}/{EXPERIMENT_FILE}"
-    if fs.get_file_info(file).type != pafs.FileType.File:
-        raise FileNotFoundError(f"no {EXPERIMENT_FILE} in {path}")
-    with fs.open_input_stream(file) as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def _is_empty(path: str) -> bool:
-    """True when the directory ``path`` (local or URI) is missing or empty."""
-    import pyarrow.fs as pafs
-
-    fs, root = _filesystem(path)
-    return not fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-
-
+# ------------------------------------------------------------------ Ray Tune
 def resume_conflicts(saved: dict[str, Any], exp: Experiment) -> tuple[list[str], list[str]]:
     """How ``exp`` differs from the ``saved`` settings of the experiment it resumes, as
     ``"name=new (saved old)"`` items: (settings a resume must keep, settings Ray Tune keeps anyway).
@@ -267,103 +214,6 @@ def check_resumable(exp: Experiment, path: str) -> None:
     if kept:
         print(f"aebnas: warning: --resume ignores {', '.join(kept)}: Ray Tune keeps the saved values",
               file=sys.stderr)
-
-
-def check_address_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast with a clear message when a Ray head is not listening at ``address``."""
-    if address == "auto":
-        return  # Ray looks up the local head itself
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise ExperimentError(f"address={address!r} is not HOST:PORT (e.g. 127.0.0.1:6379 or ray://HOST:10001)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise ExperimentError(
-            f"no Ray cluster answers at address={address!r} ({exc}); start one with "
-            f"`ray start --head --port={port}` on that machine, or leave --address unset to run locally") from None
-
-
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from ray.exceptions import AuthenticationError
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_address_reachable(address)
-        try:
-            ray.init(address=address)
-        except (ConnectionError, AuthenticationError) as exc:
-            raise _join_error(address, exc) from None
-    else:
-        ray.init()
-
-
-def _join_error(address: str, exc: Exception) -> ExperimentError:
-    from ray.exceptions import AuthenticationError
-
-    chain: list[BaseException] = []
-    cause: BaseException | None = exc
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    # ray.init wraps the GCS's refusal in a RuntimeError that quotes it as text.
-    if any(isinstance(e, AuthenticationError) or "AuthenticationError" in str(e) for e in chain):
-        # Ray sends this machine's token to an address given explicitly only when told to.
-        return ExperimentError(
-            f"the Ray cluster at address={address!r} did not accept this driver: it uses token "
-            "authentication; set RAY_AUTH_MODE=token and give this machine the cluster's token "
-            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH); see docs/cluster.md")
-    return ExperimentError(f"could not join the Ray cluster at address={address!r}: {exc}")
-
-
-def trial_resources(exp: Experiment, cluster_resources: dict[str, float]) -> dict[str, float]:
-    """What one trial reserves, ``{"cpu": …, "gpu": …}``, on a cluster with ``cluster_resources``
-    (``ray.cluster_resources()``: totals such as ``{"CPU": 16.0, "GPU": 1.0}``).
-
-    ``gpus_per_trial=None`` (the default) gives each trial one GPU when the cluster has one,
-    else none; trials then run one per GPU at most, whatever ``max_concurrent`` allows.
-    """
-    gpus = exp.gpus_per_trial
-    if gpus is None:
-        gpus = 1 if cluster_resources.get("GPU", 0) >= 1 else 0
-    return {"cpu": exp.cpus_per_trial, "gpu": gpus}
-
-
-def describe_resources(resources: dict[str, float], cluster_resources: dict[str, float]) -> str:
-    """One line: what each trial gets, and what the cluster has."""
-    def count(n: float, unit: str) -> str:
-        return f"{n:g} {unit}" + ("" if n == 1 else "s")
-
-    return (f"each trial gets {count(resources['cpu'], 'CPU')} and {count(resources['gpu'], 'GPU')} "
-            f"(cluster: {count(cluster_resources.get('CPU', 0), 'CPU')}, "
-            f"{count(cluster_resources.get('GPU', 0), 'GPU')})")
-
-
-def check_trial_fits(resources: dict[str, float], cluster_may_grow: bool) -> None:
-    """Refuse per-trial ``resources`` (``trial_resources``) that no node of the connected Ray cluster has.
-
-    Ray Tune would wait for them forever. A cluster joined by address may be autoscaling,
-    so there this only warns.
-    """
-    import ray
-
-    need = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-        return
-    have = ", ".join(sorted({f"{node.get('CPU', 0):g} CPUs + {node.get('GPU', 0):g} GPUs" for node in nodes}))
-    message = (f"cpus_per_trial={need['CPU']:g} and gpus_per_trial={need['GPU']:g}, but no Ray node "
-               f"has that much (nodes: {have})")
-    if not cluster_may_grow:
-        raise ExperimentError(f"{message}; no trial could ever start: lower --cpus-per-trial / --gpus-per-trial")
-    print(f"aebnas: warning: {message}; trials wait until the cluster adds such a node", file=sys.stderr)
 
 
 def make_search_alg(exp: Experiment) -> Any:
@@ -443,8 +293,6 @@ def run(exp: Experiment) -> Any:
     """
     from ray import tune
 
-    from .data import load_dataset
-
     exp.validate()
     address = exp.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -456,7 +304,7 @@ def run(exp: Experiment) -> Any:
     path = experiment_path(exp)
     if exp.resume:
         check_resumable(exp, path)
-    elif not _is_empty(path):
+    elif not is_empty(path):
         raise ExperimentError(f"an experiment already exists at {path}; pass --resume to continue it "
                               "or another --name to start a new one")
 
@@ -581,8 +429,6 @@ def _int_list(text: str) -> list[int]:
 
 def run_cli(exp: Experiment) -> int:
     """``run`` with bad input turned into one message and exit code 2."""
-    from .data import DatasetNotFoundError
-
     try:
         results = run(exp)
     except (ExperimentError, DatasetNotFoundError) as exc:
@@ -596,11 +442,3 @@ def main(defaults: Experiment, argv: Sequence[str] | None = None, description: s
     parser = argparse.ArgumentParser(description=description)
     add_arguments(parser, defaults)
     return run_cli(experiment_from_args(parser.parse_args(argv), defaults))
-
-
-def _cmd_search(args: argparse.Namespace) -> int:
-    return run_cli(experiment_from_args(args, Experiment()))
-
-
-CLI_COMMANDS = {"search": ("run a search (same flags as tune_configs/*.py)",
-                           lambda p: add_arguments(p, Experiment()), _cmd_search)}

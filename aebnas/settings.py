@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from .config import ArchConfig, is_arch_key
 
+EXPERIMENT_FILE = "aebnas_experiment.json"  # an experiment's settings, in its directory
 # Files a trial directory and a retrain run directory hold.
 ARCH_FILE = "arch.json"               # the flat config: architecture + settings
 CHECKPOINT_FILE = "checkpoint.pt"     # resume state (tensors and plain values only)
@@ -28,6 +29,10 @@ METRICS_FILE = "metrics.json"         # retrain: written last, so its presence s
 PAPER_GRID: tuple[float, ...] = tuple(round(0.1 + 0.15 * k, 2) for k in range(7))
 PAPER_LAMBDA = 0.1
 CONFIDENCE_MEASURES = ("margin", "max_prob", "entropy")
+
+
+class ExperimentError(ValueError):
+    """A setting of the experiment is wrong; raised before any trial starts."""
 
 
 @dataclass(frozen=True)

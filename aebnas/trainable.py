@@ -104,7 +104,7 @@ def _fail(trial_dir: Path, message: str) -> CandidateFailure:
     return CandidateFailure(message)
 
 
-def _read_failure(text: str | bytes) -> str | None:
+def permanent_failure(text: str | bytes) -> str | None:
     """The message of a permanent failure record (aebnas 0.1 also recorded out-of-memory: retried now)."""
     try:
         record = json.loads(text)
@@ -117,14 +117,14 @@ def _previous_failure(trial_dir: Path) -> str | None:
     """The error of an earlier attempt of this trial that failed permanently, if any."""
     local = trial_dir / FAILURE_FILE
     if local.exists():
-        return _read_failure(local.read_text())
+        return permanent_failure(local.read_text())
     stored = _stored_failure_file()
     if stored is None:
         return None
     fs, path = stored
     try:
         with fs.open_input_stream(path) as f:
-            return _read_failure(f.read())
+            return permanent_failure(f.read())
     except OSError:  # not there (pyarrow raises FileNotFoundError, an OSError)
         return None
 
@@ -142,6 +142,22 @@ def _out_of_memory(when: str, exc: BaseException) -> TrialError:
     return TrialError(f"{when}: out of memory ({type(exc).__name__}: {exc}); retried by Ray Tune "
                       "(max_failures) and by --resume; if it repeats, lower batch_size or resolution, "
                       "or give each trial more memory")
+
+
+def _trial_device(preference: str) -> str:
+    """``auto`` in a trial: CUDA only when Ray gave the trial a GPU.
+
+    Ray 2.60 no longer hides a node's GPUs from a trial that reserved none, so
+    ``torch.cuda.is_available()`` alone would put CPU trials on a GPU they do not own.
+    """
+    if preference != "auto":
+        return preference
+    try:
+        import ray
+
+        return "cuda" if ray.get_gpu_ids() else "cpu"
+    except Exception:  # outside Ray: whatever the machine has
+        return preference
 
 
 def _threads_for_trial() -> int:
@@ -166,7 +182,7 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
         arch, settings = parse_trial_config(config)
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
         costs = exit_costs(arch)
-        device = select_device(settings.device)
+        device = select_device(_trial_device(settings.device))
         run = CandidateTraining(arch, settings, data, device)
     except ValueError as exc:
         raise _fail(trial_dir, f"candidate cannot be built: {exc}") from exc
@@ -241,6 +257,6 @@ def _node_ip() -> str:
 
 
 __all__ = ["train_candidate", "parse_trial_config", "resolved_config", "TrialSettings", "TrialError",
-           "CandidateFailure",
+           "CandidateFailure", "permanent_failure",
            "epoch_metrics", "SETTING_KEYS", "ARCH_FILE", "EXIT_OUTPUTS_FILE", "CHECKPOINT_FILE",
            "FAILURE_FILE"]

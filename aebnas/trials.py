@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from .cli import UsageError
@@ -26,9 +27,9 @@ from .config import ArchConfig
 from .cost import exit_costs
 from .data import BatchLoader, Dataset, DatasetNotFoundError, load_dataset
 from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, tune_thresholds
-from .experiment import EXPERIMENT_FILE
 from .nn import EarlyExitNet
-from .settings import ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, TrialSettings, parse_trial_config
+from .storage import filesystem
+from .settings import ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, EXPERIMENT_FILE, TrialSettings, parse_trial_config
 from .train import evaluate, load_checkpoint
 
 T = TypeVar("T")
@@ -96,10 +97,8 @@ def read_experiment_dir(path: str | Path) -> ExperimentDir:
 
 def _local_copy(uri: str) -> Path:
     """Copy the experiment at ``uri`` into a fresh local directory; UsageError if it cannot be read."""
-    import pyarrow.fs as pafs
-
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = filesystem(uri)
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             raise UsageError(f"experiment directory {uri} does not exist")
         local = Path(tempfile.mkdtemp(prefix="aebnas_experiment_")) / Path(root).name

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from aebnas.trials import rank
+
 from . import plots
 from .pareto import default_reference, hypervolume, parse_reference, pareto_front
 from .posthoc import exit_breakdown, oracle_bounds, retune_trials, sweep_front, threshold_sweep
@@ -74,10 +76,10 @@ def best_trial(points: pd.DataFrame, budget_macs: float | None = None) -> pd.Ser
     stopped early or unfinished count only when none finished, errored ones only when nothing else."""
     fits = points if budget_macs is None else points[points["avg_macs"] <= budget_macs + 1e-9]
     fits = fits if len(fits) else points
-    for pool in (fits[fits["status"] == "finished"], fits[fits["status"] != "errored"], fits):
-        if len(pool):
-            return pool.sort_values("score", ascending=False, kind="stable").iloc[0]
-    raise AnalysisError("no trial with results")
+    if not len(fits):
+        raise AnalysisError("no trial with results")
+    # aebnas.trials.rank: the same rule as `aebnas retrain --best`.
+    return rank([row for _, row in fits.iterrows()], lambda r: r["status"], lambda r: r["score"])[0]
 
 
 def analyse(paths: Sequence[str], target_macs: float | None = None, budget_macs: float | None = None,

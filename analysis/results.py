@@ -39,8 +39,8 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import pyarrow.fs as pafs
 
-from aebnas.experiment import EXPERIMENT_FILE
-from aebnas.trainable import ARCH_FILE, EXIT_OUTPUTS_FILE, FAILURE_FILE, parse_trial_config, resolved_config
+from aebnas.settings import ARCH_FILE, EXIT_OUTPUTS_FILE, EXPERIMENT_FILE, parse_trial_config, resolved_config
+from aebnas.trainable import FAILURE_FILE, permanent_failure
 
 STATUSES = ("finished", "stopped", "errored", "running", "pending")
 RESULT_FILE = "result.json"
@@ -304,11 +304,9 @@ def _error(trial_dir: Location, since: str | None) -> tuple[str | None, int, boo
     failure, error_txt = trial_dir.child(FAILURE_FILE), trial_dir.child(ERROR_FILE)
     text = error_txt.read_text() if error_txt.is_file() else ""
     failures = count_failures(text, since)
-    if failure.is_file():
-        try:
-            return str(failure.read_json().get("error", "")), failures, True
-        except json.JSONDecodeError:
-            pass
+    permanent = permanent_failure(failure.read_bytes()) if failure.is_file() else None
+    if permanent is not None:
+        return permanent, failures, True
     return (first_error_line(text) or None) if text else None, failures, False
 
 

@@ -169,7 +169,7 @@ def test_labels_from_files_when_the_state_is_missing(tiny_search, tmp_path):
     for trial in trials[:2]:  # both reported one epoch: one was killed, one diverged in its second
         cut = trial / "result.json"
         cut.write_text(cut.read_text().splitlines()[0] + "\n")
-    (trials[1] / "failure.json").write_text(json.dumps({"error": "epoch 2: loss is nan", "time": 0}))
+    (trials[1] / "failure.json").write_text(json.dumps({"error": "epoch 2: loss is nan", "permanent": True, "time": 0}))
     res = load_experiment(exp_dir)
     status = dict(zip(res.trials["trial_id"], res.trials["status"]))
     ids = [d.name[len("trial_"):] for d in trials]

@@ -1,0 +1,107 @@
+"""Joining Ray, and what each trial gets from it: the cluster side of a search.
+
+``connect_ray`` joins a cluster by address (or ``RAY_ADDRESS``) with clear errors, or
+starts local Ray; ``trial_resources`` decides what one trial reserves (a GPU by default
+when the cluster has one); ``check_trial_fits`` refuses resources no node has.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+import ray
+from ray.exceptions import AuthenticationError
+
+from .settings import ExperimentError
+
+
+def check_address_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear message when a Ray head is not listening at ``address``."""
+    if address == "auto":
+        return  # Ray looks up the local head itself
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ExperimentError(f"address={address!r} is not HOST:PORT (e.g. 127.0.0.1:6379 or ray://HOST:10001)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ExperimentError(
+            f"no Ray cluster answers at address={address!r} ({exc}); start one with "
+            f"`ray start --head --port={port}` on that machine, or leave --address unset to run locally") from None
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address_reachable(address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, AuthenticationError) as exc:
+            raise _join_error(address, exc) from None
+    else:
+        ray.init()
+
+
+def _join_error(address: str, exc: Exception) -> ExperimentError:
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # ray.init wraps the GCS's refusal in a RuntimeError that quotes it as text.
+    if any(isinstance(e, AuthenticationError) or "AuthenticationError" in str(e) for e in chain):
+        # Ray sends this machine's token to an address given explicitly only when told to.
+        return ExperimentError(
+            f"the Ray cluster at address={address!r} did not accept this driver: it uses token "
+            "authentication; set RAY_AUTH_MODE=token and give this machine the cluster's token "
+            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH); see docs/cluster.md")
+    return ExperimentError(f"could not join the Ray cluster at address={address!r}: {exc}")
+
+
+def trial_resources(exp: Any, cluster_resources: dict[str, float]) -> dict[str, float]:
+    """What one trial reserves, ``{"cpu": …, "gpu": …}``, on a cluster with ``cluster_resources``
+    (``ray.cluster_resources()``: totals such as ``{"CPU": 16.0, "GPU": 1.0}``).
+
+    ``gpus_per_trial=None`` (the default) gives each trial one GPU when the cluster has one,
+    else none; trials then run one per GPU at most, whatever ``max_concurrent`` allows.
+    """
+    gpus = exp.gpus_per_trial
+    if gpus is None:
+        gpus = 1 if cluster_resources.get("GPU", 0) >= 1 else 0
+    return {"cpu": exp.cpus_per_trial, "gpu": gpus}
+
+
+def describe_resources(resources: dict[str, float], cluster_resources: dict[str, float]) -> str:
+    """One line: what each trial gets, and what the cluster has."""
+    def count(n: float, unit: str) -> str:
+        return f"{n:g} {unit}" + ("" if n == 1 else "s")
+
+    return (f"each trial gets {count(resources['cpu'], 'CPU')} and {count(resources['gpu'], 'GPU')} "
+            f"(cluster: {count(cluster_resources.get('CPU', 0), 'CPU')}, "
+            f"{count(cluster_resources.get('GPU', 0), 'GPU')})")
+
+
+def check_trial_fits(resources: dict[str, float], cluster_may_grow: bool) -> None:
+    """Refuse per-trial ``resources`` (``trial_resources``) that no node of the connected Ray cluster has.
+
+    Ray Tune would wait for them forever. A cluster joined by address may be autoscaling,
+    so there this only warns.
+    """
+    need = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        return
+    have = ", ".join(sorted({f"{node.get('CPU', 0):g} CPUs + {node.get('GPU', 0):g} GPUs" for node in nodes}))
+    message = (f"cpus_per_trial={need['CPU']:g} and gpus_per_trial={need['GPU']:g}, but no Ray node "
+               f"has that much (nodes: {have})")
+    if not cluster_may_grow:
+        raise ExperimentError(f"{message}; no trial could ever start: lower --cpus-per-trial / --gpus-per-trial")
+    print(f"aebnas: warning: {message}; trials wait until the cluster adds such a node", file=sys.stderr)
