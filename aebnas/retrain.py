@@ -127,7 +127,9 @@ def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
     log(f"retraining {trial.name} ({selected_by}) for {settings.epochs} epochs on {device} into {run_dir}")
     run = _Run(run_dir, arch, settings, data, device, log)
     run.train()
-    source = {"experiment": str(exp.path.resolve()), "trial": trial.name, "selected_by": selected_by,
+    # A URI, not the temporary local copy read from it (gone with the next reboot).
+    source = {"experiment": req.experiment_dir if "://" in str(req.experiment_dir) else str(exp.path.resolve()),
+              "trial": trial.name, "selected_by": selected_by,
               "search_metrics": {k: trial.last.get(k) for k in ("score", "accuracy", "avg_macs", "epoch",
                                                                "test_accuracy")} if trial.last else None}
     return run.finish(source)
