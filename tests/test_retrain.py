@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -300,9 +301,15 @@ def test_retrain_reads_an_experiment_at_a_uri(experiment, tmp_path, monkeypatch)
     """``file://`` (as ``s3://``, ``gs://``) goes through pyarrow into a local copy; without
     ``--out`` the run directory is ./retrain_TRIAL, never inside the (remote) experiment."""
     path, exp, trial = experiment
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    # the local copies go to the system's temp dir: here, this test's (pytest removes it)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     lines = []
     metrics = retrain(RetrainRequest("file://" + str(path), trial=trial, epochs=1), log=lines.append)
+    copies = list((tmp_path / "tmp").glob(f"aebnas_experiment_*/{path.name}"))
+    assert len(copies) == 1 and (copies[0] / trial / "params.json").is_file()
     run_dir = Path.cwd() / f"retrain_{trial}"
     assert any(line.startswith(f"retraining {trial} ") and line.endswith(f" into {run_dir}") for line in lines)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
@@ -317,7 +324,7 @@ def test_retrain_reads_an_experiment_at_a_uri(experiment, tmp_path, monkeypatch)
     assert settings.seed == exp.seed and settings.target_macs == exp.target_macs
     # the copy holds what the experiment holds
     copy = read_experiment_dir("file://" + str(path))
-    assert copy.path != path and copy.settings == read_experiment_dir(path).settings
+    assert copy.path.parent.parent == tmp_path / "tmp" and copy.settings == read_experiment_dir(path).settings
     assert [(t.name, t.config, t.last) for t in copy.trials] == \
         [(t.name, t.config, t.last) for t in read_experiment_dir(path).trials]
 
