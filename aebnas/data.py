@@ -4,10 +4,16 @@
 uint8 numpy arrays plus what a trial needs to use them (classes, per-channel mean and
 std, whether horizontal flips make sense). Numpy arrays, not tensors, because Ray's object
 store maps them into every trial of a node without a copy (they arrive read-only);
-tensors would be deserialized, i.e. copied, once per trial. ``BatchLoader`` turns one
-split into normalised float batches on a device; training batches get a random crop and
-flip computed for the whole batch at once (no PIL, no per-sample Python loop), so the
-same code is fast on CPU and GPU and a dataset is copied to the GPU once.
+tensors would be deserialized, i.e. copied, once per trial. :meth:`Dataset.split` makes a
+split's tensors on a device once and caches them on the instance (on CPU they are views of
+the arrays), so all loaders of a trial share one device copy.
+
+The splits keep the file's order (validation is a seeded random sample of it), so nothing
+may take "the first N images" of a split: ``BatchLoader`` turns a split into normalised
+float batches, training batches in a new seeded order every epoch with a random crop and
+flip computed for the whole batch at once (no PIL, no per-sample Python loop);
+:func:`calibration_loader` serves a fixed seeded random sample of the training split for
+BatchNorm recalibration; evaluation uses every image, so its order does not matter.
 """
 
 from __future__ import annotations
