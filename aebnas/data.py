@@ -46,6 +46,7 @@ _TORCHVISION_LAYOUT = {
 }
 _NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 SPLITS = ("train", "val", "test")
+"""Names of a Dataset's splits (:meth:`Dataset.split`, :meth:`BatchLoader.for_split`)."""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -472,7 +473,7 @@ def _as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``a`` as a CPU tensor sharing its memory when it is a numpy array (no copy)."""
     if isinstance(a, torch.Tensor):
         return a
-    if not a.flags.c_contiguous:  # torch cannot wrap negative strides
+    if not a.flags.c_contiguous:  # torch cannot wrap negative strides; splits are contiguous anyway
         a = np.ascontiguousarray(a)
     with warnings.catch_warnings():
         # Arrays from Ray's object store are read-only; nothing here writes to them.
@@ -568,18 +569,13 @@ class BatchLoader:
         Uses the device tensors cached by :meth:`Dataset.split`: loaders of one split share them.
         """
         x, y = data.split(split, device)
-        return cls(
-            x,
-            y,
-            batch_size=batch_size,
-            resolution=resolution,
-            mean=data.mean,
-            std=data.std,
-            train=train,
-            hflip=data.hflip,
-            device=device,
-            seed=seed,
-        )
+        return cls._of_dataset(data, x, y, batch_size=batch_size, resolution=resolution, train=train,
+                              device=device, seed=seed)
+
+    @classmethod
+    def _of_dataset(cls, data: Dataset, x: torch.Tensor, y: torch.Tensor, **kwargs) -> BatchLoader:
+        """A loader over images ``x`` and labels ``y`` of ``data`` with its mean/std/hflip."""
+        return cls(x, y, mean=data.mean, std=data.std, hflip=data.hflip, **kwargs)
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
@@ -659,14 +655,5 @@ def calibration_loader(
     x, y = data.split("train", device)
     size = min(max(num_batches, 1) * batch_size, len(y))
     sample = torch.from_numpy(np.random.default_rng(seed).permutation(len(y))[:size]).to(x.device)
-    return BatchLoader(
-        x[sample],
-        y[sample],
-        batch_size=batch_size,
-        resolution=resolution,
-        mean=data.mean,
-        std=data.std,
-        train=False,
-        hflip=data.hflip,
-        device=device,
-    )
+    return BatchLoader._of_dataset(data, x[sample], y[sample], batch_size=batch_size, resolution=resolution,
+                                  train=False, device=device)
