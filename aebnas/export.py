@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import UsageError
-from .cost import exit_costs
 from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
 from .nn import EarlyExitNet, torch_confidence
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
@@ -47,7 +46,6 @@ class DeployedEarlyExitNet(nn.Module):
 
     classes: List[str]
     exit_positions: List[int]
-    exit_macs: List[float]
     mean: List[float]
     std: List[float]
 
@@ -63,7 +61,6 @@ class DeployedEarlyExitNet(nn.Module):
         self.num_exits = net.num_exits
         self.in_channels, self.resolution = arch.in_channels, arch.resolution
         self.exit_positions = list(arch.exit_positions)
-        self.exit_macs = [float(c) for c in exit_costs(arch).cumulative(np.asarray(th) < 1.0)]
         self.classes, self.mean, self.std = list(classes), [float(m) for m in mean], [float(s) for s in std]
         # The same arithmetic as BatchLoader: x·scale + shift, scale = 1/(255·std) for uint8.
         std_t = torch.tensor(self.std).view(1, -1, 1, 1)
@@ -128,13 +125,19 @@ def load_run(run_dir: str | Path) -> RunFiles:
         hint = " (training unfinished? rerun the same `aebnas retrain` to resume)" \
             if (root / CHECKPOINT_FILE).is_file() else ""
         raise UsageError(f"{root} lacks {', '.join(missing)}{hint}")
-    arch, settings = parse_trial_config(json.loads((root / ARCH_FILE).read_text()))
+    try:
+        arch, settings = parse_trial_config(json.loads((root / ARCH_FILE).read_text()))
+    except ValueError as exc:  # json.JSONDecodeError is one too
+        raise UsageError(f"{root / ARCH_FILE}: {exc}") from None
     th = json.loads((root / THRESHOLDS_FILE).read_text())
     net = EarlyExitNet(arch, th["confidence"])
     try:
         net.load_state_dict(load_checkpoint(root / MODEL_FILE))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    except RuntimeError as exc:  # load_state_dict: missing keys or other shapes
+        raise UsageError(f"{root / MODEL_FILE} does not hold the network of {root / ARCH_FILE} "
+                         f"({str(exc).splitlines()[0]})") from None
     splits, costs = load_exit_outputs(root / EXIT_OUTPUTS_FILE)
     return RunFiles(net.eval(), [float(t) for t in th["thresholds"]], th["confidence"],
                     json.loads((root / METRICS_FILE).read_text()), splits, costs, settings)
@@ -160,6 +163,7 @@ def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = 
     module = DeployedEarlyExitNet(run.net, th, data["mean"], data["std"], data["classes"])
     test = simulate(run.exit_outputs["test"], th, run.costs)
     arch = run.net.arch
+    exit_macs = [float(c) for c in run.costs.cumulative(np.asarray(th) < 1.0)]
     meta = {
         "format": "aebnas TorchScript early-exit network",
         "input": INPUT_CONTRACT, "output": OUTPUT_CONTRACT,
@@ -167,8 +171,8 @@ def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = 
         "mean": data["mean"], "std": data["std"], "confidence": run.confidence, "thresholds": th,
         "target_macs": target,
         "exits": [{"index": j, "position": p, "threshold": th[j], "active": th[j] < 1.0,
-                   "macs": module.exit_macs[j]} for j, p in enumerate(arch.exit_positions)]
-        + [{"index": arch.num_exits, "position": "final", "macs": module.exit_macs[-1]}],
+                   "macs": exit_macs[j]} for j, p in enumerate(arch.exit_positions)]
+        + [{"index": arch.num_exits, "position": "final", "macs": exit_macs[-1]}],
         "static_macs": run.costs.static_macs,
         "test": {"accuracy": test.accuracy, "avg_macs": test.avg_macs,
                  "utilization": [float(u) for u in test.utilization]},

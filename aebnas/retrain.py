@@ -155,7 +155,9 @@ class _Run:
             state = load_checkpoint(path, self.training.device)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        saved = state["config"]
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            raise UsageError(f"{path} is not a retrain checkpoint (it holds no run config); pass another --out")
         differ = [k for k in sorted(set(saved) | set(self.config))
                   if (k in _TRAINING_KEYS or k in self.arch.to_flat()) and saved.get(k) != self.config.get(k)]
         if differ:

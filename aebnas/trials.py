@@ -95,17 +95,45 @@ def read_experiment_dir(path: str | Path) -> ExperimentDir:
     return ExperimentDir(root, json.loads(exp_file.read_text()), trials)
 
 
+# What ranking and retraining read of a trial at a URI (its last checkpoint is added).
+_TRIAL_FILES = (ARCH_FILE, "params.json", "result.json", EXIT_OUTPUTS_FILE, "error.txt")
+
+
 def _local_copy(uri: str) -> Path:
-    """Copy the experiment at ``uri`` into a fresh local directory; UsageError if it cannot be read."""
+    """Copy what this module reads of the experiment at ``uri`` into a local directory removed at exit.
+
+    The settings file and, per trial, its config, results, exit outputs, error and last
+    checkpoint (not every checkpoint). UsageError if it cannot be read.
+    """
+    local_fs = pafs.LocalFileSystem()
     try:
         fs, root = filesystem(uri)
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             raise UsageError(f"experiment directory {uri} does not exist")
-        local = Path(tempfile.mkdtemp(prefix="aebnas_experiment_")) / Path(root).name
-        pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        scratch = tempfile.TemporaryDirectory(prefix="aebnas_experiment_")
+        _COPIES.append(scratch)  # removed when the process exits
+        local = Path(scratch.name) / Path(root).name
+        wanted = [EXPERIMENT_FILE]
+        for trial in fs.get_file_info(pafs.FileSelector(root)):
+            if trial.type != pafs.FileType.Directory or not trial.base_name.startswith("trial_"):
+                continue
+            inside = fs.get_file_info(pafs.FileSelector(trial.path))
+            names = {i.base_name for i in inside if i.type == pafs.FileType.File}
+            wanted += [f"{trial.base_name}/{f}" for f in _TRIAL_FILES if f in names]
+            checkpoints = sorted(i.base_name for i in inside
+                                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+            wanted += [f"{trial.base_name}/{checkpoints[-1]}"] if checkpoints else []
+        for rel in wanted:
+            if fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.NotFound:
+                continue
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{root}/{rel}", str(local / rel), source_filesystem=fs, destination_filesystem=local_fs)
     except (OSError, ValueError) as exc:  # pyarrow: unknown scheme, no access, …
         raise UsageError(f"cannot read the experiment at {uri}: {exc}") from None
     return local
+
+
+_COPIES: list[tempfile.TemporaryDirectory] = []
 
 
 def _last_result(path: Path) -> dict[str, Any] | None:

@@ -58,3 +58,19 @@ def tiny_search(ray_local, small_npz, tmp_path_factory):
     exp = tiny_experiment(tmp_path_factory.mktemp("results"), small_npz)
     results = run(exp)
     return Path(experiment_path(exp)), results, exp
+
+
+def _run_code(marker):
+    """What unpickling an ``Evil`` object calls: it leaves ``marker`` behind."""
+    Path(marker).write_text("code ran while loading")
+    return {}
+
+
+class Evil:
+    """A Python object in a checkpoint: unpickling it runs ``_run_code`` (tests of weights-only loading)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _run_code, (self.marker,)

@@ -28,6 +28,7 @@ from aebnas.retrain import RetrainRequest, retrain
 from aebnas.settings import parse_trial_config
 from aebnas.train import load_checkpoint, recalibrate_bn
 from aebnas.trials import load_experiment_data, read_experiment_dir
+from conftest import Evil
 
 EPOCHS = 1  # export and predict need a finished run, not a good one
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -206,22 +207,6 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "half" / "checkpoint.pt").write_bytes(b"")
     code, _, err = _run_cli(capsys, "export", tmp_path / "half", "--out", tmp_path / "m.pt")
     assert code == 2 and "lacks arch.json, model.pt" in err and "rerun the same `aebnas retrain`" in err
-
-
-def _run_code(marker):
-    """What unpickling an ``Evil`` object calls: it leaves ``marker`` behind."""
-    Path(marker).write_text("code ran while loading")
-    return {}
-
-
-class Evil:
-    """A Python object in a checkpoint: unpickling it runs ``_run_code``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return _run_code, (self.marker,)
 
 
 def test_export_refuses_a_model_file_carrying_pickled_objects(run, tmp_path, capsys):

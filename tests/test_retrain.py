@@ -29,6 +29,7 @@ from aebnas.settings import parse_trial_config
 from aebnas.train import CandidateTraining, evaluate, load_checkpoint
 from aebnas.trials import (ExperimentDir, TrialRecord, find_trial, load_experiment_data, read_experiment_dir,
                            score_trials, trial_arch, val_outputs_from_checkpoint)
+from conftest import Evil
 
 EPOCHS = 3
 
@@ -330,20 +331,6 @@ def test_retrain_reads_an_experiment_at_a_uri(experiment, tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------- files that would run code
-def _run_code(marker):
-    """What unpickling an ``Evil`` object calls: it leaves ``marker`` behind."""
-    Path(marker).write_text("code ran while loading")
-    return {}
-
-
-class Evil:
-    """A Python object in a checkpoint: unpickling it runs ``_run_code``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return _run_code, (self.marker,)
 
 
 def _poison(checkpoint, marker):
