@@ -1,4 +1,4 @@
-"""Datasets held in memory as uint8 numpy arrays, and a batch loader that augments on tensors.
+"""Datasets held in memory as uint8 numpy arrays: loading, validation split, device copies.
 
 ``load_dataset`` returns a :class:`Dataset`: train / validation / test splits as NCHW
 uint8 numpy arrays plus what a trial needs to use them (classes, per-channel mean and
@@ -9,10 +9,10 @@ split's tensors on a device once and caches them on the instance (on CPU they ar
 the arrays), so all loaders of a trial share one device copy.
 
 The splits keep the file's order (validation is a seeded random sample of it), so nothing
-may take "the first N images" of a split: ``BatchLoader`` turns a split into normalised
+may take "the first N images" of a split: ``aebnas.batches.BatchLoader`` turns a split into normalised
 float batches, training batches in a new seeded order every epoch with a random crop and
 flip computed for the whole batch at once (no PIL, no per-sample Python loop);
-:func:`calibration_loader` serves a fixed seeded random sample of the training split for
+:func:`aebnas.batches.calibration_loader` serves a fixed seeded random sample of the training split for
 BatchNorm recalibration; evaluation uses every image, so its order does not matter.
 """
 
@@ -23,12 +23,10 @@ import os
 import pathlib
 import tarfile
 import warnings
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 DATASET_NAMES = ("cifar10-subset", "cifar10", "cifar100", "svhn")
 """Names ``load_dataset`` knows; any path ending in ``.npz`` is accepted too."""
@@ -451,24 +449,6 @@ def _npz_classes(path: pathlib.Path, classes: np.ndarray) -> list[str]:
     return [c.decode() if isinstance(c, bytes) else str(c) for c in classes.tolist()]
 
 
-# --------------------------------------------------------------------------- batches
-
-
-def _require_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-
-
-def _is_uint8(a: np.ndarray | torch.Tensor) -> bool:
-    return a.dtype == (torch.uint8 if isinstance(a, torch.Tensor) else np.uint8)
-
-
-def _is_integer(a: np.ndarray | torch.Tensor) -> bool:
-    if isinstance(a, torch.Tensor):
-        return not (a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool)
-    return np.issubdtype(a.dtype, np.integer)
-
-
 def _as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``a`` as a CPU tensor sharing its memory when it is a numpy array (no copy)."""
     if isinstance(a, torch.Tensor):
@@ -479,181 +459,3 @@ def _as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
         # Arrays from Ray's object store are read-only; nothing here writes to them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         return torch.from_numpy(a)
-
-
-class BatchLoader:
-    """Iterates (images float32 normalized (B,C,R,R) on device, labels int64 on device).
-
-    ``train=True``: a new seeded order every epoch (epoch ``k`` of a given ``seed`` is the
-    same in every run), a random crop with ``crop_padding`` zero pixels on each side at the
-    native size and, if ``hflip``, a random horizontal flip per sample; ``drop_last``
-    defaults to True when there is more than one batch. ``train=False``: every sample in
-    order, no augmentation. Images are scaled to [0, 1], normalised with ``mean``/``std``
-    (per channel) and resized bilinearly to ``resolution`` when it differs from the native
-    size. ``x`` and ``y`` are numpy arrays (read-only ones too) or tensors; on CPU a numpy
-    array is wrapped, not copied. The uint8 images move to ``device`` once, here; random
-    draws for an epoch move once per epoch.
-    """
-
-    def __init__(
-        self,
-        x: np.ndarray | torch.Tensor,
-        y: np.ndarray | torch.Tensor,
-        *,
-        batch_size: int,
-        resolution: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        train: bool,
-        hflip: bool = True,
-        crop_padding: int = 4,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-        drop_last: bool | None = None,
-    ) -> None:
-        arrays = (np.ndarray, torch.Tensor)
-        if not isinstance(x, arrays) or not _is_uint8(x) or x.ndim != 4:
-            got = f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, arrays) else type(x).__name__
-            raise ValueError(f"x has {got}; expected a uint8 numpy array or tensor (N, C, H, W)")
-        if not isinstance(y, arrays) or y.ndim != 1 or len(y) != len(x):
-            got = f"shape {tuple(y.shape)}" if isinstance(y, arrays) else type(y).__name__
-            raise ValueError(
-                f"y has {got}; expected a 1-D numpy array or tensor with one label per image ({len(x)})"
-            )
-        if not _is_integer(y):
-            raise ValueError(f"y has dtype {y.dtype}; expected integer class labels")
-        if len(x) == 0:
-            raise ValueError("x has no images; expected at least one")
-        _require_int("batch_size", batch_size, 1)
-        _require_int("resolution", resolution, 8)
-        _require_int("crop_padding", crop_padding, 0)
-        _require_int("seed", seed, 0)
-        channels = x.shape[1]
-        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean={mean} and std={std} must have one value per channel ({channels})")
-        if min(std) <= 0:
-            raise ValueError(f"std={std} must be > 0 in every channel")
-
-        self.device = torch.device(device)
-        self.x = _as_tensor(x).to(self.device)
-        self.y = _as_tensor(y).to(self.device, dtype=torch.int64)
-        self.batch_size = batch_size
-        self.resolution = resolution
-        self.train = train
-        self.hflip = hflip
-        self.crop_padding = crop_padding
-        self.seed = seed
-        self.drop_last = (train and len(x) > batch_size) if drop_last is None else drop_last
-        self.epoch = 0
-        # (x / 255 - mean) / std as one multiply-add.
-        std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
-
-    @classmethod
-    def for_split(
-        cls,
-        data: Dataset,
-        split: str,
-        *,
-        batch_size: int,
-        resolution: int,
-        train: bool,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> BatchLoader:
-        """A loader over ``data``'s ``split`` ("train", "val" or "test") with its mean/std/hflip.
-
-        Uses the device tensors cached by :meth:`Dataset.split`: loaders of one split share them.
-        """
-        x, y = data.split(split, device)
-        return cls._of_dataset(data, x, y, batch_size=batch_size, resolution=resolution, train=train,
-                              device=device, seed=seed)
-
-    @classmethod
-    def _of_dataset(cls, data: Dataset, x: torch.Tensor, y: torch.Tensor, **kwargs) -> BatchLoader:
-        """A loader over images ``x`` and labels ``y`` of ``data`` with its mean/std/hflip."""
-        return cls(x, y, mean=data.mean, std=data.std, hflip=data.hflip, **kwargs)
-
-    def __len__(self) -> int:
-        """Number of batches per epoch."""
-        n = len(self.y)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration epoch ``epoch`` (e.g. after resuming from a checkpoint)."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, bs = len(self.y), self.batch_size
-        if not self.train:
-            for start in range(0, len(self) * bs, bs):
-                yield self._finish(self.x[start : start + bs]), self.y[start : start + bs]
-            return
-        # Random draws come from a CPU generator seeded by (seed, epoch), so the epoch is the
-        # same on any device and after a resume; they cross to the device once per epoch.
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
-        gen = torch.Generator().manual_seed(int(state))
-        self.epoch += 1
-        order = torch.randperm(n, generator=gen).to(self.device)
-        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen).to(self.device)
-        flips = torch.rand(n, generator=gen) < 0.5
-        flips = (flips if self.hflip else torch.zeros_like(flips)).to(self.device)
-        for start in range(0, len(self) * bs, bs):
-            idx = order[start : start + bs]
-            x = self._crop_flip(self.x[idx], offsets[start : start + bs], flips[start : start + bs])
-            yield self._finish(x), self.y[idx]
-
-    def _crop_flip(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """Crop each padded image at its (row, col) offset, mirrored where ``flips``; one gather."""
-        b, c, h, w = x.shape
-        p = self.crop_padding
-        padded = F.pad(x, (p, p, p, p)) if p else x
-        rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (B, H)
-        cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
-        cols = torch.where(flips[:, None], cols.flip(1), cols)
-        return padded[
-            torch.arange(b, device=x.device)[:, None, None, None],
-            torch.arange(c, device=x.device)[None, :, None, None],
-            rows[:, None, :, None],
-            cols[:, None, None, :],
-        ]
-
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() * self._scale + self._shift
-        if x.shape[-2:] != (self.resolution, self.resolution):
-            x = F.interpolate(
-                x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=False
-            )
-        return x
-
-
-def calibration_loader(
-    data: Dataset,
-    *,
-    resolution: int,
-    batch_size: int,
-    num_batches: int,
-    seed: int,
-    device: str | torch.device,
-) -> BatchLoader:
-    """A loader over a fixed random sample of training images, for BatchNorm recalibration.
-
-    The sample is ``min(num_batches * batch_size, n_train)`` images (one batch's worth when
-    ``num_batches`` is 0, so a caller can build it unconditionally) chosen by a permutation
-    seeded with ``seed`` and served in that shuffled order without augmentation: the same
-    images on every call with the same seed, and a mix of classes whatever the file order
-    (the first batches of a class-sorted file hold one class). It is indexed once from the
-    cached device tensors of :meth:`Dataset.split`. Returns a :class:`BatchLoader` with
-    ``train=False`` of ``ceil(sample / batch_size)`` batches.
-    """
-    _require_int("num_batches", num_batches, 0)
-    _require_int("batch_size", batch_size, 1)
-    _require_int("seed", seed, 0)
-    x, y = data.split("train", device)
-    size = min(max(num_batches, 1) * batch_size, len(y))
-    sample = torch.from_numpy(np.random.default_rng(seed).permutation(len(y))[:size]).to(x.device)
-    return BatchLoader._of_dataset(data, x[sample], y[sample], batch_size=batch_size, resolution=resolution,
-                                  train=False, device=device)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ArchConfig
-from .data import BatchLoader, Dataset, calibration_loader
+from .batches import BatchLoader, calibration_loader
+from .data import Dataset
 from .exit_policy import ExitOutputs
 from .nn import EarlyExitNet, torch_confidence
 from .settings import TrainSettings, TrialSettings

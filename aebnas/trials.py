@@ -25,7 +25,8 @@ import torch
 from .cli import UsageError
 from .config import ArchConfig
 from .cost import exit_costs
-from .data import BatchLoader, Dataset, DatasetNotFoundError, load_dataset
+from .batches import BatchLoader
+from .data import Dataset, DatasetNotFoundError, load_dataset
 from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, tune_thresholds
 from .nn import EarlyExitNet
 from .storage import filesystem

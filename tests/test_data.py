@@ -1,4 +1,4 @@
-"""Tests for aebnas/data.py: loaders read the real on-disk formats; batches are exact."""
+"""Tests for aebnas/data.py and aebnas/batches.py: loaders read the real on-disk formats; batches are exact."""
 
 import hashlib
 import pickle
@@ -11,15 +11,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
 
-from aebnas.data import (
-    DATASET_NAMES,
-    BatchLoader,
-    Dataset,
-    DatasetNotFoundError,
-    calibration_loader,
-    embedded_dataset_path,
-    load_dataset,
-)
+from aebnas.batches import BatchLoader, calibration_loader
+from aebnas.data import DATASET_NAMES, Dataset, DatasetNotFoundError, embedded_dataset_path, load_dataset
 
 
 def _md5(path):

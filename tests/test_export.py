@@ -20,7 +20,8 @@ from torch import nn
 from aebnas.cli import main
 from aebnas.config import ExitModuleConfig, uniform_arch
 from aebnas.cost import exit_costs
-from aebnas.data import BatchLoader, load_dataset
+from aebnas.batches import BatchLoader
+from aebnas.data import load_dataset
 from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
 from aebnas.export import DeployedEarlyExitNet, export, load_run, predict
 from aebnas.nn import EarlyExitNet, torch_confidence

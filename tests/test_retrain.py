@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from aebnas.cli import UsageError, main
 from aebnas.cost import exit_costs
-from aebnas.data import BatchLoader, load_dataset
+from aebnas.batches import BatchLoader
+from aebnas.data import load_dataset
 from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
 from aebnas.export import load_run
 from aebnas.retrain import DEFAULT_EPOCHS, RetrainRequest, retrain

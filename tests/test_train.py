@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from aebnas.config import PAPER_SPACE, ArchConfig, ExitModuleConfig, uniform_arch
-from aebnas.data import BatchLoader, load_dataset
+from aebnas.batches import BatchLoader
+from aebnas.data import load_dataset
 from aebnas.nn import torch_confidence
 from aebnas.nn import EarlyExitNet
 from aebnas.train import (
