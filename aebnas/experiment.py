@@ -134,13 +134,8 @@ class Experiment(TrialSettings):
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
 
-    def param_space(self, num_classes: int = 10, in_channels: int = 3, gpus_per_trial: float | None = None
-                    ) -> dict[str, Any]:
-        """The Tuner's param space: the search space's samplers plus the fixed settings.
-
-        ``gpus_per_trial`` (what each trial reserves, if known): with 0, ``device="auto"`` becomes
-        ``"cpu"``, because Ray 2.60 no longer hides a node's GPUs from a trial that reserved none.
-        """
+    def param_space(self, num_classes: int = 10, in_channels: int = 3) -> dict[str, Any]:
+        """The Tuner's param space: the search space's samplers plus the fixed settings."""
         from search_spaces import SPACES
 
         try:
@@ -148,8 +143,6 @@ class Experiment(TrialSettings):
         except (TypeError, ValueError) as exc:
             raise ExperimentError(f"space_kwargs={self.space_kwargs!r} for space {self.space!r}: {exc}") from None
         settings = self.trial_settings().to_dict()
-        if gpus_per_trial == 0 and self.device == "auto":
-            settings["device"] = "cpu"
         return {**space, **settings, "width_mult": self.width_mult, "num_classes": num_classes,
                 "in_channels": in_channels}
 
@@ -251,7 +244,7 @@ def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, flo
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data), resources)
-    param_space = exp.param_space(data.num_classes, data.in_channels, gpus_per_trial=resources["gpu"])
+    param_space = exp.param_space(data.num_classes, data.in_channels)
     if exp.resume:  # run() has checked that Ray Tune can restore it
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=param_space)

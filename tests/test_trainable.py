@@ -87,3 +87,15 @@ def _min_arch():
     from aebnas.config import smallest_arch
 
     return smallest_arch().to_flat()
+
+
+def test_a_trial_without_a_gpu_runs_on_cpu(ray_local):
+    """device=auto inside Ray: CUDA only when Ray gave the task a GPU (Ray 2.60 does not hide a
+    node's GPUs from tasks that reserved none); explicit devices are kept."""
+    from aebnas.trainable import _trial_device
+
+    @ray_local.remote(num_gpus=0)
+    def devices():
+        return _trial_device("auto"), _trial_device("cuda:1")
+
+    assert ray_local.get(devices.remote()) == ("cpu", "cuda:1")
