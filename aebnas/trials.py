@@ -123,7 +123,10 @@ def _local_copy(uri: str) -> Path:
             wanted += [f"{trial.base_name}/{f}" for f in _TRIAL_FILES if f in names]
             checkpoints = sorted(i.base_name for i in inside
                                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-            wanted += [f"{trial.base_name}/{checkpoints[-1]}"] if checkpoints else []
+            if checkpoints:
+                last = f"{trial.path}/{checkpoints[-1]}"
+                wanted += [f"{trial.base_name}/{checkpoints[-1]}/{i.base_name}"
+                           for i in fs.get_file_info(pafs.FileSelector(last)) if i.type == pafs.FileType.File]
         for rel in wanted:
             if fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.NotFound:
                 continue
