@@ -1,4 +1,4 @@
-"""The trial's contract (DESIGN.md): metrics every epoch, artifacts on disk, consistent with simulate."""
+"""The trial's contract (docs/design.md): metrics every epoch, artifacts on disk, consistent with simulate."""
 
 import json
 
