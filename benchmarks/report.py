@@ -47,11 +47,14 @@ def _machine(r: dict) -> str:
 def render(results: list[dict]) -> str:
     lines = [INTRO, "## Claims", "", "| # | claim | goal | measured | holds |", "|---|---|---|---|---|"]
     for r in results:
+        stale = f" **Stale:** {r['stale']}" if r.get("stale") else ""
         lines.append(f"| {r['number']} | [{r['title']}](#{r['number']}-{_anchor(r['title'])}) | {r['goal']} | "
-                     f"{r['measured']} | {_holds(r['holds'])} |")
+                     f"{r['measured']}{stale} | {_holds(r['holds'])} |")
     for r in results:
-        lines += ["", f"## {r['number']}. {r['title']}", "",
-                  f"**Goal:** {r['goal']}  ", f"**Command:** `{r['command']}`  ",
+        lines += ["", f"## {r['number']}. {r['title']}", ""]
+        if r.get("stale"):  # set by hand on a result whose code changed since it ran; a rerun drops it
+            lines += [f"> **Stale:** {r['stale']}", ""]
+        lines += [f"**Goal:** {r['goal']}  ", f"**Command:** `{r['command']}`  ",
                   f"**Date:** {r['date']} ({r['wall_s']:.0f} s)  ", f"**Machine:** {_machine(r)}", "",
                   f"**Result:** {r['measured']} — holds: {_holds(r['holds'])}", "", r["details"].rstrip()]
     return "\n".join(lines).rstrip() + "\n"
