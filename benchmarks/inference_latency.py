@@ -71,7 +71,7 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
     from aebnas.config import ArchConfig
     from aebnas.cost import exit_costs
     from aebnas.batches import BatchLoader
-from aebnas.data import load_dataset
+    from aebnas.data import load_dataset
     from aebnas.nn import EarlyExitNet
     from aebnas.settings import CHECKPOINT_FILE
     from aebnas.train import load_checkpoint
