@@ -15,6 +15,11 @@ BN_MOMENTUM = 0.1
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "hswish": nn.Hardswish}
 
 
+def expanded_channels(in_channels: int, expansion: int) -> int:
+    """Middle channels of an inverted residual: ``in·expansion`` made divisible by 8 (no expand conv at 1)."""
+    return make_divisible(in_channels * expansion) if expansion != 1 else in_channels
+
+
 def make_activation(name: str | None) -> nn.Module:
     if name is None:
         return nn.Identity()
@@ -59,7 +64,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: int, expansion: int,
                  stride: int = 1, use_se: bool = False, activation: str = "relu") -> None:
         super().__init__()
-        mid = make_divisible(in_channels * expansion) if expansion != 1 else in_channels
+        mid = expanded_channels(in_channels, expansion)
         layers: list[nn.Module] = []
         if expansion != 1:
             layers.append(ConvBNAct(in_channels, mid, 1, activation=activation))

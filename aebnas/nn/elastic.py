@@ -22,19 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import (NUM_STAGES, ArchConfig, BlockConfig, BlockRow, ExitConfig, ExitModuleConfig,
-                      SpaceValues, make_divisible, uniform_arch)
-from .blocks import InvertedResidual
+                      SpaceValues, uniform_arch)
+from .blocks import InvertedResidual, expanded_channels
 from .elastic_ops import ElasticConv2d, ElasticConvBNAct, ElasticDepthwiseConv2d, ElasticLinear, ElasticSqueezeExcite
 from .exits import ExitBranch, ExitModule
 from .network import EarlyExitNet
 
 
 # --------------------------------------------------------------------------- blocks
-
-
-def expanded_channels(in_channels: int, expansion: int) -> int:
-    """Middle channels of an inverted residual (as ``InvertedResidual`` computes them)."""
-    return make_divisible(in_channels * expansion) if expansion != 1 else in_channels
 
 
 class ElasticInvertedResidual(nn.Module):
