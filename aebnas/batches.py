@@ -63,6 +63,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         seed: int = 0,
         drop_last: bool | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         arrays = (np.ndarray, torch.Tensor)
         if not isinstance(x, arrays) or not _is_uint8(x) or x.ndim != 4:
@@ -81,6 +82,14 @@ class BatchLoader:
         _require_int("resolution", resolution, 8)
         _require_int("crop_padding", crop_padding, 0)
         _require_int("seed", seed, 0)
+        rank, world = shard
+        _require_int("shard world size", world, 1)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+            raise ValueError(f"shard={shard!r}: expected (rank, world_size) with 0 <= rank < world_size")
+        if train is False and world != 1:
+            raise ValueError("shard is for training batches (train=True); evaluation reads the whole split")
+        if len(x) < world:
+            raise ValueError(f"{len(x)} images cannot be shared by {world} workers")
         channels = x.shape[1]
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != channels or len(std) != channels:
@@ -97,7 +106,9 @@ class BatchLoader:
         self.hflip = hflip
         self.crop_padding = crop_padding
         self.seed = seed
-        self.drop_last = (train and len(x) > batch_size) if drop_last is None else drop_last
+        self.shard = (rank, world)
+        self._shard_size = len(x) // world  # every worker gets as many images (and batches)
+        self.drop_last = (train and self._shard_size > batch_size) if drop_last is None else drop_last
         self.epoch = 0
         # (x / 255 - mean) / std as one multiply-add.
         std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
@@ -131,8 +142,8 @@ class BatchLoader:
         return cls(x, y, mean=data.mean, std=data.std, hflip=data.hflip, **kwargs)
 
     def __len__(self) -> int:
-        """Number of batches per epoch."""
-        n = len(self.y)
+        """Number of batches per epoch (of this worker's shard)."""
+        n = self._shard_size
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -140,7 +151,7 @@ class BatchLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, bs = len(self.y), self.batch_size
+        n, bs = self._shard_size, self.batch_size
         if not self.train:
             for start in range(0, len(self) * bs, bs):
                 yield self._finish(self.x[start : start + bs]), self.y[start : start + bs]
@@ -150,9 +161,12 @@ class BatchLoader:
         state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
         gen = torch.Generator().manual_seed(int(state))
         self.epoch += 1
-        order = torch.randperm(n, generator=gen).to(self.device)
-        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen).to(self.device)
-        flips = torch.rand(n, generator=gen) < 0.5
+        # One permutation of the whole split per epoch, the same on every worker; worker r
+        # takes every world-th image of it (as torch's DistributedSampler does).
+        rank, world = self.shard
+        order = torch.randperm(len(self.y), generator=gen)[rank::world][:n].to(self.device)
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (len(self.y), 2), generator=gen)[:n].to(self.device)
+        flips = torch.rand(len(self.y), generator=gen)[:n] < 0.5
         flips = (flips if self.hflip else torch.zeros_like(flips)).to(self.device)
         for start in range(0, len(self) * bs, bs):
             idx = order[start : start + bs]
@@ -175,12 +189,14 @@ class BatchLoader:
         ]
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() * self._scale + self._shift
-        if x.shape[-2:] != (self.resolution, self.resolution):
-            x = F.interpolate(
-                x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=False
-            )
+        return resize(x.float() * self._scale + self._shift, self.resolution)
+
+
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """A batch of normalised images resized bilinearly to ``resolution`` (unchanged if it has that size)."""
+    if x.shape[-2:] == (resolution, resolution):
         return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False)
 
 
 def calibration_loader(

@@ -25,6 +25,7 @@ network (no exits) uses 0.
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -448,8 +449,38 @@ def largest_arch(space: SpaceValues = PAPER_SPACE, **kwargs: Any) -> ArchConfig:
                         exits=space.exit_positions, exit_module=mod, second_module=mod2, **kwargs)
 
 
+def random_arch(space: SpaceValues, rng: random.Random, *, min_exits: int = 1, **kwargs: Any) -> ArchConfig:
+    """An architecture of ``space`` drawn uniformly per choice from ``rng`` (the supernet's sampler).
+
+    Every stage depth, block kernel and expansion, resolution and exit-module value is one
+    uniform draw; each exit position exists with probability 1/2, and when fewer than
+    ``min_exits`` do, the deepest missing ones are added (as ``ArchConfig.from_flat``
+    repairs a Ray Tune sample). ``kwargs`` set width, classes and input channels.
+    """
+    stages = tuple(StageConfig(tuple(BlockConfig(rng.choice(space.kernels), rng.choice(space.expansions))
+                                     for _ in range(rng.choice(space.depths))))
+                   for _ in range(NUM_STAGES))
+    positions = [p for p in space.exit_positions if rng.random() < 0.5]
+    for p in sorted(space.exit_positions, reverse=True):
+        if len(positions) >= min(min_exits, len(space.exit_positions)):
+            break
+        if p not in positions:
+            positions.append(p)
+
+    def module(channels: tuple[int, ...]) -> ExitModuleConfig:
+        return ExitModuleConfig(rng.choice(channels), rng.choice(space.exit_kernels),
+                                rng.choice(space.exit_expansions), rng.choice(space.exit_pools))
+
+    exits = []
+    for p in sorted(positions):
+        first, second = module(space.exit_m1_channels), module(space.exit_m2_channels)
+        exits.append(ExitConfig(p, (first,) if second.channels == 0 else (first, second)))
+    kwargs.setdefault("resolution", rng.choice(space.resolutions))
+    return ArchConfig(stages=stages, exits=tuple(exits), **kwargs)
+
+
 __all__ = [
-    "Allowed", "SpaceValues", "BlockRow", "make_divisible", "PAPER_SPACE", "BlockConfig", "StageConfig", "ExitModuleConfig",
+    "random_arch", "Allowed", "SpaceValues", "BlockRow", "make_divisible", "PAPER_SPACE", "BlockConfig", "StageConfig", "ExitModuleConfig",
     "ExitConfig", "ArchConfig", "arch_keys", "is_arch_key", "uniform_arch", "smallest_arch",
     "largest_arch", "NUM_STAGES", "EXIT_POSITIONS",
 ]

@@ -41,6 +41,7 @@ class TrainSettings:
 
     SGD with Nesterov momentum and a one-cycle schedule gets a MobileNetV3 candidate to a
     useful accuracy in a few epochs; ``exit_weight`` is w in CE(final) + w·ΣCE(exit_i).
+    ``epochs`` may be 0 only where weights are inherited (a supernet's subnet: scored as is).
     ``bn_recalibration_batches`` batches of a fixed, seeded, shuffled sample of the training
     split recompute BatchNorm statistics before every evaluation. ``amp``: bfloat16/float16
     autocast on CUDA (ignored on CPU).
@@ -64,7 +65,7 @@ class TrainSettings:
         def integer(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        checks = {"epochs": integer(self.epochs) and self.epochs >= 1,
+        checks = {"epochs": integer(self.epochs) and self.epochs >= 0,
                   "batch_size": integer(self.batch_size) and self.batch_size >= 1,
                   "lr": self.lr > 0 and math.isfinite(self.lr),
                   "weight_decay": self.weight_decay >= 0, "exit_weight": self.exit_weight >= 0,
@@ -83,7 +84,12 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class TrialSettings(TrainSettings):
-    """Everything fixed that travels in a trial's config besides the architecture."""
+    """Everything fixed that travels in a trial's config besides the architecture.
+
+    ``supernet``: the supernet file the candidates inherit their weights from (None: they
+    train from scratch); then ``epochs`` are fine-tuning epochs (0: score the inherited
+    weights as they are) at learning rate ``finetune_lr`` instead of ``lr``.
+    """
 
     dataset: str = "cifar10-subset"
     target_macs: float = 17.0
@@ -93,6 +99,8 @@ class TrialSettings(TrainSettings):
     threshold_grid: tuple[float, ...] = PAPER_GRID
     eval_batch_size: int = 512
     device: str = "auto"
+    supernet: str | None = None
+    finetune_lr: float = 0.01
 
     def check(self) -> None:
         super().check()
@@ -102,6 +110,11 @@ class TrialSettings(TrainSettings):
             raise ValueError(f"confidence={self.confidence!r} is not one of {CONFIDENCE_MEASURES}")
         if self.score_lambda < 0:
             raise ValueError(f"score_lambda={self.score_lambda} must be ≥ 0")
+        if not self.finetune_lr > 0 or not math.isfinite(self.finetune_lr):
+            raise ValueError(f"finetune_lr={self.finetune_lr!r} must be a finite number > 0")
+        if self.epochs == 0 and self.supernet is None:
+            raise ValueError("epochs=0 scores inherited weights only, so it needs a supernet; "
+                             "without one a candidate trains for epochs ≥ 1")
         if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size={self.eval_batch_size!r} must be an integer ≥ 1")
         grid = tuple(self.threshold_grid)

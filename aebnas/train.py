@@ -8,6 +8,7 @@ Nothing here imports Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import time
@@ -187,6 +188,32 @@ EVAL_SPLITS = ("val", "test")
 """The splits a candidate is scored on: thresholds are tuned on val, test only measures."""
 
 
+class Scorer:
+    """How every network is scored: BatchNorm recalibrated, then every exit's outputs on a split.
+
+    Holds, for one dataset and resolution, the fixed, seeded, shuffled calibration sample of
+    the training split (``bn_batches`` batches of ``batch_size``) and the evaluation loaders. Calling it recomputes a network's
+    BatchNorm statistics exactly (:func:`recalibrate_bn`) and evaluates it: a candidate, a
+    retrained network and a supernet's subnet are all scored by this one path.
+    """
+
+    def __init__(self, data: Dataset, resolution: int, device: torch.device, *, batch_size: int,
+                 bn_batches: int, seed: int, eval_batch_size: int = 512, confidence: str = "margin") -> None:
+        self.bn_batches, self.confidence = bn_batches, confidence
+        self.calibration = calibration_loader(data, resolution=resolution, batch_size=batch_size,
+                                              num_batches=bn_batches, seed=seed, device=device)
+        self.eval_batches = {split: BatchLoader.for_split(data, split, batch_size=eval_batch_size,
+                                                          resolution=resolution, train=False, device=device)
+                             for split in EVAL_SPLITS}
+
+    def __call__(self, model: nn.Module, splits: Sequence[str] = EVAL_SPLITS) -> dict[str, ExitOutputs]:
+        unknown = [s for s in splits if s not in self.eval_batches]
+        if unknown:
+            raise ValueError(f"cannot score on split(s) {unknown}: networks are scored on val and test only")
+        recalibrate_bn(model, self.calibration, self.bn_batches)
+        return {split: evaluate(model, self.eval_batches[split], self.confidence) for split in splits}
+
+
 class CandidateTraining:
     """One candidate's training run: network, optimiser, schedule and batches of one dataset.
 
@@ -198,20 +225,24 @@ class CandidateTraining:
     on ``settings.seed`` only.
     """
 
-    def __init__(self, arch: ArchConfig, settings: TrialSettings, data: Dataset, device: torch.device) -> None:
+    def __init__(self, arch: ArchConfig, settings: TrialSettings, data: Dataset, device: torch.device,
+                 model: EarlyExitNet | None = None) -> None:
         self.arch, self.settings, self.device = arch, settings, device
         self.train_settings = settings.train_settings()
         torch.manual_seed(settings.seed)  # before the weights are drawn: with reused actors the RNG carries over
-        self.model = EarlyExitNet(arch, settings.confidence).to(device)
+        if model is None:
+            self.model = EarlyExitNet(arch, settings.confidence).to(device)
+        else:  # inherited weights (a supernet's subnet): fine-tuned with their own learning rate
+            if model.arch != arch:
+                raise ValueError("the given model is not of this run's architecture")
+            self.model = model.to(device)
+            self.train_settings = dataclasses.replace(self.train_settings, lr=settings.finetune_lr)
         self.train_batches = BatchLoader.for_split(data, "train", batch_size=settings.batch_size,
                                                    resolution=arch.resolution, train=True, device=device,
                                                    seed=settings.seed)
-        self.calibration = calibration_loader(data, resolution=arch.resolution, batch_size=settings.batch_size,
-                                              num_batches=settings.bn_recalibration_batches, seed=settings.seed,
-                                              device=device)
-        self.eval_batches = {split: BatchLoader.for_split(data, split, batch_size=settings.eval_batch_size,
-                                                          resolution=arch.resolution, train=False, device=device)
-                             for split in EVAL_SPLITS}
+        self.scorer = Scorer(data, arch.resolution, device, batch_size=settings.batch_size,
+                             bn_batches=settings.bn_recalibration_batches, seed=settings.seed,
+                             eval_batch_size=settings.eval_batch_size, confidence=settings.confidence)
         self.optimizer = make_optimizer(self.model, self.train_settings)
         self.scheduler = make_scheduler(self.optimizer, self.train_settings, len(self.train_batches))
         self.scaler = torch.amp.GradScaler(
@@ -228,8 +259,7 @@ class CandidateTraining:
 
     def evaluate(self, splits: Sequence[str] = EVAL_SPLITS) -> dict[str, ExitOutputs]:
         """Recalibrate BatchNorm, then every exit's outputs on ``splits``."""
-        recalibrate_bn(self.model, self.calibration, self.settings.bn_recalibration_batches)
-        return {split: evaluate(self.model, self.eval_batches[split], self.settings.confidence) for split in splits}
+        return self.scorer(self.model, splits)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, as tensors and plain values."""

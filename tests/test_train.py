@@ -11,6 +11,7 @@ from aebnas.batches import BatchLoader
 from aebnas.data import load_dataset
 from aebnas.nn import torch_confidence
 from aebnas.nn import EarlyExitNet
+from aebnas.settings import TrialSettings
 from aebnas.train import (
     NonFiniteLossError,
     TrainSettings,
@@ -94,8 +95,14 @@ def test_train_settings_reject_bad_values():
         TrainSettings(lr=0)
     with pytest.raises(ValueError, match="momentum=1.0 is out of range"):
         TrainSettings(momentum=1.0)
-    with pytest.raises(ValueError, match="epochs=0 is out of range"):
-        TrainSettings(epochs=0)
+    with pytest.raises(ValueError, match="epochs=-1 is out of range"):
+        TrainSettings(epochs=-1)
+    # 0 epochs means "score inherited weights": a trial allows it only with a supernet.
+    with pytest.raises(ValueError, match="epochs=0 scores inherited weights only, so it needs a supernet"):
+        TrialSettings(epochs=0)
+    assert TrialSettings(epochs=0, supernet="supernet.pt").epochs == 0
+    with pytest.raises(ValueError, match="finetune_lr=0"):
+        TrialSettings(finetune_lr=0)
 
 
 def test_one_epoch_reports_its_loss_and_steps_the_schedule():

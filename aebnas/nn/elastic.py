@@ -225,8 +225,8 @@ def covers(supernet: ElasticEarlyExitNet, arch: ArchConfig) -> str | None:
 
 
 @torch.no_grad()
-def extract(supernet: ElasticEarlyExitNet, arch: ArchConfig) -> EarlyExitNet:
-    """A plain ``EarlyExitNet(arch)`` holding copies of the subnet's weights and BN statistics.
+def extract(supernet: ElasticEarlyExitNet, arch: ArchConfig, confidence: str = "margin") -> EarlyExitNet:
+    """A plain ``EarlyExitNet(arch, confidence)`` holding copies of the subnet's weights and BN statistics.
 
     On the supernet's device and dtype, in its training mode; raises ValueError (the reason
     from :func:`covers`) if ``arch`` is not a subnet.
@@ -234,7 +234,7 @@ def extract(supernet: ElasticEarlyExitNet, arch: ArchConfig) -> EarlyExitNet:
     reason = covers(supernet, arch)
     if reason is not None:
         raise ValueError(reason)
-    net = EarlyExitNet(arch).to(next(supernet.parameters()))
+    net = EarlyExitNet(arch, confidence).to(next(supernet.parameters()))
     net.stem.load_state_dict(supernet.stem.state_dict())
     net.head.load_state_dict(supernet.head.state_dict())
     for stage, plain_stage, stage_cfg in zip(supernet.stages, net.stages, arch.stages):
