@@ -1,4 +1,4 @@
-"""``aebnas`` command line: ``search | analyze | retrain | export | predict | info``.
+"""``aebnas`` command line: ``search | analyze | retrain | export | predict | info | supernet``.
 
 All the wiring is here: each command's flags and the call it makes. A command imports
 its module only when it runs, so ``aebnas predict`` needs torch alone (no Ray), and
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import ArchConfig, is_arch_key
-from .settings import SETTING_KEYS
+from .settings import SETTING_KEYS, int_list
 
 
 class UsageError(Exception):
@@ -169,6 +169,120 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_supernet(p: argparse.ArgumentParser) -> None:
+    from .supernet import SupernetSettings
+
+    d = SupernetSettings()
+    sub = p.add_subparsers(dest="supernet_command", required=True)
+    t = sub.add_parser("train", help="train a weight-sharing supernet (Ray Train; rerun to resume)",
+                       description="Train a supernet of a search space by the sandwich rule on Ray Train. "
+                       "Rerunning the same command resumes it; a finished one is reused.")
+    t.add_argument("--dataset", default="cifar10-subset", help="as `aebnas search --dataset` (default: %(default)s)")
+    t.add_argument("--data-dir", help="directory with the dataset in torchvision's layout")
+    t.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
+    t.add_argument("--val-size", type=int, help="validation images held out of training: the searches' own "
+                   "(default: the dataset's default)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the data split (the searches' --seed) and of "
+                   "training (default: %(default)s)")
+    t.add_argument("--space", default="aebnas", choices=("aebnas", "fixed_exits", "static"),
+                   help="the space it covers; one supernet serves all three (default: %(default)s)")
+    t.add_argument("--resolutions", type=int_list, help="comma-separated input resolutions to cover "
+                   "(default: the paper's 32…72)")
+    t.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--random-subnets", type=int, default=d.random_subnets,
+                   help="random subnets per step besides largest and smallest (default: %(default)s)")
+    t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
+                   help="first fraction of the epochs training the largest subnet alone (default: %(default)s)")
+    t.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    t.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel); 0 trains in "
+                   "this process without Ray (default: %(default)s)")
+    t.add_argument("--cpus-per-worker", type=float, default=1, help="default: %(default)s")
+    t.add_argument("--address", help="Ray cluster address HOST:PORT (default: $RAY_ADDRESS or local)")
+    t.add_argument("--out", default="aebnas_supernet", help="run directory; OUT/supernet.pt is the result "
+                   "(default: %(default)s)")
+    e = sub.add_parser("eval", help="accuracy and MACs of one subnet of a supernet",
+                       description="Extract ARCH from SUPERNET, recalibrate BatchNorm and score it as a "
+                       "search would, on the split the supernet was trained with.")
+    e.add_argument("supernet", help="supernet file (OUT/supernet.pt of `aebnas supernet train`)")
+    e.add_argument("config", help="JSON file with a flat config of the subnet (e.g. a trial's arch.json)")
+    e.add_argument("--split", default="val", choices=("val", "test"), help="default: %(default)s")
+    e.add_argument("--data-dir", help="where the dataset is")
+    e.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _cmd_supernet(args: argparse.Namespace) -> int:
+    if args.supernet_command == "train":
+        return _supernet_train(args)
+    return _supernet_eval(args)
+
+
+def _supernet_train(args: argparse.Namespace) -> int:
+    from .settings import ExperimentError
+    from .supernet import SupernetSettings
+    from .supernet_train import SupernetRequest, train_supernet
+
+    try:
+        settings = SupernetSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                    random_subnets=args.random_subnets, warmup_fraction=args.warmup_fraction,
+                                    amp=args.amp, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    request = SupernetRequest(out=args.out, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
+                              val_size=args.val_size, split_seed=args.seed, width_mult=args.width_mult,
+                              space_kwargs={"resolutions": tuple(args.resolutions)} if args.resolutions else {},
+                              settings=settings, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                              address=args.address)
+    try:
+        train_supernet(request)
+    except ExperimentError as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last finished epoch is saved: run the same command again to resume", flush=True)
+        return 130
+    return 0
+
+
+def _supernet_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .supernet import load_supernet, score_subnet
+    from .train import Scorer, select_device
+
+    try:
+        supernet, info = load_supernet(args.supernet)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    arch = read_arch_json(args.config).replace(width_mult=info.width_mult, num_classes=info.num_classes,
+                                               in_channels=info.in_channels)
+    data = load_dataset(info.dataset, data_dir=args.data_dir, val_size=info.val_size, seed=info.split_seed)
+    device = select_device("auto")
+    settings = info.settings
+    scorer = Scorer(data, arch.resolution, device, batch_size=settings["batch_size"],
+                    bn_batches=settings["bn_recalibration_batches"], seed=settings["seed"])
+    try:
+        outputs = score_subnet(supernet.to(device), arch, scorer, args.split)
+    except ValueError as exc:
+        raise UsageError(f"{args.config}: {exc}") from None
+    acc = outputs.exit_accuracy()
+    figures = arch_info(arch)
+    result = {"split": args.split, "images": int(len(outputs.labels)),
+              "exits": [{**e, "accuracy": float(a)} for e, a in zip(figures["exits"], acc[:-1])],
+              "final_accuracy": float(acc[-1]), "final_macs": figures["final_macs"],
+              "static_macs": figures["static_macs"], "params": figures["params"], "supernet": info.describe()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.config} in {args.supernet} ({info.describe()})")
+    print(f"inherited weights, BatchNorm recalibrated; {args.split} split, {result['images']} images")
+    print(f"{'exit':>6} {'after':>7} {'accuracy %':>11} {'C_i (MMACs)':>12}")
+    for e in result["exits"]:
+        print(f"{e['exit'] + 1:>6} {'stage' + str(e['position']):>7} {e['accuracy']:>11.2f} {e['macs']:>12.3f}")
+    print(f"{'final':>6} {'head':>7} {result['final_accuracy']:>11.2f} {result['final_macs']:>12.3f}")
+    return 0
+
+
 def _analysis_cli() -> Any:
     # By name at run time: the analysis package imports aebnas, never the other way round.
     return importlib.import_module("analysis.__main__")
@@ -193,6 +307,7 @@ COMMANDS: dict[str, Command] = {
                _add_export, _cmd_export),
     "predict": ("classify image files with an exported model", _add_predict, _cmd_predict),
     "info": ("MACs per exit, static MACs and parameters of an architecture", _add_info, cmd_info),
+    "supernet": ("train a weight-sharing supernet, or score one of its subnets", _add_supernet, _cmd_supernet),
 }
 """name → (help, add the command's flags, run it). Flags are added only for the command given."""
 

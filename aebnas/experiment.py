@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from .cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
 from .data import DatasetNotFoundError, load_dataset
-from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, parse_trial_config
+from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list, parse_trial_config
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .trainable import train_candidate
 
@@ -364,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
     a("--space", "search space: aebnas, fixed_exits or static", d.space)
     a("--resolutions", "comma-separated input resolutions to search",
       ",".join(map(str, d.space_kwargs["resolutions"])) if "resolutions" in d.space_kwargs else None,
-      type=_int_list)
+      type=int_list)
     a("--width-mult", "channel width multiplier", d.width_mult, type=float)
     a("--target-macs", "target average MMACs", d.target_macs, type=float)
     a("--epochs", "training epochs per trial", d.epochs, type=int)
@@ -411,13 +411,6 @@ def experiment_from_args(args: argparse.Namespace, defaults: Experiment) -> Expe
     if getattr(args, "resolutions", None):
         exp = dataclasses.replace(exp, space_kwargs={**exp.space_kwargs, "resolutions": tuple(args.resolutions)})
     return exp
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def run_cli(exp: Experiment) -> int:

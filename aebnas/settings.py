@@ -9,6 +9,7 @@ its flat config next to the architecture keys; ``SETTING_KEYS`` names them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -152,6 +153,14 @@ def parse_trial_config(config: Mapping[str, Any]) -> tuple[ArchConfig, TrialSett
     arch = ArchConfig.from_flat({k: v for k, v in config.items() if is_arch_key(k)})
     settings = TrialSettings(**{k: v for k, v in config.items() if k in SETTING_KEYS})
     return arch, settings
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers (a command-line value such as ``--resolutions 32,36``)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def resolved_config(arch: ArchConfig, settings: TrialSettings) -> dict[str, Any]:

@@ -231,12 +231,14 @@ class CandidateTraining:
         self.train_settings = settings.train_settings()
         torch.manual_seed(settings.seed)  # before the weights are drawn: with reused actors the RNG carries over
         if model is None:
-            self.model = EarlyExitNet(arch, settings.confidence).to(device)
+            self.model = EarlyExitNet(arch, settings.confidence)
         else:  # inherited weights (a supernet's subnet): fine-tuned with their own learning rate
             if model.arch != arch:
                 raise ValueError("the given model is not of this run's architecture")
-            self.model = model.to(device)
+            self.model = model
             self.train_settings = dataclasses.replace(self.train_settings, lr=settings.finetune_lr)
+        # Batches come channels_last (aebnas.batches); weights in that layout skip a conversion per layer.
+        self.model = self.model.to(device, memory_format=torch.channels_last)
         self.train_batches = BatchLoader.for_split(data, "train", batch_size=settings.batch_size,
                                                    resolution=arch.resolution, train=True, device=device,
                                                    seed=settings.seed)

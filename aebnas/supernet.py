@@ -1,0 +1,414 @@
+"""Training a weight-sharing supernet by the sandwich rule, and the supernet file.
+
+``SupernetTraining`` trains an :class:`~aebnas.nn.ElasticEarlyExitNet` on the training
+split of a dataset. Each step (BigNAS / AttentiveNAS "sandwich rule"):
+
+1. the largest subnet, at the largest resolution, learns from the labels (every exit and
+   the final classifier, CE with label smoothing);
+2. the smallest subnet, at the smallest resolution, and ``random_subnets`` random subnets
+   learn in place from the largest's detached final logits (soft cross-entropy, T = 1, on
+   every exit and the final classifier of the subnet);
+3. the gradients add up; one clipped SGD step.
+
+For the first ``warmup_fraction`` of the epochs only the largest trains (DεpS: with a small
+budget the shared weights first need a good large network). A subnet is evaluated as every
+candidate is (:class:`aebnas.train.Scorer`): extracted, BatchNorm recalibrated on a fixed,
+seeded, shuffled sample of the training split, scored on the validation split. The
+validation and test splits are never trained on.
+
+Data-parallel training (``aebnas.supernet_train``, Ray Train) gives each worker a shard of
+every epoch; all workers draw the same subnets each step (the draw is seeded by epoch and
+step) and average their gradients before the step, so 1 and N workers do the same
+arithmetic up to the order of sums.
+
+The supernet file (:func:`save_supernet` / :func:`load_supernet`) holds the weights and
+what they cover: space, width, dataset, classes, resolutions, and the digests of the
+training images, so that a search can refuse a supernet that was trained on its
+validation or test images (:func:`check_supernet`). Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .batches import BatchLoader, resize
+from .config import ArchConfig, SpaceValues, largest_arch, random_arch, smallest_arch
+from .data import Dataset
+from .exit_policy import ExitOutputs
+from .nn import ElasticEarlyExitNet, EarlyExitNet, extract
+from .settings import TrainSettings
+from .train import (NonFiniteLossError, Scorer, autocast, load_checkpoint, make_optimizer, make_scheduler,
+                    multi_exit_loss)
+
+SUPERNET_FILE = "supernet.pt"
+FORMAT = "aebnas-supernet"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class SupernetSettings(TrainSettings):
+    """How a supernet is trained (the optimisation fields are :class:`TrainSettings`').
+
+    ``batch_size`` is the global batch: with N workers each takes ``batch_size // N``.
+    ``random_subnets``: N of the sandwich rule. ``warmup_fraction``: the first fraction of
+    the epochs trains the largest subnet alone. ``grad_clip``: max gradient norm.
+    """
+
+    epochs: int = 40
+    label_smoothing: float = 0.1
+    random_subnets: int = 2
+    warmup_fraction: float = 0.25
+    grad_clip: float = 5.0
+    seed: int = 0
+    eval_batch_size: int = 512
+
+    def check(self) -> None:
+        super().check()
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} is out of range: a supernet trains for at least 1 epoch")
+        if isinstance(self.random_subnets, bool) or not isinstance(self.random_subnets, int) \
+                or self.random_subnets < 0:
+            raise ValueError(f"random_subnets={self.random_subnets!r} must be an integer ≥ 0")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be > 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer ≥ 0")
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Epochs in which only the largest subnet trains."""
+        return int(round(self.warmup_fraction * self.epochs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def distillation_loss(outputs: list[torch.Tensor], teacher: torch.Tensor, exit_weight: float) -> torch.Tensor:
+    """Soft cross-entropy (T = 1) of every output against the teacher's softmax: final + w · Σ exits."""
+    target = F.softmax(teacher, dim=1)
+
+    def soft_ce(logits: torch.Tensor) -> torch.Tensor:
+        return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+    loss = soft_ce(outputs[-1])
+    if len(outputs) > 1 and exit_weight > 0:
+        loss = loss + exit_weight * sum(soft_ce(o) for o in outputs[:-1])
+    return loss
+
+
+def image_digests(x: np.ndarray) -> np.ndarray:
+    """One 64-bit digest per image (BLAKE2b of its bytes), sorted: a set that ignores file order."""
+    flat = np.ascontiguousarray(x).reshape(len(x), -1)
+    digests = np.fromiter((int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little",
+                                          signed=True) for row in flat), dtype=np.int64, count=len(flat))
+    return np.sort(digests)
+
+
+# --------------------------------------------------------------------------- the file
+
+
+@dataclass
+class SupernetInfo:
+    """What a supernet covers and how it was made (everything in its file besides the weights)."""
+
+    space: SpaceValues
+    width_mult: float
+    num_classes: int
+    in_channels: int
+    classes: list[str]
+    dataset: str
+    train_digests: np.ndarray
+    settings: dict[str, Any]
+    epochs: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_size: int | None = None    # the dataset split it was trained on: reload it with these
+    split_seed: int = 0
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return self.space.resolutions
+
+    def describe(self) -> str:
+        last = self.history[-1] if self.history else {}
+        accs = (f"; val accuracy largest {last['val_acc_largest']:.1f}%, smallest {last['val_acc_smallest']:.1f}%"
+                if "val_acc_largest" in last else "")
+        return (f"supernet of {self.dataset} ({self.num_classes} classes), width {self.width_mult}, "
+                f"resolutions {list(self.resolutions)}, {len(self.train_digests)} training images, "
+                f"{self.epochs} epochs{accs}")
+
+    def to_record(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION,
+                "space": {k: list(v) for k, v in dataclasses.asdict(self.space).items()},
+                "width_mult": self.width_mult, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "classes": list(self.classes), "dataset": self.dataset,
+                "train_digests": torch.from_numpy(np.asarray(self.train_digests, dtype=np.int64)),
+                "settings": self.settings, "epochs": self.epochs, "history": self.history,
+                "val_size": self.val_size, "split_seed": self.split_seed}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], path: str | Path) -> "SupernetInfo":
+        if record.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an aebnas supernet file (no '{FORMAT}' format marker)")
+        if record.get("version") != VERSION:
+            raise ValueError(f"{path} is a supernet file of version {record.get('version')}; "
+                             f"this aebnas reads version {VERSION}")
+        return cls(space=SpaceValues(**{k: tuple(v) for k, v in record["space"].items()}),
+                   width_mult=float(record["width_mult"]), num_classes=int(record["num_classes"]),
+                   in_channels=int(record["in_channels"]), classes=list(record["classes"]),
+                   dataset=str(record["dataset"]), train_digests=record["train_digests"].numpy(),
+                   settings=dict(record["settings"]), epochs=int(record["epochs"]),
+                   history=list(record.get("history", [])), val_size=record.get("val_size"),
+                   split_seed=int(record.get("split_seed", 0)))
+
+
+def save_supernet(path: str | Path, model: ElasticEarlyExitNet, info: SupernetInfo, half: bool = True) -> Path:
+    """Write the supernet file (atomically: a crash never leaves half a file).
+
+    ``half``: floating-point weights are stored as float16 (half the size; :func:`load_supernet`
+    returns float32). BatchNorm statistics are stored too, but every subnet is recalibrated
+    before it is scored.
+    """
+    path = Path(path)
+    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
+             for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**info.to_record(), "model": state}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_supernet_info(path: str | Path) -> SupernetInfo:
+    """The metadata of a supernet file (ValueError if it is not one; FileNotFoundError if absent)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"supernet file {path} does not exist (train one with: aebnas supernet train)")
+    return SupernetInfo.from_record(load_checkpoint(path), path)
+
+
+def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> tuple[ElasticEarlyExitNet, SupernetInfo]:
+    """The supernet of a file (float32, eval mode, on ``device``) and its :class:`SupernetInfo`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"supernet file {path} does not exist (train one with: aebnas supernet train)")
+    record = load_checkpoint(path)
+    info = SupernetInfo.from_record(record, path)
+    return supernet_from_state(record["model"], info, device), info
+
+
+def supernet_from_state(state: dict[str, torch.Tensor], info: SupernetInfo,
+                        device: str | torch.device = "cpu") -> ElasticEarlyExitNet:
+    """An ``ElasticEarlyExitNet`` of ``info``'s space holding ``state`` (float32, eval mode)."""
+    model = ElasticEarlyExitNet(info.space, info.width_mult, info.num_classes, info.in_channels)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def _subset_reason(name: str, wanted: tuple, have: tuple) -> str | None:
+    missing = sorted(set(wanted) - set(have))
+    return f"{name} {missing} are not in the supernet's {list(have)}" if missing else None
+
+
+def check_supernet(info: SupernetInfo, *, space: SpaceValues, width_mult: float, data: Dataset) -> None:
+    """Raise ValueError saying why a supernet cannot serve a search of ``space`` on ``data``.
+
+    It must cover every value set of the space (resolutions included), have its width, the
+    data's classes and channels, and must not have trained on any validation or test image
+    of ``data`` (images that are also in ``data``'s own training split do not count: a
+    dataset may hold duplicates).
+    """
+    reasons = []
+    if float(width_mult) != info.width_mult:
+        reasons.append(f"width_mult {width_mult} differs from the supernet's {info.width_mult}")
+    if data.num_classes != info.num_classes or list(data.classes) != list(info.classes):
+        reasons.append(f"the data has {data.num_classes} classes {list(data.classes)[:5]}…, the supernet "
+                       f"{info.num_classes} {list(info.classes)[:5]}…")
+    if data.in_channels != info.in_channels:
+        reasons.append(f"the data has {data.in_channels} input channels, the supernet {info.in_channels}")
+    for name in dataclasses.asdict(space):
+        reason = _subset_reason(name, getattr(space, name), getattr(info.space, name))
+        if reason:
+            reasons.append(reason)
+    if not reasons:
+        held_out = np.union1d(image_digests(data.x_val), image_digests(data.x_test))
+        leaked = np.setdiff1d(np.intersect1d(held_out, info.train_digests), image_digests(data.x_train))
+        if len(leaked):
+            reasons.append(f"it was trained on {len(leaked)} of this search's validation/test images (another "
+                           "split of the data: a different val_size or seed); train a supernet on this split "
+                           "(same dataset, val_size and seed)")
+    if reasons:
+        raise ValueError(f"the supernet ({info.describe()}) cannot serve this search: " + "; ".join(reasons))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _all_reduce_mean(params: Sequence[torch.nn.Parameter], world_size: int) -> None:
+    """Average the gradients of ``params`` over the workers (one all-reduce of one flat buffer)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+
+
+class SupernetTraining:
+    """One supernet's training run: elastic network, optimiser, schedule, sandwich sampling.
+
+    ``rank`` / ``world_size``: this worker's shard in data-parallel training (gradients are
+    averaged with ``torch.distributed`` when ``world_size > 1``). ``state_dict()`` holds
+    everything a resumed run needs, as plain tensors and values.
+    """
+
+    def __init__(self, space: SpaceValues, width_mult: float, data: Dataset, settings: SupernetSettings,
+                 device: torch.device, *, dataset_name: str | None = None, split_seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.space, self.width_mult, self.data, self.settings = space, float(width_mult), data, settings
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.dataset_name, self.split_seed = dataset_name or data.name, split_seed
+        torch.manual_seed(settings.seed)  # the same initial weights on every worker
+        self.model = ElasticEarlyExitNet(space, width_mult, data.num_classes, data.in_channels).to(
+            device, memory_format=torch.channels_last)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        native = data.x_train.shape[-1]
+        self.train_batches = BatchLoader.for_split(
+            data, "train", batch_size=max(1, settings.batch_size // world_size), resolution=native, train=True,
+            device=device, seed=settings.seed, shard=(rank, world_size))
+        self.optimizer = make_optimizer(self.model, settings)
+        self.scheduler = make_scheduler(self.optimizer, settings, len(self.train_batches))
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=settings.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.arch_kwargs = {"width_mult": self.width_mult, "num_classes": data.num_classes,
+                            "in_channels": data.in_channels}
+        self.largest = largest_arch(space, **self.arch_kwargs)
+        self.smallest = smallest_arch(space, **self.arch_kwargs)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self._scorers: dict[int, Scorer] = {}
+
+    # ------------------------------------------------------------ sampling
+    def subnets(self, epoch: int, step: int) -> list[ArchConfig]:
+        """The subnets of one step: largest first (the teacher), then smallest and random ones.
+
+        In warm-up epochs the largest alone. Seeded by (seed, epoch, step): every worker
+        draws the same subnets, and a resumed run the same as an uninterrupted one.
+        """
+        if epoch < self.settings.warmup_epochs:
+            return [self.largest]
+        rng = random.Random(f"{self.settings.seed}/{epoch}/{step}")
+        randoms = [random_arch(self.space, rng, **self.arch_kwargs) for _ in range(self.settings.random_subnets)]
+        return [self.largest, self.smallest, *randoms]
+
+    # ------------------------------------------------------------ training
+    def train_epoch(self, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+        """Train epoch ``self.epoch + 1``; returns mean losses (largest, others), seconds, images/s, lr."""
+        s = self.settings
+        self.model.train()
+        self.train_batches.set_epoch(self.epoch)
+        totals = {"loss": 0.0, "loss_largest": 0.0, "loss_distilled": 0.0}
+        steps, images, start = 0, 0, time.perf_counter()
+        for step, (x, y) in enumerate(self.train_batches):
+            self.optimizer.zero_grad(set_to_none=True)
+            teacher = None
+            step_losses = []
+            for i, arch in enumerate(self.subnets(self.epoch, step)):
+                with autocast(self.device, s.amp):
+                    outputs = self.model(resize(x, arch.resolution), arch)
+                    if i == 0:
+                        loss = multi_exit_loss(outputs, y, s.exit_weight, s.label_smoothing)
+                        teacher = outputs[-1].detach()
+                    else:
+                        loss = distillation_loss(outputs, teacher, s.exit_weight)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"supernet loss is {value} at epoch {self.epoch + 1} step {step} "
+                                             f"(subnet {i}; diverged: try a lower lr)")
+                self.scaler.scale(loss).backward()
+                step_losses.append(value)
+            self.scaler.unscale_(self.optimizer)
+            if self.world_size > 1:
+                _all_reduce_mean(self.params, self.world_size)
+            torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            totals["loss"] += sum(step_losses)
+            totals["loss_largest"] += step_losses[0]
+            totals["loss_distilled"] += (sum(step_losses[1:]) / len(step_losses[1:])) if len(step_losses) > 1 else 0.0
+            steps += 1
+            images += len(y)
+            if on_step is not None:
+                on_step(step, sum(step_losses))
+        self.epoch += 1
+        seconds = time.perf_counter() - start
+        return {**{k: v / max(steps, 1) for k, v in totals.items()}, "seconds": seconds,
+                "images_per_s": images / max(seconds, 1e-9), "lr": self.scheduler.get_last_lr()[0],
+                "warmup": self.epoch <= s.warmup_epochs}
+
+    # ------------------------------------------------------------ evaluation
+    def scorer(self, resolution: int) -> Scorer:
+        """The scoring path of every candidate, at ``resolution`` (cached)."""
+        if resolution not in self._scorers:
+            s = self.settings
+            self._scorers[resolution] = Scorer(self.data, resolution, self.device, batch_size=s.batch_size,
+                                               bn_batches=s.bn_recalibration_batches, seed=s.seed,
+                                               eval_batch_size=s.eval_batch_size)
+        return self._scorers[resolution]
+
+    def evaluate(self, arch: ArchConfig, split: str = "val") -> ExitOutputs:
+        """Every exit's outputs of subnet ``arch`` on ``split``, scored as a candidate is."""
+        return score_subnet(self.model, arch, self.scorer(arch.resolution), split)
+
+    # ------------------------------------------------------------ state
+    def info(self) -> SupernetInfo:
+        return SupernetInfo(space=self.space, width_mult=self.width_mult, num_classes=self.data.num_classes,
+                            in_channels=self.data.in_channels, classes=list(self.data.classes),
+                            dataset=self.dataset_name, train_digests=image_digests(self.data.x_train),
+                            settings=self.settings.to_dict(), epochs=self.epoch, history=list(self.history),
+                            val_size=len(self.data.y_val), split_seed=self.split_seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "history": self.history, "settings": self.settings.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("settings") not in (None, self.settings.to_dict()):
+            raise ValueError("the checkpoint was written by a supernet run with other settings")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))
+
+
+def score_subnet(supernet: ElasticEarlyExitNet, arch: ArchConfig, scorer: Scorer, split: str = "val",
+                 confidence: str = "margin") -> ExitOutputs:
+    """Extract ``arch``, recalibrate its BatchNorm and return every exit's outputs on ``split``.
+
+    The supernet itself is left untouched (the statistics are recomputed on the copy).
+    """
+    net: EarlyExitNet = extract(supernet, arch, confidence)
+    return scorer(net, (split,))[split]
+
+
+__all__ = ["SupernetSettings", "SupernetTraining", "SupernetInfo", "save_supernet", "load_supernet",
+           "read_supernet_info", "supernet_from_state", "check_supernet", "score_subnet", "distillation_loss",
+           "image_digests", "SUPERNET_FILE"]
