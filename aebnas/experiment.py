@@ -26,6 +26,8 @@ from .cluster import check_address_reachable, check_trial_fits, connect_ray, des
 from .data import DatasetNotFoundError, load_dataset
 from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list, parse_trial_config
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
+from .supernet import SupernetInfo, check_supernet, read_supernet_info
+from .train import load_checkpoint
 from .trainable import train_candidate
 
 SEARCH_ALGS = ("random", "tpe", "nsga2")
@@ -89,15 +91,19 @@ class Experiment(TrialSettings):
             raise bad("search_alg", f"is not one of {SEARCH_ALGS}")
         if self.scheduler not in SCHEDULERS:
             raise bad("scheduler", f"is not one of {SCHEDULERS}")
-        for name in ("epochs", "num_samples", "grace_period", "batch_size", "keep_checkpoints"):
+        for name in ("num_samples", "grace_period", "batch_size", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer ≥ 1")
+        if not isinstance(self.epochs, int) or self.epochs < (0 if self.supernet else 1):
+            raise bad("epochs", "must be an integer ≥ 1 (≥ 0 with a supernet: 0 scores inherited weights only)")
         if not self.target_macs > 0:
             raise bad("target_macs", "must be > 0 (MMACs)")
         if not self.reduction_factor > 1:
             raise bad("reduction_factor", "must be > 1")
-        if self.grace_period > self.epochs:
+        if self.grace_period > max(self.epochs, 1):
             raise bad("grace_period", f"must be ≤ epochs ({self.epochs})")
+        if self.supernet is not None:
+            self.supernet_info()
         if not self.cpus_per_trial > 0:
             raise bad("cpus_per_trial", "must be > 0")
         if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
@@ -126,6 +132,21 @@ class Experiment(TrialSettings):
             parse_trial_config(flat)
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
+
+    def supernet_info(self) -> SupernetInfo:
+        """What the supernet file covers; ExperimentError if it is missing, not a supernet, or does not
+        cover this search's space and width (its data is checked by :func:`run` once loaded)."""
+        try:
+            info = read_supernet_info(self.supernet)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ExperimentError(f"supernet={self.supernet!r}: {exc}") from None
+        try:
+            check_supernet(info, needs=space_needs(self.param_space(info.num_classes, info.in_channels)),
+                           width_mult=self.width_mult)
+        except ValueError as exc:
+            raise ExperimentError(f"supernet={self.supernet!r}: {exc}; train one for this space with "
+                                  "aebnas supernet train") from None
+        return info
 
     def trial_settings(self) -> TrialSettings:
         """The settings every trial receives; ExperimentError naming a bad one."""
@@ -166,6 +187,36 @@ class Experiment(TrialSettings):
             values["space_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
                                       for k, v in values["space_kwargs"].items()}
         return dataclasses.replace(base or cls(), **values)
+
+
+# Which SpaceValues set a flat key of a param space draws from.
+def _value_set(key: str) -> str | None:
+    if key == "resolution":
+        return "resolutions"
+    if key.startswith("stage"):
+        return {"depth": "depths", "kernel": "kernels", "expansion": "expansions"}.get(key.rsplit("_", 1)[1])
+    if key.startswith("exit") and "_m" in key:
+        module, name = key.split("_")[1:]
+        if name == "channels":
+            return f"exit_{module}_channels"
+        return {"kernel": "exit_kernels", "expansion": "exit_expansions", "pool": "exit_pools"}[name]
+    return None
+
+
+def space_needs(param_space: dict[str, Any]) -> dict[str, set]:
+    """Every value a param space can give each ``SpaceValues`` set (exit positions included)."""
+    from ray.tune.search.sample import Categorical
+
+    needs: dict[str, set] = {}
+    for key, domain in param_space.items():
+        name = _value_set(key)
+        if name is None:
+            if key.startswith("exit") and key.endswith("_enabled"):
+                needs.setdefault("exit_positions", set()).add(int(key[4:-len("_enabled")]))
+            continue
+        values = domain.categories if isinstance(domain, Categorical) else [domain]
+        needs.setdefault(name, set()).update(values)
+    return needs
 
 
 def paper_experiment(dataset: str, *, target_macs: float, val_size: int) -> Experiment:
@@ -232,7 +283,7 @@ def make_scheduler(exp: Experiment) -> Any:
         return FIFOScheduler()
     # Multi-objective search: TuneConfig gets no metric, so ASHA needs its own.
     own_metric = {"metric": "score", "mode": "max"} if exp.search_alg == "nsga2" else {}
-    return ASHAScheduler(time_attr="training_iteration", max_t=exp.epochs, grace_period=exp.grace_period,
+    return ASHAScheduler(time_attr="training_iteration", max_t=max(exp.epochs, 1), grace_period=exp.grace_period,
                          reduction_factor=exp.reduction_factor, **own_metric)
 
 
@@ -240,10 +291,12 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, float]) -> Any:
+def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, float],
+                 supernet: dict[str, Any] | None = None) -> Any:
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data), resources)
+    # with_parameters puts data and supernet in the object store once: each node fetches them once.
+    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data, supernet=supernet), resources)
     param_space = exp.param_space(data.num_classes, data.in_channels)
     if exp.resume:  # run() has checked that Ray Tune can restore it
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -307,6 +360,17 @@ def run(exp: Experiment) -> Any:
     except ValueError as exc:  # a malformed .npz, a bad val_size, an unknown dataset name
         raise ExperimentError(str(exc)) from None
     print(f"aebnas: {data.summary()}", flush=True)
+    supernet = None
+    if exp.supernet is not None:
+        supernet = load_checkpoint(exp.supernet)
+        info = SupernetInfo.from_record(supernet, exp.supernet)
+        try:
+            check_supernet(info, needs=space_needs(exp.param_space(data.num_classes, data.in_channels)),
+                           width_mult=exp.width_mult, data=data)
+        except ValueError as exc:
+            raise ExperimentError(f"supernet={exp.supernet!r}: {exc}") from None
+        print(f"aebnas: candidates inherit their weights from {exp.supernet} ({info.describe()}) and fine-tune "
+              f"{exp.epochs} epoch(s) at lr {exp.finetune_lr}", flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our chosen columns
     connect_ray(exp.address)
     import ray
@@ -320,7 +384,7 @@ def run(exp: Experiment) -> Any:
     if exp.resume and not tune.Tuner.can_restore(path):
         raise ExperimentError(f"Ray Tune cannot restore {path}: the driver stopped before saving any state; "
                               "start it again without --resume")
-    tuner = _build_tuner(exp, data, path, resources)
+    tuner = _build_tuner(exp, data, path, resources, supernet)
     results = tuner.fit()
     _print_summary(exp, results, path)
     return results
@@ -367,7 +431,11 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
       type=int_list)
     a("--width-mult", "channel width multiplier", d.width_mult, type=float)
     a("--target-macs", "target average MMACs", d.target_macs, type=float)
-    a("--epochs", "training epochs per trial", d.epochs, type=int)
+    a("--epochs", "training epochs per trial (with --supernet: fine-tuning epochs, 0 = inherited weights as "
+      "they are)", d.epochs, type=int)
+    a("--supernet", "supernet file (aebnas supernet train) the candidates inherit their weights from",
+      d.supernet)
+    a("--finetune-lr", "peak learning rate of fine-tuning inherited weights", d.finetune_lr, type=float)
     a("--num-samples", "number of trials", d.num_samples, type=int)
     a("--search-alg", "how candidates are proposed", d.search_alg, choices=SEARCH_ALGS)
     a("--scheduler", "asha stops weak trials early; fifo runs every trial to the end", d.scheduler,

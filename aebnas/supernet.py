@@ -36,7 +36,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -215,32 +215,31 @@ def supernet_from_state(state: dict[str, torch.Tensor], info: SupernetInfo,
     return model.to(device).eval()
 
 
-def _subset_reason(name: str, wanted: tuple, have: tuple) -> str | None:
-    missing = sorted(set(wanted) - set(have))
-    return f"{name} {missing} are not in the supernet's {list(have)}" if missing else None
+def check_supernet(info: SupernetInfo, *, needs: Mapping[str, Iterable[Any]], width_mult: float,
+                   data: Dataset | None = None) -> None:
+    """Raise ValueError saying why a supernet cannot serve a search.
 
-
-def check_supernet(info: SupernetInfo, *, space: SpaceValues, width_mult: float, data: Dataset) -> None:
-    """Raise ValueError saying why a supernet cannot serve a search of ``space`` on ``data``.
-
-    It must cover every value set of the space (resolutions included), have its width, the
-    data's classes and channels, and must not have trained on any validation or test image
-    of ``data`` (images that are also in ``data``'s own training split do not count: a
-    dataset may hold duplicates).
+    ``needs``: every value the search's space can take, per ``SpaceValues`` field (e.g.
+    ``{"kernels": {3, 5}, "resolutions": {32}}``); each must be in the supernet's space. The
+    width must be the supernet's; with ``data``, so must the classes and input channels, and
+    the supernet must not have trained on any of ``data``'s validation or test images
+    (images that are also in ``data``'s own training split do not count: a dataset may hold
+    duplicates).
     """
     reasons = []
     if float(width_mult) != info.width_mult:
         reasons.append(f"width_mult {width_mult} differs from the supernet's {info.width_mult}")
-    if data.num_classes != info.num_classes or list(data.classes) != list(info.classes):
-        reasons.append(f"the data has {data.num_classes} classes {list(data.classes)[:5]}…, the supernet "
-                       f"{info.num_classes} {list(info.classes)[:5]}…")
-    if data.in_channels != info.in_channels:
-        reasons.append(f"the data has {data.in_channels} input channels, the supernet {info.in_channels}")
-    for name in dataclasses.asdict(space):
-        reason = _subset_reason(name, getattr(space, name), getattr(info.space, name))
-        if reason:
-            reasons.append(reason)
-    if not reasons:
+    for name, values in needs.items():
+        missing = sorted(set(values) - set(getattr(info.space, name)))
+        if missing:
+            reasons.append(f"{name} {missing} are not in the supernet's {list(getattr(info.space, name))}")
+    if data is not None:
+        if data.num_classes != info.num_classes or list(data.classes) != list(info.classes):
+            reasons.append(f"the data has {data.num_classes} classes {list(data.classes)[:4]}…, the supernet "
+                           f"{info.num_classes} {list(info.classes)[:4]}…")
+        if data.in_channels != info.in_channels:
+            reasons.append(f"the data has {data.in_channels} input channels, the supernet {info.in_channels}")
+    if data is not None and not reasons:
         held_out = np.union1d(image_digests(data.x_val), image_digests(data.x_test))
         leaked = np.setdiff1d(np.intersect1d(held_out, info.train_digests), image_digests(data.x_train))
         if len(leaked):
@@ -248,7 +247,7 @@ def check_supernet(info: SupernetInfo, *, space: SpaceValues, width_mult: float,
                            "split of the data: a different val_size or seed); train a supernet on this split "
                            "(same dataset, val_size and seed)")
     if reasons:
-        raise ValueError(f"the supernet ({info.describe()}) cannot serve this search: " + "; ".join(reasons))
+        raise ValueError(f"it cannot serve this search ({info.describe()}): " + "; ".join(reasons))
 
 
 # --------------------------------------------------------------------------- training

@@ -29,6 +29,8 @@ from .data import Dataset
 from .exit_policy import ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
+from .nn import EarlyExitNet, extract
+from .supernet import SupernetInfo, supernet_from_state
 from .train import CandidateTraining, NonFiniteLossError, load_checkpoint, select_device
 
 FAILURE_FILE = "failure.json"
@@ -170,8 +172,18 @@ def _threads_for_trial() -> int:
     return max(1, int(cpus))
 
 
-def train_candidate(config: dict[str, Any], data: Dataset) -> None:
-    """Ray Tune function trainable (use with ``tune.with_parameters(train_candidate, data=...)``)."""
+def inherited_network(supernet: dict[str, Any], arch: ArchConfig, confidence: str) -> EarlyExitNet:
+    """The candidate ``arch`` holding its weights from a supernet file's record (``load_checkpoint``)."""
+    info = SupernetInfo.from_record(supernet, "the supernet")
+    return extract(supernet_from_state(supernet["model"], info), arch, confidence)
+
+
+def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, Any] | None = None) -> None:
+    """Ray Tune function trainable (use with ``tune.with_parameters(train_candidate, data=...)``).
+
+    ``supernet``: the record of a supernet file; the candidate inherits its weights and
+    fine-tunes ``epochs`` epochs (0: its inherited weights are scored once, as epoch 0).
+    """
     trial_dir = _trial_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous_failure(trial_dir)
@@ -183,7 +195,8 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
         costs = exit_costs(arch)
         device = select_device(_trial_device(settings.device))
-        run = CandidateTraining(arch, settings, data, device)
+        model = None if supernet is None else inherited_network(supernet, arch, settings.confidence)
+        run = CandidateTraining(arch, settings, data, device, model=model)
     except ValueError as exc:
         raise _fail(trial_dir, f"candidate cannot be built: {exc}") from exc
     except (RuntimeError, MemoryError) as exc:
@@ -200,10 +213,14 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
     node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": platform.node(), "pid": os.getpid(),
             "device": str(device)}
 
-    while run.epoch < settings.epochs:
-        epoch = run.epoch + 1
+    # Epochs still to run; inherited weights with no fine-tuning are scored once, as epoch 0.
+    if settings.epochs:
+        epochs = range(run.epoch + 1, settings.epochs + 1)
+    else:
+        epochs = range(0, 1) if checkpoint is None else range(0)
+    for epoch in epochs:
         try:
-            stats = run.train_epoch()
+            stats = run.train_epoch() if epoch else {"seconds": 0.0, "images_per_s": 0.0}
             t_eval = time.perf_counter()
             outputs = run.evaluate()
         except NonFiniteLossError as exc:
@@ -217,7 +234,9 @@ def train_candidate(config: dict[str, Any], data: Dataset) -> None:
         run.model.set_thresholds(tuned.thresholds)
         metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], tuned.result, tuned.score, costs.static_macs)
         orc = oracle(outputs["val"], costs)
-        metrics.update({"epoch": epoch, "epochs": settings.epochs, "loss": stats["loss"],
+        if "loss" in stats:
+            metrics["loss"] = stats["loss"]
+        metrics.update({"epoch": epoch, "epochs": settings.epochs, "inherited": supernet is not None,
                         "train_seconds": stats["seconds"], "eval_seconds": time.perf_counter() - t_eval,
                         "images_per_s": stats["images_per_s"], "oracle_accuracy": orc.accuracy,
                         "oracle_macs": orc.avg_macs, "target_macs": settings.target_macs,
