@@ -84,7 +84,11 @@ class Context:
 
 def machine() -> dict[str, Any]:
     """Platform, CPU model (/proc/cpuinfo), cores, Python / torch / ray versions, GPU (or None)."""
-    import ray
+    try:
+        import ray
+        ray_version = ray.__version__
+    except ImportError:  # a GPU machine may have torch but not Ray: scripts that need no Ray still run
+        ray_version = None
 
     cpu = platform.processor() or "unknown"
     try:
@@ -94,7 +98,7 @@ def machine() -> dict[str, Any]:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__, "gpu": gpu}
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray_version, "gpu": gpu}
 
 
 def main(claim: Claim, measure: Callable[..., Outcome], settings: dict[str, Any], quick: dict[str, Any],
@@ -109,10 +113,13 @@ def main(claim: Claim, measure: Callable[..., Outcome], settings: dict[str, Any]
                             help="re-analyse the searches already in results/benchmarks/ instead of running them; "
                                  f"refused unless the current {' and '.join(f'{d}/' for d in CODE_DIRS)} ran them "
                                  "with the same settings")
+    parser.add_argument("--docs-dir", type=Path, help="write the result file here instead of docs/benchmarks/ "
+                        "(a run on another machine, copied back by hand)")
     args = parser.parse_args()
     chosen = quick if args.quick else settings
     root = SCRATCH / "quick" if args.quick else SCRATCH
-    ctx = Context(claim=claim, scratch=root / claim.key, docs=root / "docs" if args.quick else DOCS_DIR,
+    docs = args.docs_dir or (root / "docs" if args.quick else DOCS_DIR)
+    ctx = Context(claim=claim, scratch=root / claim.key, docs=docs,
                   quick=args.quick, reuse=getattr(args, "reuse", False))
     ctx.scratch.mkdir(parents=True, exist_ok=True)
     ctx.docs.mkdir(parents=True, exist_ok=True)
@@ -134,6 +141,9 @@ def main(claim: Claim, measure: Callable[..., Outcome], settings: dict[str, Any]
     path.write_text(json.dumps(record, indent=1) + "\n")
     from report import build_report  # benchmarks/ is on sys.path when a script runs
 
+    if args.docs_dir:
+        print(f"{claim.title}: {outcome.measured} → holds: {outcome.holds}\nwrote {path}", flush=True)
+        return 0
     out = build_report(ctx.docs, ctx.docs.parent / "benchmarks.md" if not args.quick else ctx.docs / "benchmarks.md")
     print(f"{claim.title}: {outcome.measured} → holds: {outcome.holds}"
           f"\nwrote {path.relative_to(REPO)} and {out.relative_to(REPO)}", flush=True)
