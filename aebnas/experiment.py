@@ -398,7 +398,8 @@ def _print_summary(exp: Experiment, results: Any, path: str) -> None:
         m = best.metrics
         print(f"best trial {best.path.rsplit('/', 1)[-1]}: score {m['score']:.2f}, val accuracy "
               f"{m['accuracy']:.2f}% at {m['avg_macs']:.3f} MMACs (target {exp.target_macs})"
-              + (f", test accuracy {m['test_accuracy']:.2f}%" if "test_accuracy" in m else ""))
+              + (f", test accuracy {m['test_accuracy']:.2f}%" if "test_accuracy" in m else "")
+              + (f", {100 * m['test_early_exit']:.0f}% of test images leave early" if "test_early_exit" in m else ""))
     except (RuntimeError, KeyError, ValueError):
         print("no trial reported a score")
     if n_err:

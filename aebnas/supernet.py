@@ -52,6 +52,9 @@ from .train import (NonFiniteLossError, Scorer, autocast, load_checkpoint, make_
                     multi_exit_loss)
 
 SUPERNET_FILE = "supernet.pt"
+EMBEDDED_SUPERNET = Path(__file__).resolve().parent / "_data" / "supernet_cifar10-subset_w0.75.pt"
+"""The supernet shipped with the package: the quickstart's space on the embedded CIFAR-10 subset
+(reproduce it with the command in ``aebnas/_data/README.md``)."""
 FORMAT = "aebnas-supernet"
 VERSION = 1
 
@@ -410,4 +413,4 @@ def score_subnet(supernet: ElasticEarlyExitNet, arch: ArchConfig, scorer: Scorer
 
 __all__ = ["SupernetSettings", "SupernetTraining", "SupernetInfo", "save_supernet", "load_supernet",
            "read_supernet_info", "supernet_from_state", "check_supernet", "score_subnet", "distillation_loss",
-           "image_digests", "SUPERNET_FILE"]
+           "image_digests", "SUPERNET_FILE", "EMBEDDED_SUPERNET"]

@@ -63,6 +63,7 @@ def epoch_metrics(arch: ArchConfig, val: ExitOutputs, sim: SimResult, score: flo
         m[f"exit{pos}_macs"] = float(sim.costs[j])
         m[f"exit{pos}_threshold"] = float(sim.thresholds[j])
     m["final_util"] = float(sim.utilization[-1])
+    m["early_exit"] = 1.0 - float(sim.utilization[-1])  # fraction of images that leave at an exit
     m["final_macs"] = float(sim.costs[-1])
     m["thresholds"] = [float(t) for t in sim.thresholds]
     m["num_exits"] = arch.num_exits
@@ -244,6 +245,7 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
         if epoch == settings.epochs:
             test = simulate(outputs["test"], tuned.thresholds, costs)
             metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_macs,
+                            "test_early_exit": 1.0 - float(test.utilization[-1]),
                             "test_final_accuracy": float(outputs["test"].exit_accuracy()[-1])})
         save_exit_outputs(trial_dir / EXIT_OUTPUTS_FILE, outputs, costs)
         with tempfile.TemporaryDirectory() as tmp:

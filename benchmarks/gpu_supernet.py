@@ -44,7 +44,6 @@ def measure(ctx: Context, epochs: int, width_mult: float, resolutions: str, cand
         return Outcome("no GPU on this machine", "could not tell (no GPU)", {}, "No CUDA device: nothing measured.")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --quick checks the script on a CPU
     out = ctx.scratch / "supernet"
-    shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "aebnas.cli", "supernet", "train", "--dataset", "cifar10-subset",
                "--resolutions", resolutions, "--width-mult", str(width_mult), "--epochs", str(epochs),
                "--workers", "0", "--out", str(out)]
