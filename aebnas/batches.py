@@ -165,9 +165,10 @@ class BatchLoader:
         # One permutation of the whole split per epoch, the same on every worker; worker r
         # takes every world-th image of it (as torch's DistributedSampler does).
         rank, world = self.shard
-        order = torch.randperm(len(self.y), generator=gen)[rank::world][:n].to(self.device)
-        offsets = torch.randint(0, 2 * self.crop_padding + 1, (len(self.y), 2), generator=gen)[:n].to(self.device)
-        flips = torch.rand(len(self.y), generator=gen)[:n] < 0.5
+        mine = slice(rank, rank + world * n, world)  # this worker's positions in the epoch
+        order = torch.randperm(len(self.y), generator=gen)[mine].to(self.device)
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (len(self.y), 2), generator=gen)[mine].to(self.device)
+        flips = torch.rand(len(self.y), generator=gen)[mine] < 0.5
         flips = (flips if self.hflip else torch.zeros_like(flips)).to(self.device)
         for start in range(0, len(self) * bs, bs):
             idx = order[start : start + bs]

@@ -185,7 +185,8 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the data split (the searches' --seed) and of "
                    "training (default: %(default)s)")
     t.add_argument("--space", default="aebnas", choices=("aebnas", "fixed_exits", "static"),
-                   help="the space it covers; one supernet serves all three (default: %(default)s)")
+                   help="the space it is for; the three share their value sets, so one supernet serves all "
+                   "three (default: %(default)s)")
     t.add_argument("--resolutions", type=int_list, help="comma-separated input resolutions to cover "
                    "(default: the paper's 32…72)")
     t.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (default: %(default)s)")
@@ -230,7 +231,8 @@ def _supernet_train(args: argparse.Namespace) -> int:
                                     amp=args.amp, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    request = SupernetRequest(out=args.out, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
+    request = SupernetRequest(out=args.out, dataset=args.dataset, space_name=args.space, data_dir=args.data_dir,
+                              download=args.download,
                               val_size=args.val_size, split_seed=args.seed, width_mult=args.width_mult,
                               space_kwargs={"resolutions": tuple(args.resolutions)} if args.resolutions else {},
                               settings=settings, workers=args.workers, cpus_per_worker=args.cpus_per_worker,

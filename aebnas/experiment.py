@@ -434,8 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
     a("--target-macs", "target average MMACs", d.target_macs, type=float)
     a("--epochs", "training epochs per trial (with --supernet: fine-tuning epochs, 0 = inherited weights as "
       "they are)", d.epochs, type=int)
-    a("--supernet", "supernet file (aebnas supernet train) the candidates inherit their weights from",
-      d.supernet)
+    a("--supernet", "supernet file (aebnas supernet train) the candidates inherit their weights from; "
+      "'none': they train from scratch", d.supernet, type=_supernet_arg)
     a("--finetune-lr", "peak learning rate of fine-tuning inherited weights", d.finetune_lr, type=float)
     a("--num-samples", "number of trials", d.num_samples, type=int)
     a("--search-alg", "how candidates are proposed", d.search_alg, choices=SEARCH_ALGS)
@@ -458,6 +458,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
     a("--seed", "seed of the data split, the search and the trials", d.seed, type=int)
     a("--resume", "continue the experiment --name from where it stopped; flags not given take the "
       "values it was started with", action="store_true")
+
+
+def _supernet_arg(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "none") else text
 
 
 # Taken from the command line or the script's defaults on --resume, never from the saved experiment.

@@ -114,8 +114,9 @@ def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
     overrides = {k: v for k, v in {"batch_size": req.batch_size, "lr": req.lr, "seed": req.seed}.items()
                  if v is not None}
     try:
+        # Retraining trains from scratch: a supernet the trial inherited from is not used.
         settings = dataclasses.replace(trial_settings, epochs=req.epochs, target_macs=target,
-                                       device=req.device, **overrides)
+                                       device=req.device, supernet=None, **overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if req.out:

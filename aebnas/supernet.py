@@ -17,9 +17,10 @@ seeded, shuffled sample of the training split, scored on the validation split. T
 validation and test splits are never trained on.
 
 Data-parallel training (``aebnas.supernet_train``, Ray Train) gives each worker a shard of
-every epoch; all workers draw the same subnets each step (the draw is seeded by epoch and
-step) and average their gradients before the step, so 1 and N workers do the same
-arithmetic up to the order of sums.
+every epoch (``batch_size // N`` images per step); all workers draw the same subnets each
+step (the draw is seeded by epoch and step) and average their gradients before the step.
+As with DDP without SyncBatchNorm, each worker's BatchNorm normalises by its own shard, so
+N workers train like one with N times smaller BatchNorm batches, not identically.
 
 The supernet file (:func:`save_supernet` / :func:`load_supernet`) holds the weights and
 what they cover: space, width, dataset, classes, resolutions, and the digests of the

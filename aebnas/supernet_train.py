@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from .supernet import (SUPERNET_FILE, SupernetSettings, SupernetTraining, load_s
 from .train import load_checkpoint, select_device
 
 REQUEST_FILE = "supernet_request.json"
+SPACE_NAMES = ("aebnas", "fixed_exits", "static")  # search_spaces.SPACES, named here so --workers 0 needs no Ray
 RUN_NAME = "train"
 
 
@@ -60,6 +59,7 @@ class SupernetRequest:
 
     out: str = "aebnas_supernet"
     dataset: str = "cifar10-subset"
+    space_name: str = "aebnas"  # aebnas, fixed_exits and static share the value sets: one supernet serves all
     data_dir: str | None = None
     download: bool = False
     val_size: int | None = None
@@ -82,6 +82,8 @@ class SupernetRequest:
             raise ExperimentError(f"workers={self.workers!r} must be an integer ≥ 0 (0: in this process, no Ray)")
         if not self.cpus_per_worker > 0:
             raise ExperimentError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
+        if self.space_name not in SPACE_NAMES:
+            raise ExperimentError(f"space={self.space_name!r} is not one of {SPACE_NAMES}")
         if self.width_mult <= 0:
             raise ExperimentError(f"width_mult={self.width_mult!r} must be > 0")
         self.space  # noqa: B018 (raises on a bad value set)
@@ -92,7 +94,7 @@ class SupernetRequest:
         """What makes two requests the same training run (a rerun resumes only if these are equal)."""
         return json.loads(json.dumps({
             "dataset": self.dataset, "val_size": self.val_size, "split_seed": self.split_seed,
-            "space": dataclasses.asdict(self.space), "width_mult": self.width_mult,
+            "space_name": self.space_name, "space": dataclasses.asdict(self.space), "width_mult": self.width_mult,
             "settings": self.settings.to_dict()}))
 
 

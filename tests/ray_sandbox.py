@@ -34,10 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def quickstart_argv(dataset: Path, storage_path: Path, name: str, *flags: str) -> list[str]:
-    """``python tune_configs/quickstart.py`` on a tiny search (2 trials of 1 epoch); ``flags`` override."""
+    """``python tune_configs/quickstart.py`` on a tiny search from scratch (2 trials of 1 epoch); ``flags`` override."""
     return [sys.executable, str(REPO / "tune_configs" / "quickstart.py"), "--dataset", str(dataset),
             "--val-size", "100", "--resolutions", "32", "--width-mult", "0.25", "--epochs", "1",
-            "--num-samples", "2", "--batch-size", "64", "--storage-path", str(storage_path), "--name", name, *flags]
+            "--num-samples", "2", "--batch-size", "64", "--supernet", "none", "--scheduler", "asha",
+            "--storage-path", str(storage_path), "--name", name, *flags]
 
 
 def free_port() -> int:

@@ -242,7 +242,7 @@ def test_interrupted_search_resumes(tmp_path, small_npz):
     args = [sys.executable, str(REPO / "tune_configs" / "quickstart.py"), "--dataset", str(small_npz),
             "--val-size", "100", "--resolutions", "32", "--width-mult", "0.25", "--epochs", "4",
             "--num-samples", "3", "--max-concurrent", "1", "--scheduler", "fifo", "--batch-size", "64",
-            "--storage-path", str(tmp_path), "--name", "resume"]
+            "--supernet", "none", "--storage-path", str(tmp_path), "--name", "resume"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     exp_dir = tmp_path / "resume"
     log = open(tmp_path / "driver.log", "w")

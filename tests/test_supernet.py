@@ -1,0 +1,359 @@
+"""The supernet: sandwich training, the file and its checks, and searches that inherit from it.
+
+Real data (small .npz files of real CIFAR-10 images) and real Ray throughout; a tiny space
+and width keep every step fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aebnas.config import SpaceValues, largest_arch, random_arch, smallest_arch
+from aebnas.data import load_dataset
+from aebnas.nn import covers
+from aebnas.supernet import (SupernetSettings, SupernetTraining, check_supernet, distillation_loss, image_digests,
+                             load_supernet, read_supernet_info, save_supernet, score_subnet)
+from aebnas.train import Scorer, load_checkpoint
+from ray_sandbox import ray_sandbox  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = SpaceValues(depths=(1, 2), kernels=(3, 5), expansions=(2, 3), resolutions=(32,), exit_m1_channels=(8,),
+                   exit_m2_channels=(0, 8), exit_kernels=(3,), exit_expansions=(1, 2))
+TINY_KWARGS = {k: list(v) for k, v in dataclasses.asdict(TINY).items()}
+WIDTH = 0.25
+
+
+@pytest.fixture(scope="module")
+def data(small_npz):
+    return load_dataset(str(small_npz), val_size=100, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A tiny supernet trained 2 epochs (1 warm-up, 1 sandwich) and its file."""
+    settings = SupernetSettings(epochs=2, batch_size=64, warmup_fraction=0.5, seed=0)
+    run = SupernetTraining(TINY, WIDTH, data, settings, torch.device("cpu"), dataset_name=data.name)
+    stats = [run.train_epoch() for _ in range(2)]
+    path = save_supernet(tmp_path_factory.mktemp("supernet") / "supernet.pt", run.model, run.info())
+    return run, stats, path
+
+
+# ------------------------------------------------------------------ sampling and loss
+
+
+def test_random_arch_is_a_seeded_subnet_with_enough_exits():
+    from aebnas.nn import ElasticEarlyExitNet
+
+    supernet = ElasticEarlyExitNet(TINY, WIDTH, 10)
+    archs = [random_arch(TINY, random.Random(i), width_mult=WIDTH, min_exits=2) for i in range(40)]
+    assert all(covers(supernet, a) is None for a in archs)
+    assert all(a.num_exits >= 2 for a in archs)
+    assert archs[3] == random_arch(TINY, random.Random(3), width_mult=WIDTH, min_exits=2)
+    # It explores the space: both depths, both branch depths, several exit sets.
+    assert {s.depth for a in archs for s in a.stages} == {1, 2}
+    assert {e.depth for a in archs for e in a.exits} == {1, 2}
+    assert len({a.exit_positions for a in archs}) >= 4
+
+
+def test_distillation_loss_is_soft_cross_entropy_on_every_output():
+    torch.manual_seed(0)
+    teacher, final, exit1 = torch.randn(5, 10), torch.randn(5, 10), torch.randn(5, 10)
+    p = teacher.softmax(1)
+
+    def soft_ce(z):
+        return float(-(p * z.log_softmax(1)).sum(1).mean())
+
+    assert float(distillation_loss([exit1, final], teacher, 0.5)) == pytest.approx(soft_ce(final) + 0.5 * soft_ce(exit1))
+    # Learning from the teacher is minimal where the student matches it (Gibbs' inequality).
+    assert float(distillation_loss([teacher], teacher, 1.0)) < float(distillation_loss([final], teacher, 1.0))
+
+
+def test_supernet_settings_refuse_bad_values():
+    for bad, message in (({"random_subnets": -1}, "random_subnets=-1"), ({"warmup_fraction": 1.0}, "warmup_fraction=1.0"),
+                         ({"epochs": 0}, "epochs=0"), ({"grad_clip": 0}, "grad_clip=0")):
+        with pytest.raises(ValueError, match=message):
+            SupernetSettings(**bad)
+
+
+def test_sandwich_subnets_per_step(data):
+    settings = SupernetSettings(epochs=4, warmup_fraction=0.25, random_subnets=3)
+    one = SupernetTraining(TINY, WIDTH, data, settings, torch.device("cpu"))
+    two = SupernetTraining(TINY, WIDTH, data, settings, torch.device("cpu"), rank=1, world_size=2)
+    assert one.subnets(0, 0) == [one.largest]  # warm-up: the largest alone
+    step = one.subnets(1, 5)
+    assert len(step) == 5 and step[0] == largest_arch(TINY, width_mult=WIDTH) and step[1] == smallest_arch(TINY, width_mult=WIDTH)
+    assert two.subnets(1, 5) == step  # every worker draws the same subnets
+    assert one.subnets(1, 6)[2:] != step[2:]
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_training_learns_and_uses_only_the_training_split(trained, data):
+    run, stats, _ = trained
+    assert stats[0]["warmup"] and not stats[1]["warmup"]
+    assert stats[1]["loss_distilled"] > 0 and all(np.isfinite(s["loss"]) for s in stats)
+    train, val, test = image_digests(data.x_train), image_digests(data.x_val), image_digests(data.x_test)
+    # The splits are disjoint (this file has no duplicate images), ...
+    assert not np.intersect1d(train, val).size and not np.intersect1d(train, test).size
+    assert not np.intersect1d(val, test).size
+    # ... the batches it trained on are the training split's images, ...
+    assert np.array_equal(image_digests(run.train_batches.x.numpy()), train)
+    # ... so is the BatchNorm calibration sample of every evaluation, ...
+    calibration = image_digests(run.scorer(32).calibration.x.numpy())
+    assert np.isin(calibration, train).all() and len(calibration) > 0
+    # ... and the file records exactly the training split.
+    assert np.array_equal(read_supernet_info(trained[2]).train_digests, train)
+
+
+def test_image_digests_ignore_file_order(data):
+    shuffled = data.x_train[np.random.default_rng(0).permutation(len(data.x_train))]
+    assert np.array_equal(image_digests(shuffled), image_digests(data.x_train))
+
+
+def test_two_workers_train_what_one_does(data):
+    """Data-parallel arithmetic: 2 shards of half a batch, gradients averaged = 1 worker's step.
+
+    BatchNorm in eval mode: in training mode each worker normalises by its own shard's
+    statistics (as DDP without SyncBatchNorm does), which no all-reduce can equal.
+    """
+    import torch.distributed as dist
+
+    from aebnas.supernet import _all_reduce_mean
+
+    settings = SupernetSettings(epochs=1, batch_size=64, warmup_fraction=0.0, random_subnets=1)
+    run = SupernetTraining(TINY, WIDTH, data, settings, torch.device("cpu"))
+    x, y = next(iter(run.train_batches))
+    run.model.eval()
+
+    def loss(part):
+        return sum(torch.nn.functional.cross_entropy(o, y[part]) for o in run.model(x[part], run.largest))
+
+    grads = []
+    for part in (slice(0, 32), slice(32, 64)):
+        run.model.zero_grad()
+        loss(part).backward()
+        grads.append([p.grad.clone() for p in run.params])
+    run.model.zero_grad()
+    loss(slice(0, 64)).backward()
+    whole = [p.grad.clone() for p in run.params]
+    # A one-process gloo group stands for the all-reduce's sum: give it the sum of both halves.
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        for p, a, b in zip(run.params, *grads):
+            p.grad = a + b
+        _all_reduce_mean(run.params, 2)
+        for p, w in zip(run.params, whole):
+            torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ the file and its checks
+
+
+def test_file_round_trip(trained, data):
+    run, _, path = trained
+    supernet, info = load_supernet(path)
+    assert info.space == TINY and info.width_mult == WIDTH and info.num_classes == data.num_classes
+    assert info.epochs == 2 and info.val_size == 100 and info.classes == list(data.classes)
+    assert all(p.dtype == torch.float32 for p in supernet.parameters())
+    # float16 storage: the weights are those trained, to float16 precision.
+    for (name, a), b in zip(run.model.state_dict().items(), supernet.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a.half().float(), msg=name)
+    torch.load(path, weights_only=True)  # tensors and plain values only
+
+
+def test_not_a_supernet_file_is_refused(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match="is not an aebnas supernet file"):
+        read_supernet_info(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_supernet_info(tmp_path / "missing.pt")
+
+
+def test_check_supernet_names_each_problem(trained, data, small_npz):
+    info = read_supernet_info(trained[2])
+    check_supernet(info, needs={"kernels": {3}, "resolutions": {32}}, width_mult=WIDTH, data=data)  # fine
+    with pytest.raises(ValueError, match=r"kernels \[7\] are not in the supernet's \[3, 5\]"):
+        check_supernet(info, needs={"kernels": {3, 7}}, width_mult=WIDTH)
+    with pytest.raises(ValueError, match="width_mult 0.5 differs from the supernet's 0.25"):
+        check_supernet(info, needs={}, width_mult=0.5)
+    # Another split of the same file: the supernet trained on some of its validation images.
+    other = load_dataset(str(small_npz), val_size=100, seed=1)
+    with pytest.raises(ValueError, match=r"it was trained on \d+ of this search's validation/test images"):
+        check_supernet(info, needs={}, width_mult=WIDTH, data=other)
+
+
+def test_scoring_a_subnet_leaves_the_supernet_untouched(trained, data):
+    run, _, path = trained
+    supernet, _ = load_supernet(path)
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    scorer = Scorer(data, 32, torch.device("cpu"), batch_size=64, bn_batches=2, seed=0)
+    arch = random_arch(TINY, random.Random(0), width_mult=WIDTH)
+    out = score_subnet(supernet, arch, scorer, "val")
+    assert out.prediction.shape == (arch.num_exits + 1, 100)
+    assert all(torch.equal(before[k], v) for k, v in supernet.state_dict().items())
+    # The same candidate scored twice gets the same outputs (the calibration sample is fixed).
+    again = score_subnet(supernet, arch, scorer, "val")
+    assert np.array_equal(out.prediction, again.prediction)
+
+
+def test_supernet_eval_command(trained, tmp_path):
+    _, _, path = trained
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(smallest_arch(TINY, width_mult=WIDTH).to_flat()))
+    from aebnas.cli import main
+
+    proc = subprocess.run([sys.executable, "-m", "aebnas.cli", "supernet", "eval", str(path), str(arch), "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["images"] == 100 and len(result["exits"]) == 1 and 0 <= result["final_accuracy"] <= 100
+    assert result["final_macs"] > result["exits"][0]["macs"] > 0
+    bad = dict(json.loads(arch.read_text()), stage1_block0_kernel=7)
+    arch.write_text(json.dumps(bad))
+    assert main(["supernet", "eval", str(path), str(arch)]) == 2
+
+
+# ------------------------------------------------------------------ searches that inherit
+
+
+def _search(storage, small_npz, supernet, **changes):
+    """A tiny search whose candidates inherit from ``supernet`` (a path, or None)."""
+    from aebnas.experiment import Experiment
+
+    base = Experiment(dataset=str(small_npz), val_size=100, space="aebnas", space_kwargs=TINY_KWARGS,
+                      width_mult=WIDTH, target_macs=0.5, supernet=supernet and str(supernet), epochs=0, num_samples=3,
+                      scheduler="fifo", batch_size=64, storage_path=str(storage), name="inherit", seed=0, verbose=0)
+    return dataclasses.replace(base, **changes)
+
+
+def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz, tmp_path):
+    from aebnas.experiment import run
+    from aebnas.trainable import inherited_network
+
+    _, _, path = trained
+    exp = _search(tmp_path, small_npz, path)
+    results = run(exp)
+    assert len(results) == 3 and not results.errors
+    record = load_checkpoint(path)
+    for r in results:
+        m = r.metrics
+        assert m["epoch"] == 0 and m["inherited"] and "loss" not in m and "test_accuracy" in m
+        assert 0 <= m["early_exit"] <= 1 and 0 <= m["test_early_exit"] <= 1
+        # The trial scored the very weights the supernet holds for its architecture.
+        flat = json.loads((Path(r.path) / "arch.json").read_text())
+        from aebnas.settings import parse_trial_config
+
+        arch, settings = parse_trial_config(flat)
+        ckpt = load_checkpoint(Path(r.checkpoint.path) / "checkpoint.pt")
+        inherited = inherited_network(record, arch, "margin").state_dict()
+        for name, value in inherited.items():
+            if "running" not in name and name != "thresholds" and value.is_floating_point():  # BN stats: recalibrated
+                torch.testing.assert_close(ckpt["model"][name], value, msg=name)
+
+
+def test_search_fine_tunes_inherited_weights(ray_local, trained, small_npz, tmp_path):
+    from aebnas.experiment import run
+
+    results = run(_search(tmp_path, small_npz, trained[2], epochs=2, num_samples=2, name="finetune",
+                          finetune_lr=0.005))
+    assert not results.errors
+    for r in results:
+        history = r.metrics_dataframe
+        assert list(history["epoch"]) == [1, 2] and history["inherited"].all()
+        assert np.isfinite(history["loss"]).all()
+
+
+def test_search_refuses_a_supernet_that_does_not_fit(trained, small_npz, tmp_path):
+    from aebnas.experiment import run
+    from aebnas.settings import ExperimentError
+
+    path = trained[2]
+    with pytest.raises(ExperimentError, match=r"kernels \[7\] are not in the supernet's \[3, 5\]"):
+        run(_search(tmp_path, small_npz, path, space_kwargs={**TINY_KWARGS, "kernels": (3, 7)}))
+    with pytest.raises(ExperimentError, match="width_mult 0.5 differs"):
+        run(_search(tmp_path, small_npz, path, width_mult=0.5))
+    with pytest.raises(ExperimentError, match="supernet file .* does not exist"):
+        run(_search(tmp_path, small_npz, tmp_path / "none.pt"))
+    with pytest.raises(ExperimentError, match=r"epochs=0 must be an integer ≥ 1 \(≥ 0 with a supernet"):
+        run(_search(tmp_path, small_npz, None))
+
+
+def test_search_refuses_a_supernet_trained_on_its_validation_images(ray_local, trained, small_npz, tmp_path):
+    from aebnas.experiment import run
+    from aebnas.settings import ExperimentError
+
+    with pytest.raises(ExperimentError, match="validation/test images"):
+        run(_search(tmp_path, small_npz, trained[2], seed=1))  # seed 1: another train/val split
+    assert not (tmp_path / "inherit").exists() or not list((tmp_path / "inherit").glob("trial_*"))
+
+
+# ------------------------------------------------------------------ Ray Train: 2 workers, kill, resume
+
+
+def test_space_names_are_the_search_spaces():
+    from search_spaces import SPACES
+
+    from aebnas.supernet_train import SPACE_NAMES
+
+    assert set(SPACE_NAMES) == set(SPACES)
+
+
+def _supernet_argv(dataset: Path, out: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "aebnas.cli", "supernet", "train", "--dataset", str(dataset), "--val-size", "100",
+            "--resolutions", "32", "--width-mult", "0.25", "--epochs", "3", "--batch-size", "64",
+            "--warmup-fraction", "0", "--workers", "2", "--out", str(out), *flags]
+
+
+@pytest.mark.slow  # about 110 s on 2 cores: Ray Train starts three times
+def test_ray_train_two_workers_killed_and_resumed(ray_sandbox, small_npz, tmp_path):  # noqa: F811
+    """`aebnas supernet train --workers 2` on local Ray, SIGKILLed after its first checkpoint; the
+    same command resumes from that checkpoint, and a third run reuses the finished supernet."""
+    import signal
+    import time
+
+    out = tmp_path / "sn"
+    args = _supernet_argv(small_npz, out)
+    driver = ray_sandbox.spawn(args, "first.log")
+    deadline = time.time() + 300
+    while not list((out / "train").glob("checkpoint_*/supernet.pt")):
+        assert driver.poll() is None, ray_sandbox.log("first.log")[-4000:]
+        assert time.time() < deadline, "no checkpoint within 300 s:\n" + ray_sandbox.log("first.log")[-4000:]
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    ray_sandbox.wait_until_gone(timeout=10)
+    ray_sandbox.kill_leftovers()
+    first = ray_sandbox.log("first.log")
+    assert "Ray Train worker" in first or "RayTrainWorker" in first, first[-3000:]
+    assert not (out / "supernet.pt").exists()  # killed before the end
+
+    assert ray_sandbox.run(args, "second.log", timeout=300) == 0, ray_sandbox.log("second.log")[-4000:]
+    second = ray_sandbox.log("second.log")
+    resumed_after = [int(line.split("after epoch ")[1].split()[0]) for line in second.splitlines()
+                     if "resuming the supernet after epoch" in line]
+    assert resumed_after and resumed_after[0] >= 1, second[-4000:]
+    info = read_supernet_info(out / "supernet.pt")
+    assert info.epochs == 3 and [h["epoch"] for h in info.history] == [1, 2, 3]
+    assert "supernet epoch 1/3" not in second  # not trained again from scratch
+    assert all(0 <= h["val_acc_largest"] <= 100 for h in info.history)
+
+    # Finished: the same command reuses it; another request in the same directory is refused.
+    assert ray_sandbox.run(args, "third.log", timeout=120) == 0
+    assert "is already trained" in ray_sandbox.log("third.log")
+    assert ray_sandbox.run(_supernet_argv(small_npz, out, "--lr", "0.05"), "fourth.log", timeout=120) == 2
+    assert "holds a supernet run with other settings" in ray_sandbox.log("fourth.log")
