@@ -26,7 +26,8 @@ from .cluster import check_address_reachable, check_trial_fits, connect_ray, des
 from .data import DatasetNotFoundError, load_dataset
 from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list, parse_trial_config
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
-from .supernet import SupernetInfo, check_supernet, read_supernet_info
+from .supernet import SUPERNET_FILE, SupernetInfo, SupernetSettings, check_supernet, read_supernet_info
+from .supernet_train import SupernetRequest, train_supernet
 from .train import load_checkpoint
 from .trainable import train_candidate
 
@@ -55,6 +56,7 @@ class Experiment(TrialSettings):
     data_dir: str | None = None
     download: bool = False
     val_size: int | None = None
+    split_seed: int | None = None  # seed of the train/validation split; None: ``seed``
     space: str = "aebnas"
     space_kwargs: dict[str, Any] = field(default_factory=dict)
     width_mult: float = 1.0
@@ -73,6 +75,8 @@ class Experiment(TrialSettings):
     max_failures: int = 2
     keep_checkpoints: int = 2
     verbose: int = 1
+    supernet_epochs: int = 0  # > 0 and no supernet: train one first (or reuse it), see supernet_path()
+    supernet_workers: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold_grid", tuple(self.threshold_grid))
@@ -94,7 +98,14 @@ class Experiment(TrialSettings):
         for name in ("num_samples", "grace_period", "batch_size", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer ≥ 1")
-        if not isinstance(self.epochs, int) or self.epochs < (0 if self.supernet else 1):
+        if not isinstance(self.supernet_epochs, int) or self.supernet_epochs < 0:
+            raise bad("supernet_epochs", "must be an integer ≥ 0 (0: no supernet is trained)")
+        if not isinstance(self.supernet_workers, int) or self.supernet_workers < 0:
+            raise bad("supernet_workers", "must be an integer ≥ 0 (0: trained in the driver's process)")
+        if self.supernet is None and self.supernet_epochs and "://" in self.storage_path:
+            raise bad("supernet_epochs", "trains a supernet under a local storage_path only; with a URI train one "
+                      "with `aebnas supernet train` and pass --supernet")
+        if not isinstance(self.epochs, int) or self.epochs < (0 if self.supernet_path() else 1):
             raise bad("epochs", "must be an integer ≥ 1 (≥ 0 with a supernet: 0 scores inherited weights only)")
         if not self.target_macs > 0:
             raise bad("target_macs", "must be > 0 (MMACs)")
@@ -133,6 +144,22 @@ class Experiment(TrialSettings):
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
 
+    def supernet_path(self) -> str | None:
+        """The supernet the candidates inherit from: ``supernet``; else, with ``supernet_epochs``, the one
+        :func:`run` trains first (or reuses) under ``storage_path``; else None (from scratch)."""
+        if self.supernet is not None or not self.supernet_epochs:
+            return self.supernet
+        data = Path(self.dataset).stem if self.dataset.endswith(".npz") else self.dataset
+        res = "-".join(map(str, self.space_kwargs.get("resolutions", ()))) or "paper"
+        name = (f"supernet_{data}_w{self.width_mult:g}_r{res}_split{self.data_split_seed}"
+                f"_v{self.val_size if self.val_size is not None else 'default'}_{self.supernet_epochs}ep")
+        return str(Path(resolve_storage_path(self.storage_path)) / name / SUPERNET_FILE)
+
+    @property
+    def data_split_seed(self) -> int:
+        """The seed of the train/validation split: ``split_seed``, or ``seed`` when that is None."""
+        return self.seed if self.split_seed is None else self.split_seed
+
     def supernet_info(self) -> SupernetInfo:
         """What the supernet file covers; ExperimentError if it is missing, not a supernet, or does not
         cover this search's space and width (its data is checked by :func:`run` once loaded)."""
@@ -150,8 +177,9 @@ class Experiment(TrialSettings):
 
     def trial_settings(self) -> TrialSettings:
         """The settings every trial receives; ExperimentError naming a bad one."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrialSettings)}
         try:
-            return super().trial_settings()
+            return TrialSettings(**{**values, "supernet": self.supernet_path()})
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
 
@@ -220,9 +248,15 @@ def space_needs(param_space: dict[str, Any]) -> dict[str, set]:
 
 
 def paper_experiment(dataset: str, *, target_macs: float, val_size: int) -> Experiment:
-    """The paper's search settings for one dataset: its space (resolution 32–72), 5 epochs, ASHA."""
+    """The paper's search settings for one dataset: its space (resolution 32–72), ASHA, and candidates
+    that inherit their weights from a supernet and fine-tune 5 epochs (lr 0.01, as NSGANetV2 on CIFAR).
+
+    Without ``--supernet`` the run first trains one for 60 epochs under its storage path (or reuses
+    it there): the paper starts from Once-for-All ImageNet weights, which fit only its exact space.
+    """
     return Experiment(dataset=dataset, val_size=val_size, space="aebnas", target_macs=target_macs, epochs=5,
-                      num_samples=100, scheduler="asha", grace_period=1, reduction_factor=2)
+                      num_samples=100, scheduler="asha", grace_period=1, reduction_factor=2,
+                      supernet_epochs=60, finetune_lr=0.01)
 
 
 # ------------------------------------------------------------------ Ray Tune
@@ -296,7 +330,8 @@ def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, flo
     from ray import tune
 
     # with_parameters puts data and supernet in the object store once: each node fetches them once.
-    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data, supernet=supernet), resources)
+    inherit = {} if supernet is None else {"supernet": supernet}
+    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data, **inherit), resources)
     param_space = exp.param_space(data.num_classes, data.in_channels)
     if exp.resume:  # run() has checked that Ray Tune can restore it
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -354,9 +389,11 @@ def run(exp: Experiment) -> Any:
         raise ExperimentError(f"an experiment already exists at {path}; pass --resume to continue it "
                               "or another --name to start a new one")
 
+    if exp.supernet is None and exp.supernet_epochs:
+        exp = dataclasses.replace(exp, supernet=train_supernet_first(exp))
     try:
         data = load_dataset(exp.dataset, data_dir=exp.data_dir, download=exp.download,
-                            val_size=exp.val_size, seed=exp.seed)
+                            val_size=exp.val_size, seed=exp.data_split_seed)
     except ValueError as exc:  # a malformed .npz, a bad val_size, an unknown dataset name
         raise ExperimentError(str(exc)) from None
     print(f"aebnas: {data.summary()}", flush=True)
@@ -388,6 +425,21 @@ def run(exp: Experiment) -> Any:
     results = tuner.fit()
     _print_summary(exp, results, path)
     return results
+
+
+def train_supernet_first(exp: Experiment) -> str:
+    """Train the supernet of ``exp`` (``supernet_epochs`` on Ray Train; a finished one is reused, a
+    killed one resumed) and return the path of its file."""
+    path = Path(exp.supernet_path())
+    print(f"aebnas: no --supernet given: training one for this search ({exp.supernet_epochs} epochs) in "
+          f"{path.parent}, or reusing it", flush=True)
+    request = SupernetRequest(
+        out=str(path.parent), dataset=exp.dataset, space_name=exp.space, data_dir=exp.data_dir, download=exp.download,
+        val_size=exp.val_size, split_seed=exp.data_split_seed, space_kwargs=exp.space_kwargs,
+        width_mult=exp.width_mult, workers=exp.supernet_workers, cpus_per_worker=exp.cpus_per_trial,
+        use_gpu=None if exp.gpus_per_trial is None else exp.gpus_per_trial > 0, address=exp.address,
+        settings=SupernetSettings(epochs=exp.supernet_epochs, batch_size=exp.batch_size, amp=exp.amp, seed=exp.seed))
+    return str(train_supernet(request))
 
 
 def _print_summary(exp: Experiment, results: Any, path: str) -> None:
@@ -437,6 +489,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
     a("--supernet", "supernet file (aebnas supernet train) the candidates inherit their weights from; "
       "'none': they train from scratch", d.supernet, type=_supernet_arg)
     a("--finetune-lr", "peak learning rate of fine-tuning inherited weights", d.finetune_lr, type=float)
+    a("--supernet-epochs", "without --supernet: train a supernet for this many epochs first (reused when it is "
+      "already in STORAGE_PATH); 0: candidates train from scratch", d.supernet_epochs, type=int)
+    a("--supernet-workers", "Ray Train workers of that supernet (0: in the driver's process)", d.supernet_workers,
+      type=int)
     a("--num-samples", "number of trials", d.num_samples, type=int)
     a("--search-alg", "how candidates are proposed", d.search_alg, choices=SEARCH_ALGS)
     a("--scheduler", "asha stops weak trials early; fifo runs every trial to the end", d.scheduler,
@@ -455,7 +511,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
       "a cluster", d.storage_path)
     a("--name", "experiment name (default: SPACE_DATASET_TIME)", d.name)
     a("--address", "Ray cluster address HOST:PORT (default: $RAY_ADDRESS or local)", d.address)
-    a("--seed", "seed of the data split, the search and the trials", d.seed, type=int)
+    a("--seed", "seed of the search, the trials and (unless --split-seed) the data split", d.seed, type=int)
+    a("--split-seed", "seed of the train/validation split (default: --seed); a supernet fixes it", d.split_seed,
+      type=int)
     a("--resume", "continue the experiment --name from where it stopped; flags not given take the "
       "values it was started with", action="store_true")
 

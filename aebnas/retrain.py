@@ -39,7 +39,7 @@ from .config import ArchConfig
 from .cost import exit_costs
 from .data import Dataset
 from .exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, tune_thresholds
-from .trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, trial_arch
+from .trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, split_seed, trial_arch
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, resolved_config)
 from .train import CandidateTraining, load_checkpoint, select_device
@@ -95,7 +95,7 @@ def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
         raise UsageError(f"--device: {exc}") from None
     trial = find_trial(exp, req.trial) if req.trial is not None else None
     data = load_experiment_data(exp, req.data_dir, req.download)
-    log(f"data: {data.summary()} (split seed {exp.settings.get('seed', 0)}, as in the search)")
+    log(f"data: {data.summary()} (split seed {split_seed(exp.settings)}, as in the search)")
 
     if trial is not None:
         selected_by = f"--trial {req.trial}"

@@ -163,6 +163,12 @@ def find_trial(exp: ExperimentDir, ident: str) -> TrialRecord:
     raise UsageError(f"--trial {ident!r} {why} of {exp.path}; available trials: {exp.trial_names()}")
 
 
+def split_seed(settings: dict[str, Any]) -> int:
+    """The seed of a search's train/validation split, from its saved settings."""
+    seed = settings.get("split_seed")
+    return int(settings.get("seed", 0) if seed is None else seed)
+
+
 def load_experiment_data(exp: ExperimentDir, data_dir: str | None = None,
                          download: bool | None = None) -> Dataset:
     """The search's dataset with the same seeded train/validation split."""
@@ -170,7 +176,7 @@ def load_experiment_data(exp: ExperimentDir, data_dir: str | None = None,
     try:
         return load_dataset(s["dataset"], data_dir=data_dir if data_dir is not None else s.get("data_dir"),
                             download=download if download is not None else bool(s.get("download")),
-                            val_size=s.get("val_size"), seed=int(s.get("seed", 0)))
+                            val_size=s.get("val_size"), seed=split_seed(s))
     except (DatasetNotFoundError, ValueError) as exc:
         raise UsageError(f"dataset of {exp.path}: {exc}") from None
 

@@ -59,16 +59,18 @@ def ahead(ours: pd.Series, theirs: pd.Series) -> tuple[float, float, bool]:
 
 def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[int], target_macs: float,
                           tolerance: float, width_mult: float, resolutions: Sequence[int], epochs: int,
-                          num_samples: int, scheduler: str, batch_size: int) -> Outcome:
+                          num_samples: int, scheduler: str, batch_size: int, supernet: str | None = None,
+                          split_seed: int | None = None, figure: str = "search_spaces_pareto") -> Outcome:
     """Claim 1: the same search budget on each space, for each seed; hypervolume and the test accuracy
-    of the validation-picked trial at the target."""
+    of the validation-picked trial at the target. With ``supernet``, candidates inherit its weights
+    (``epochs`` fine-tuning epochs) and every seed searches the supernet's split (``split_seed``)."""
     from aebnas.data import load_dataset
     from analysis import plots
     from analysis.pareto import hypervolume
 
     budget = dict(dataset="cifar10-subset", space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
                   target_macs=target_macs, epochs=epochs, num_samples=num_samples, scheduler=scheduler,
-                  batch_size=batch_size)
+                  batch_size=batch_size, supernet=supernet, split_seed=split_seed)
     frames, runs = [], {}
     for seed in seeds:  # seeds outermost: a change of load hits every space alike
         for space in spaces:
@@ -103,7 +105,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
 
     # One figure, every trial of every seed, coloured by space (validation points, as plots labels them).
     plot_points = trials.assign(experiment=trials["space"])
-    paths = plots.plot_pareto(plot_points, ctx.docs / "search_spaces_pareto", target_macs=target_macs,
+    paths = plots.plot_pareto(plot_points, ctx.docs / figure, target_macs=target_macs,
                               color_by="space", title=f"{len(seeds)} seeds × {num_samples} trials per space, "
                               f"thresholds tuned for {target_macs:g} MMACs (CIFAR-10 subset)")
     for p in paths:
@@ -146,14 +148,17 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
                  "search time (s)": r.search_wall_s} for r in per_seed.itertuples()]
     spread = summary["pick_test_acc_std"].dropna()
     data = load_dataset("cifar10-subset")
+    how = ("trained from scratch for a few epochs: a smoke-scale replication, not the paper's setting (full "
+           "CIFAR-10, Once-for-All weights, 5 epochs of fine-tuning, NSGA-II)." if supernet is None else
+           f"every candidate inherits its weights, exit branches included, from the supernet `{os.path.basename(supernet)}` "
+           f"and is fine-tuned {epochs} epoch(s) (0: scored as inherited); every seed uses the supernet's "
+           f"train/validation split (split seed {split_seed}), the seed changes the sampled candidates.")
     details = "\n".join([
         f"Budget, identical for every space and seed: {num_samples} trials (random search) × {epochs} epochs, "
         f"scheduler `{scheduler}`, width {width_mult}, resolutions {tuple(resolutions)}, batch {batch_size}, "
         f"target {target_macs:g} MMACs, seeds {tuple(seeds)} (the seed fixes the sampled candidates, their "
         f"initial weights and the order of the training data). Data: the embedded CIFAR-10 subset "
-        f"({len(data.y_train):,} train / {len(data.y_val):,} val / {len(data.y_test):,} test images), trained "
-        "from scratch for a few epochs: a smoke-scale replication, not the paper's setting (full CIFAR-10, "
-        "Once-for-All weights, 5 epochs of fine-tuning, NSGA-II)."
+        f"({len(data.y_train):,} train / {len(data.y_val):,} val / {len(data.y_test):,} test images), " + how
         + (f" From one seed to another, the picked trial's test accuracy of a space varies by "
            f"{spread.min():.1f}–{spread.max():.1f} points (standard deviation)." if len(spread) else "")
         + " " + priority_note(list(runs.values())) + " " + provenance_note(list(runs.values())), "",

@@ -357,3 +357,21 @@ def test_ray_train_two_workers_killed_and_resumed(ray_sandbox, small_npz, tmp_pa
     assert "is already trained" in ray_sandbox.log("third.log")
     assert ray_sandbox.run(_supernet_argv(small_npz, out, "--lr", "0.05"), "fourth.log", timeout=120) == 2
     assert "holds a supernet run with other settings" in ray_sandbox.log("fourth.log")
+
+
+def test_search_trains_its_supernet_first_then_reuses_it(ray_local, small_npz, tmp_path, capsys):
+    """A tune_config without --supernet (supernet_epochs > 0): one command trains a supernet under the
+    storage path, then searches with it; the next search on the same split reuses it."""
+    from aebnas.experiment import run
+
+    exp = _search(tmp_path, small_npz, None, supernet_epochs=1, supernet_workers=0, num_samples=2, name="auto")
+    expected = Path(exp.supernet_path())
+    assert expected.parent.parent == tmp_path and not expected.exists()
+    results = run(exp)
+    assert not results.errors and expected.exists()
+    assert all(r.metrics["inherited"] and r.metrics["epoch"] == 0 for r in results)
+    saved = json.loads((tmp_path / "auto" / "aebnas_experiment.json").read_text())
+    assert saved["supernet"] == str(expected)  # a --resume continues with the same supernet
+    assert "training the supernet in this process" in capsys.readouterr().out
+    run(dataclasses.replace(exp, name="again"))
+    assert "is already trained" in capsys.readouterr().out
