@@ -49,8 +49,8 @@ from .data import Dataset
 from .exit_policy import ExitOutputs
 from .nn import ElasticEarlyExitNet, EarlyExitNet, extract
 from .settings import TrainSettings
-from .train import (NonFiniteLossError, Scorer, autocast, load_checkpoint, make_optimizer, make_scheduler,
-                    multi_exit_loss)
+from .train import (NonFiniteLossError, Scorer, autocast, load_checkpoint, load_optimisation_state, make_optimizer,
+                    make_scheduler, multi_exit_loss, optimisation_state)
 
 SUPERNET_FILE = "supernet.pt"
 EMBEDDED_SUPERNET = Path(__file__).resolve().parent / "_data" / "supernet_cifar10-subset_w0.75.pt"
@@ -386,19 +386,12 @@ class SupernetTraining:
                             val_size=len(self.data.y_val), split_seed=self.split_seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "history": self.history, "settings": self.settings.to_dict()}
+        return {**optimisation_state(self), "history": self.history, "settings": self.settings.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("settings") not in (None, self.settings.to_dict()):
             raise ValueError("the checkpoint was written by a supernet run with other settings")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
+        load_optimisation_state(self, state)
         self.history = list(state.get("history", []))
 
 

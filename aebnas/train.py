@@ -188,6 +188,23 @@ EVAL_SPLITS = ("val", "test")
 """The splits a candidate is scored on: thresholds are tuned on val, test only measures."""
 
 
+def optimisation_state(run: Any) -> dict[str, Any]:
+    """Weights, optimiser, schedule, loss scaler and epoch of a training run (``CandidateTraining``,
+    ``supernet.SupernetTraining``), as tensors and plain values."""
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": run.epoch}
+
+
+def load_optimisation_state(run: Any, state: dict[str, Any]) -> None:
+    """Continue ``run`` from :func:`optimisation_state`."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.epoch = int(state["epoch"])
+
+
 class Scorer:
     """How every network is scored: BatchNorm recalibrated, then every exit's outputs on a split.
 
@@ -265,21 +282,14 @@ class CandidateTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, as tensors and plain values."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "arch": self.arch.to_flat(), "torch_rng": torch.get_rng_state(),
+        return {**optimisation_state(self), "arch": self.arch.to_flat(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`; ValueError if it holds another architecture."""
         if state.get("arch") is not None and state["arch"] != self.arch.to_flat():
             raise ValueError("the checkpoint holds another architecture than this run's")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
+        load_optimisation_state(self, state)
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
