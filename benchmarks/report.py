@@ -22,8 +22,9 @@ without touching this page). The table is rebuilt from the sections' result file
 The machine these ran on is shared: other jobs were running at the same time (each
 section gives the load average at its start and end). That is why every claim is a
 ratio or a difference between two things measured **in the same run**, alternated where
-they are cheap enough to repeat; absolute times only describe that moment. There is no
-GPU on this machine: every figure is CPU-only and no GPU figure could be measured.
+they are cheap enough to repeat; absolute times only describe that moment. This machine
+has no GPU: every figure is CPU-only except claim 10, which ran on a GPU machine lent to
+this project for a few minutes (its section names the GPU).
 """
 
 
