@@ -69,7 +69,7 @@ class SupernetSettings(TrainSettings):
     the epochs trains the largest subnet alone. ``grad_clip``: max gradient norm.
     """
 
-    epochs: int = 40
+    epochs: int = 60
     label_smoothing: float = 0.1
     random_subnets: int = 2
     warmup_fraction: float = 0.25

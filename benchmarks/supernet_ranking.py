@@ -16,8 +16,6 @@ import sys
 from itertools import combinations
 from typing import Any, Sequence
 
-import torch
-
 from _common import Claim, Context, Outcome, main, md_table
 
 CLAIM = Claim(14, "supernet_ranking", "Ranking fidelity of inherited accuracy",
