@@ -147,8 +147,12 @@ def write_plots(a: Analysis, out: Path, trial: pd.Series | None = None) -> list[
                                   title=f"Trial {trial['trial_id']} ({trial['status']}), thresholds tuned for {where}")
     except ValueError as exc:
         _progress(f"no exit plot: {exc}")
-    paths += plots.plot_learning_curves(a.results.history, a.results.trials, out / "learning_curves",
-                                        title=f"{names}\nscore per epoch")
+    history = a.results.history
+    if "epoch" in history and (history["epoch"] > 0).any():
+        paths += plots.plot_learning_curves(history, a.results.trials, out / "learning_curves",
+                                            title=f"{names}\nscore per epoch")
+    else:  # inherited weights scored once (epoch 0): there is no curve to draw
+        _progress("no learning curves: no trial trained an epoch (inherited weights scored as they are)")
     if len(a.results.settings) > 1:
         paths += plots.plot_pareto(a.points, out / "experiments_pareto", target_macs=a.target_macs,
                                    color_by="experiment", title=f"Experiments compared at {where}")

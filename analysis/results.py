@@ -150,14 +150,17 @@ def read_bytes(location: str | Path) -> bytes:
 
 # ------------------------------------------------------------------ pure rules
 def trial_status(ray_status: str | None, epochs_run: int, epochs: int | None, *, failures: int = 0,
-                 max_failures: int = DEFAULT_MAX_FAILURES, deterministic_failure: bool = False) -> str:
+                 max_failures: int = DEFAULT_MAX_FAILURES, deterministic_failure: bool = False,
+                 reported: bool = False) -> str:
     """One of :data:`STATUSES` from Ray's status (None if absent from the state) and the files.
 
+    ``reported``: the trial wrote a result; with ``epochs == 0`` (inherited weights scored as
+    they are, reported once as epoch 0) that one report finishes it.
     ``failures`` counts failed attempts in ``error.txt``; Ray retries a trial until it has
     failed more than ``max_failures`` times, and ``failure.json`` (``deterministic_failure``)
     means every retry fails at once.
     """
-    if epochs and epochs_run >= epochs:
+    if (epochs and epochs_run >= epochs) or (epochs == 0 and reported):
         return "finished"
     if ray_status == "ERROR" or deterministic_failure or failures > max_failures:
         return "errored"
@@ -326,7 +329,7 @@ def _load_trial(trial_dir: Location | None, trial_id: str, ray_status: str | Non
     epochs_run = int(lines[-1].get("epoch", len(lines))) if lines else 0
     status = trial_status(ray_status, epochs_run, epochs, failures=failures,
                           max_failures=int(settings.get("max_failures", DEFAULT_MAX_FAILURES)),
-                          deterministic_failure=deterministic)
+                          deterministic_failure=deterministic, reported=bool(lines))
     outputs = trial_dir.child(EXIT_OUTPUTS_FILE) if trial_dir else None
     row = {"trial_id": trial_id, "status": status, "error": error if status == "errored" else None,
            "epochs_run": epochs_run, "epochs": epochs, **{k: v for k, v in arch.items() if k not in last},

@@ -56,6 +56,8 @@ def _lines(trial_dir: Path) -> list[dict]:
     (None, 1, 3, {}, "running"),                      # not in the state yet: the files decide
     (None, 0, 3, {}, "pending"),
     ("TERMINATED", 3, 3, {"failures": 1}, "finished"),  # recovered from a failure
+    ("TERMINATED", 0, 0, {"reported": True}, "finished"),  # inherited weights scored once, as epoch 0
+    ("RUNNING", 0, 0, {}, "running"),                 # epochs=0 and nothing reported yet
 ])
 def test_trial_status(ray_status, run, epochs, kw, expected):
     assert trial_status(ray_status, run, epochs, **kw) == expected

@@ -249,6 +249,9 @@ def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz
     exp = _search(tmp_path, small_npz, path)
     results = run(exp)
     assert len(results) == 3 and not results.errors
+    from analysis.results import load_experiment
+
+    assert set(load_experiment(tmp_path / "inherit").trials["status"]) == {"finished"}  # epoch 0 finishes them
     record = load_checkpoint(path)
     for r in results:
         m = r.metrics
