@@ -389,14 +389,14 @@ def run(exp: Experiment) -> Any:
         raise ExperimentError(f"an experiment already exists at {path}; pass --resume to continue it "
                               "or another --name to start a new one")
 
-    if exp.supernet is None and exp.supernet_epochs:
-        exp = dataclasses.replace(exp, supernet=train_supernet_first(exp))
     try:
         data = load_dataset(exp.dataset, data_dir=exp.data_dir, download=exp.download,
                             val_size=exp.val_size, seed=exp.data_split_seed)
     except ValueError as exc:  # a malformed .npz, a bad val_size, an unknown dataset name
         raise ExperimentError(str(exc)) from None
     print(f"aebnas: {data.summary()}", flush=True)
+    if exp.supernet is None and exp.supernet_epochs:
+        exp = dataclasses.replace(exp, supernet=train_supernet_first(exp, data))
     supernet = None
     if exp.supernet is not None:
         supernet = load_checkpoint(exp.supernet)
@@ -427,7 +427,7 @@ def run(exp: Experiment) -> Any:
     return results
 
 
-def train_supernet_first(exp: Experiment) -> str:
+def train_supernet_first(exp: Experiment, data: Any) -> str:
     """Train the supernet of ``exp`` (``supernet_epochs`` on Ray Train; a finished one is reused, a
     killed one resumed) and return the path of its file."""
     path = Path(exp.supernet_path())
@@ -439,7 +439,7 @@ def train_supernet_first(exp: Experiment) -> str:
         width_mult=exp.width_mult, workers=exp.supernet_workers, cpus_per_worker=exp.cpus_per_trial,
         use_gpu=None if exp.gpus_per_trial is None else exp.gpus_per_trial > 0, address=exp.address,
         settings=SupernetSettings(epochs=exp.supernet_epochs, batch_size=exp.batch_size, amp=exp.amp, seed=exp.seed))
-    return str(train_supernet(request))
+    return str(train_supernet(request, data))
 
 
 def _print_summary(exp: Experiment, results: Any, path: str) -> None:

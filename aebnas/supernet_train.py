@@ -235,9 +235,10 @@ def _train_ray(request: SupernetRequest, data: Dataset, out: Path) -> None:
         shutil.copyfile(Path(d) / SUPERNET_FILE, out / SUPERNET_FILE)
 
 
-def train_supernet(request: SupernetRequest) -> Path:
+def train_supernet(request: SupernetRequest, data: Dataset | None = None) -> Path:
     """Train (or resume, or reuse) the supernet of ``request``; returns the path of ``OUT/supernet.pt``.
 
+    ``data``: the request's dataset and split when the caller has loaded it already.
     Raises ExperimentError for a bad request, or when ``OUT`` holds a run of other settings.
     """
     request.validate()
@@ -247,11 +248,12 @@ def train_supernet(request: SupernetRequest) -> Path:
     if final.exists() and read_supernet_info(final).epochs >= request.settings.epochs:
         print(f"aebnas: {final} is already trained ({read_supernet_info(final).describe()}); reusing it")
         return final
-    try:
-        data = load_dataset(request.dataset, data_dir=request.data_dir, download=request.download,
-                            val_size=request.val_size, seed=request.split_seed)
-    except ValueError as exc:
-        raise ExperimentError(str(exc)) from None
+    if data is None:
+        try:
+            data = load_dataset(request.dataset, data_dir=request.data_dir, download=request.download,
+                                val_size=request.val_size, seed=request.split_seed)
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from None
     print(f"aebnas: {data.summary()}; the supernet trains on the {len(data.y_train)} training images only",
           flush=True)
     start = time.perf_counter()

@@ -211,12 +211,16 @@ def test_svhn_config_runs_on_torchvision_files(ray_local, tmp_path, monkeypatch,
     code = _run_tune_config("svhn.py", [
         "--data-dir", str(tmp_path), "--val-size", "60", "--num-samples", "2", "--epochs", "1",
         "--resolutions", "32", "--width-mult", "0.25", "--batch-size", "64",
+        # The paper's config trains its supernet first (60 epochs): 1 epoch, in-process, here.
+        "--supernet-epochs", "1", "--supernet-workers", "0",
         "--storage-path", str(tmp_path / "results"), "--name", "svhn"])
     assert code == 0
     trials = list((tmp_path / "results" / "svhn").glob("trial_*/exit_outputs.npz"))
     assert len(trials) == 2
     out = capsys.readouterr().out
     assert "svhn: 240 train / 60 val / 100 test" in out and "python -m analysis" in out
+    assert "training the supernet in this process" in out and "candidates inherit their weights" in out
+    assert list((tmp_path / "results").glob("supernet_svhn_w0.25_r32_split0_v60_1ep/supernet.pt"))
 
 
 def test_svhn_config_without_data_stops_before_ray(tmp_path, capsys):

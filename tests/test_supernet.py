@@ -246,9 +246,9 @@ def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz
     from aebnas.trainable import inherited_network
 
     _, _, path = trained
-    exp = _search(tmp_path, small_npz, path)
+    exp = _search(tmp_path, small_npz, path, num_samples=2)
     results = run(exp)
-    assert len(results) == 3 and not results.errors
+    assert len(results) == 2 and not results.errors
     from analysis.results import load_experiment
 
     assert set(load_experiment(tmp_path / "inherit").trials["status"]) == {"finished"}  # epoch 0 finishes them
@@ -272,7 +272,7 @@ def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz
 def test_search_fine_tunes_inherited_weights(ray_local, trained, small_npz, tmp_path):
     from aebnas.experiment import run
 
-    results = run(_search(tmp_path, small_npz, trained[2], epochs=2, num_samples=2, name="finetune",
+    results = run(_search(tmp_path, small_npz, trained[2], epochs=2, num_samples=1, name="finetune",
                           finetune_lr=0.005))
     assert not results.errors
     for r in results:
@@ -364,7 +364,8 @@ def test_ray_train_two_workers_killed_and_resumed(ray_sandbox, small_npz, tmp_pa
 
 def test_search_trains_its_supernet_first_then_reuses_it(ray_local, small_npz, tmp_path, capsys):
     """A tune_config without --supernet (supernet_epochs > 0): one command trains a supernet under the
-    storage path, then searches with it; the next search on the same split reuses it."""
+    storage path, then searches with it; the next search on the same split reuses it (the first
+    step of its run, called here alone)."""
     from aebnas.experiment import run
 
     exp = _search(tmp_path, small_npz, None, supernet_epochs=1, supernet_workers=0, num_samples=2, name="auto")
@@ -376,7 +377,10 @@ def test_search_trains_its_supernet_first_then_reuses_it(ray_local, small_npz, t
     saved = json.loads((tmp_path / "auto" / "aebnas_experiment.json").read_text())
     assert saved["supernet"] == str(expected)  # a --resume continues with the same supernet
     assert "training the supernet in this process" in capsys.readouterr().out
-    run(dataclasses.replace(exp, name="again"))
+    from aebnas.experiment import train_supernet_first
+
+    data = load_dataset(str(small_npz), val_size=100, seed=0)
+    assert train_supernet_first(dataclasses.replace(exp, name="again"), data) == str(expected)
     assert "is already trained" in capsys.readouterr().out
 
 
