@@ -337,6 +337,7 @@ def test_ray_train_two_workers_killed_and_resumed(ray_sandbox, small_npz, tmp_pa
         assert driver.poll() is None, ray_sandbox.log("first.log")[-4000:]
         assert time.time() < deadline, "no checkpoint within 300 s:\n" + ray_sandbox.log("first.log")[-4000:]
         time.sleep(0.2)
+    killed_at = time.time()
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
     ray_sandbox.wait_until_gone(timeout=10)
@@ -347,12 +348,13 @@ def test_ray_train_two_workers_killed_and_resumed(ray_sandbox, small_npz, tmp_pa
 
     assert ray_sandbox.run(args, "second.log", timeout=300) == 0, ray_sandbox.log("second.log")[-4000:]
     second = ray_sandbox.log("second.log")
-    resumed_after = [int(line.split("after epoch ")[1].split()[0]) for line in second.splitlines()
-                     if "resuming the supernet after epoch" in line]
-    assert resumed_after and resumed_after[0] >= 1, second[-4000:]
     info = read_supernet_info(out / "supernet.pt")
     assert info.epochs == 3 and [h["epoch"] for h in info.history] == [1, 2, 3]
-    assert "supernet epoch 1/3" not in second  # not trained again from scratch
+    # Resumed, not trained again from scratch: epoch 1 is the killed run's (finished before the kill),
+    # and the second run trained no epoch 1. (Its "resuming the supernet after epoch N" line is printed
+    # by a Ray Train worker; Ray's log streaming to the driver does not always deliver it.)
+    assert info.history[0]["time"] < killed_at < info.history[-1]["time"]
+    assert "supernet epoch 1/3" not in second
     assert all(0 <= h["val_acc_largest"] <= 100 for h in info.history)
 
     # Finished: the same command reuses it; another request in the same directory is refused.
