@@ -195,19 +195,22 @@ def save_supernet(path: str | Path, model: ElasticEarlyExitNet, info: SupernetIn
     return path
 
 
-def read_supernet_info(path: str | Path) -> SupernetInfo:
-    """The metadata of a supernet file (ValueError if it is not one; FileNotFoundError if absent)."""
+def _read_record(path: str | Path) -> tuple[dict[str, Any], SupernetInfo]:
+    """A supernet file's record and its metadata (ValueError if it is not one; FileNotFoundError if absent)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"supernet file {path} does not exist (train one with: aebnas supernet train)")
-    return SupernetInfo.from_record(load_checkpoint(path), path)
+    record = load_checkpoint(path)
+    return record, SupernetInfo.from_record(record, path)
+
+
+def read_supernet_info(path: str | Path) -> SupernetInfo:
+    """The metadata of a supernet file (ValueError if it is not one; FileNotFoundError if absent)."""
+    return _read_record(path)[1]
 
 
 def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> tuple[ElasticEarlyExitNet, SupernetInfo]:
     """The supernet of a file (float32, eval mode, on ``device``) and its :class:`SupernetInfo`."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"supernet file {path} does not exist (train one with: aebnas supernet train)")
-    record = load_checkpoint(path)
-    info = SupernetInfo.from_record(record, path)
+    record, info = _read_record(path)
     return supernet_from_state(record["model"], info, device), info
 
 
@@ -303,6 +306,7 @@ class SupernetTraining:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._scorers: dict[int, Scorer] = {}
+        self._train_digests: np.ndarray | None = None  # computed once, for the file written every epoch
 
     # ------------------------------------------------------------ sampling
     def subnets(self, epoch: int, step: int) -> list[ArchConfig]:
@@ -379,9 +383,11 @@ class SupernetTraining:
 
     # ------------------------------------------------------------ state
     def info(self) -> SupernetInfo:
+        if self._train_digests is None:
+            self._train_digests = image_digests(self.data.x_train)
         return SupernetInfo(space=self.space, width_mult=self.width_mult, num_classes=self.data.num_classes,
                             in_channels=self.data.in_channels, classes=list(self.data.classes),
-                            dataset=self.dataset_name, train_digests=image_digests(self.data.x_train),
+                            dataset=self.dataset_name, train_digests=self._train_digests,
                             settings=self.settings.to_dict(), epochs=self.epoch, history=list(self.history),
                             val_size=len(self.data.y_val), split_seed=self.split_seed)
 

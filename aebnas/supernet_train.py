@@ -245,8 +245,9 @@ def train_supernet(request: SupernetRequest, data: Dataset | None = None) -> Pat
     out = Path(request.out).expanduser().resolve()
     _check_request_file(out, request)
     final = out / SUPERNET_FILE
-    if final.exists() and read_supernet_info(final).epochs >= request.settings.epochs:
-        print(f"aebnas: {final} is already trained ({read_supernet_info(final).describe()}); reusing it")
+    done = read_supernet_info(final) if final.exists() else None
+    if done is not None and done.epochs >= request.settings.epochs:
+        print(f"aebnas: {final} is already trained ({done.describe()}); reusing it")
         return final
     if data is None:
         try:
