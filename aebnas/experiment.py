@@ -40,7 +40,7 @@ PROGRESS_METRICS = {"epoch": "epoch", "score": "score", "accuracy": "acc %", "av
 RESUME_FREE = frozenset({"data_dir", "download", "storage_path", "name", "address", "resume", "cpus_per_trial",
                          "gpus_per_trial"})
 # Ray Tune restores these from its snapshot and ignores new values: a change is reported, not refused.
-RESUME_KEPT_BY_RAY = frozenset({"max_concurrent", "max_failures", "keep_checkpoints", "verbose"})
+RESUME_KEPT_BY_RAY = frozenset({"max_concurrent", "max_failures", "keep_checkpoints", "verbose", "time_budget_s"})
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Experiment(TrialSettings):
     space_kwargs: dict[str, Any] = field(default_factory=dict)
     width_mult: float = 1.0
     num_samples: int = 20
+    time_budget_s: float | None = None  # stop the search after this many seconds (None: when num_samples are done)
     search_alg: str = "random"
     scheduler: str = "asha"
     grace_period: int = 1
@@ -123,6 +124,8 @@ class Experiment(TrialSettings):
             raise bad("max_concurrent", "must be ≥ 1 (or None for no limit)")
         if self.max_failures < 0:
             raise bad("max_failures", "must be ≥ 0")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise bad("time_budget_s", "must be > 0 seconds (or None: no time limit)")
         if self.search_alg in ("tpe", "nsga2"):
             try:
                 import optuna  # noqa: F401
@@ -339,7 +342,8 @@ def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, flo
     multi_objective = exp.search_alg == "nsga2"
     tune_config = tune.TuneConfig(
         metric=None if multi_objective else "score", mode=None if multi_objective else "max",
-        num_samples=exp.num_samples, search_alg=make_search_alg(exp), scheduler=make_scheduler(exp),
+        num_samples=exp.num_samples, time_budget_s=exp.time_budget_s, search_alg=make_search_alg(exp),
+        scheduler=make_scheduler(exp),
         max_concurrent_trials=None if exp.search_alg == "random" else exp.max_concurrent, reuse_actors=True,
         trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname)
     from ray.tune import CLIReporter
@@ -494,6 +498,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
     a("--supernet-workers", "Ray Train workers of that supernet (0: in the driver's process)", d.supernet_workers,
       type=int)
     a("--num-samples", "number of trials", d.num_samples, type=int)
+    a("--time-budget", "stop the search after this many seconds, running trials included (their last report "
+      "stays in the results)", d.time_budget_s, type=float, dest="time_budget_s")
     a("--search-alg", "how candidates are proposed", d.search_alg, choices=SEARCH_ALGS)
     a("--scheduler", "asha stops weak trials early; fifo runs every trial to the end", d.scheduler,
       choices=SCHEDULERS)

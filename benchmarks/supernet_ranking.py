@@ -6,11 +6,15 @@ the validation accuracy of the final classifier (a) as inherited (0 fine-tuning 
 ``standalone_epochs`` epochs, twice with different seeds. Kendall τ between (a) and the
 mean stand-alone accuracy, and the noise ceiling: τ between the two stand-alone seeds.
 Runs on CUDA when there is one (``device=auto``); on 2 CPU cores the stand-alone
-trainings take hours.
+trainings take hours (about 25 s per epoch and network), so every accuracy measured is kept in
+``results/benchmarks/supernet_ranking/measured.json`` as soon as it is known, keyed by the network,
+the seed, the epochs and the supernet file: a killed run started again measures only what is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import sys
 from itertools import combinations
@@ -60,7 +64,24 @@ def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[in
     chosen = [smallest_arch(info.space, **kw), largest_arch(info.space, **kw)]
     chosen += [random_arch(info.space, rng, **kw) for _ in range(archs - 2)]
 
+    store = ctx.scratch / "measured.json"
+    measured_before = json.loads(store.read_text()) if store.is_file() else {}
+    supernet_id = hashlib.sha256(EMBEDDED_SUPERNET.read_bytes()).hexdigest()
+    kept = {"from the store": 0, "now": 0}
+
     def val_accuracy(arch, epochs: int, seed: int, inherit: bool) -> float:
+        key = json.dumps([arch.to_flat(), epochs, seed, inherit, batch_size, supernet_id, str(device)], sort_keys=True)
+        if key in measured_before:
+            kept["from the store"] += 1
+        else:
+            measured_before[key] = _train_and_score(arch, epochs, seed, inherit)
+            kept["now"] += 1
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(measured_before))
+            tmp.replace(store)
+        return measured_before[key]
+
+    def _train_and_score(arch, epochs: int, seed: int, inherit: bool) -> float:
         settings = TrialSettings(epochs=epochs, batch_size=batch_size, seed=seed, supernet="x" if inherit else None)
         run = CandidateTraining(arch, settings, data, device, model=extract(supernet, arch) if inherit else None)
         for _ in range(epochs):
@@ -94,7 +115,9 @@ def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[in
         md_table(rows, 1), "",
         f"Kendall τ-b: inherited vs stand-alone mean **{tau_inherited:.2f}**, after 1 fine-tuning epoch "
         f"**{tau_finetuned:.2f}**; noise ceiling (stand-alone seed {seeds[0]} vs {seeds[1]}) **{ceiling:.2f}**. "
-        "With 500 validation images one image is 0.2 points, so close accuracies swap places by chance."])
+        "With 500 validation images one image is 0.2 points, so close accuracies swap places by chance.",
+        f"{kept['now']} accuracies were measured in this run and {kept['from the store']} kept from an earlier, "
+        "interrupted run of the same command (same networks, seeds, epochs, supernet and device)."])
     return Outcome(measured, holds, {"rows": rows, "tau_inherited": tau_inherited, "tau_finetuned": tau_finetuned,
                                      "ceiling": ceiling}, details)
 

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
     ({"grace_period": 9, "epochs": 3}, "grace_period=9 must be ≤ epochs (3)"),
     ({"space_kwargs": {"kernels": (4,)}}, "kernels contains 4"),
     ({"confidence": "vibes"}, "confidence='vibes' is not one of"),
+    ({"time_budget_s": 0}, "time_budget_s=0 must be > 0 seconds"),
 ])
 def test_bad_settings_are_refused_before_ray(change, message):
     with pytest.raises(ExperimentError) as err:
@@ -56,6 +57,20 @@ def test_optuna_searchers_run(alg, ray_local, small_npz, tmp_path):
     assert all("score" in r.metrics and "avg_macs" in r.metrics for r in results)
     configs = {json.dumps(r.config, sort_keys=True) for r in results}
     assert len(configs) == 3  # the searcher proposed distinct candidates
+
+
+def test_time_budget_stops_the_search(ray_local, small_npz, tmp_path):
+    exp = tiny_experiment(tmp_path, small_npz, name="budget", scheduler="fifo", num_samples=500, epochs=1,
+                          time_budget_s=15)
+    started = time.monotonic()
+    results = run(exp)
+    assert time.monotonic() - started < 120  # 500 trials would take far longer
+    assert 0 < len(results) < 500
+    finished = [r for r in results if r.metrics and "test_accuracy" in r.metrics]
+    assert finished, "no trial finished within the budget"
+    args = argparse.ArgumentParser()
+    add_arguments(args, Experiment())
+    assert experiment_from_args(args.parse_args(["--time-budget", "90"]), Experiment()).time_budget_s == 90
 
 
 def test_existing_experiment_is_not_overwritten(tmp_path, small_npz):
