@@ -112,8 +112,7 @@ class SurrogateSearch(Searcher):
         self._live[trial_id] = (iteration, vector)
         config = self._encoding.decode(vector)
         if self._complete_configs:  # Ray Tune would leave a sampler in every key we do not set
-            full = self._encoding._full_flat(vector)
-            config = {**full, **config}
+            config = {**self._encoding.every_key(self._encoding.canonical(vector)), **config}
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -152,7 +151,8 @@ class SurrogateSearch(Searcher):
         self._iterations, self._stopped_early = state["iterations"], state["stopped_early"]
         self._rng.setstate(state["rng"])
         self._costs, self._complete_configs = state["costs"], state["complete_configs"]
-        self._encoding = self._encoding or state["encoding"]
+        if self._encoding is None:
+            self._encoding = state["encoding"]
         self._metric, self._mode = state["metric"], state["mode"]
         # Trials that were running when the driver stopped are run again by Ray Tune under the same
         # id (their config is in the experiment state), so they stay live.
@@ -263,22 +263,24 @@ class SurrogateSearch(Searcher):
         from pymoo.optimize import minimize
 
         enc, search = self._encoding, self
-        cache: dict[tuple[int, ...], tuple[float, float, float]] = {}
+        cache: dict[tuple[int, ...], tuple[float, float, float]] = {}  # vector → (f1, f2, predicted accuracy)
 
-        def objectives(vector: np.ndarray) -> tuple[float, float, float]:
-            key = tuple(int(x) for x in vector)
-            if key not in cache:
-                accuracy = float(predictor.predict(enc.features(vector[None]))[0])
-                maep = search.maep(enc.arch(vector))
-                cache[key] = (100.0 - accuracy + search.score_lambda * maep, maep, accuracy)
-            return cache[key]
+        def objectives(X: np.ndarray) -> np.ndarray:
+            keys = [tuple(int(v) for v in enc.canonical(np.rint(x).astype(np.int64))) for x in X]
+            new = [k for k in dict.fromkeys(keys) if k not in cache]
+            if new:  # one predictor call per generation, one cost look-up per new network
+                accuracy = predictor.predict(enc.features(np.array(new)))
+                for k, acc in zip(new, accuracy):
+                    maep = search.maep(enc.arch(k))
+                    cache[k] = (100.0 - float(acc) + search.score_lambda * maep, maep, float(acc))
+            return np.array([cache[k][:2] for k in keys])
 
         class Space(Problem):
             def __init__(self) -> None:
                 super().__init__(n_var=len(enc), n_obj=2, xl=np.zeros(len(enc)), xu=enc.sizes - 1.0, vtype=int)
 
             def _evaluate(self, X: np.ndarray, out: dict, *args: Any, **kwargs: Any) -> None:
-                out["F"] = np.array([objectives(enc.canonical(np.rint(x).astype(np.int64)))[:2] for x in X])
+                out["F"] = objectives(X)
 
         # The population starts from the archive's best and random canonical vectors.
         best = sorted(self._archive, key=lambda a: -a["accuracy"])[: self.population // 2]
@@ -287,14 +289,13 @@ class SurrogateSearch(Searcher):
         algorithm = NSGA2(pop_size=self.population, sampling=np.array(start, dtype=float),
                           crossover=_UniformCrossover(), mutation=_ResetMutation(enc.sizes),
                           repair=_Canonical(enc), eliminate_duplicates=True)
-        res = minimize(Space(), algorithm, ("n_gen", self.generations), seed=self.seed + iteration, verbose=False)
+        minimize(Space(), algorithm, ("n_gen", self.generations), seed=self.seed + iteration, verbose=False)
         # Every vector NSGA-II evaluated, unseen ones only, by front then spread along f2.
         keys = [k for k in cache if k not in self._seen]
         if not keys:
             return self._random_unseen(self.batch_size), np.full(self.batch_size, np.nan)
         F = np.array([cache[k][:2] for k in keys])
         chosen = _spread_along_front(F, self.batch_size)
-        del res
         vectors = [np.array(keys[i]) for i in chosen]
         return vectors, np.array([cache[keys[i]][2] for i in chosen])
 

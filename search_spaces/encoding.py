@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from aebnas.config import EXIT_POSITIONS, ArchConfig
+from aebnas.config import EXIT_POSITIONS, ArchConfig, is_arch_key
 
 _BLOCK = re.compile(r"^stage(\d)_block(\d+)_(kernel|expansion)$")
 _MODULE = re.compile(r"^exit(\d)_m([12])_(channels|kernel|expansion|pool)$")
@@ -64,6 +64,8 @@ class Encoding:
 
         genes, constants = [], {}
         for key, value in param_space.items():
+            if isinstance(value, Domain) and not is_arch_key(key):
+                raise ValueError(f"{key}: the encoding covers architecture choices; fix the other settings")
             if isinstance(value, Categorical):
                 genes.append(Gene(key, tuple(value.categories)))
             elif isinstance(value, Domain):
@@ -73,7 +75,8 @@ class Encoding:
         if not genes:
             raise ValueError("the param space has no tune.choice to encode: every value is fixed")
         self.genes: tuple[Gene, ...] = tuple(genes)
-        self.constants: dict[str, Any] = constants
+        self.constants: dict[str, Any] = constants  # every fixed value (a trial config carries them)
+        self._arch_constants = {k: v for k, v in constants.items() if is_arch_key(k)}
         self.sizes = np.array([len(g.values) for g in self.genes], dtype=np.int64)
         self._position = {g.key: i for i, g in enumerate(self.genes)}
 
@@ -83,13 +86,13 @@ class Encoding:
     # ------------------------------------------------------------ vector ↔ network
     def arch(self, vector: Sequence[int]) -> ArchConfig:
         """The network a vector means (any vector of valid indices; inactive genes are ignored)."""
-        return ArchConfig.from_flat(self._full_flat(vector))
+        v = self.check(vector)
+        return ArchConfig.from_flat({**self._arch_constants, **{g.key: g.values[int(i)] for g, i in zip(self.genes, v)}})
 
     def encode(self, arch: ArchConfig | Mapping[str, Any]) -> np.ndarray:
         """The canonical vector of a network (an ``ArchConfig`` or a trial's flat config)."""
         if not isinstance(arch, ArchConfig):
-            arch = ArchConfig.from_flat({**self.constants, **{k: v for k, v in arch.items() if k in self._position
-                                                             or k in self.constants}})
+            arch = ArchConfig.from_flat({**self._arch_constants, **{k: v for k, v in arch.items() if is_arch_key(k)}})
         flat = arch.to_flat()
         for key, value in self.constants.items():  # a fixed value of the space must hold for the network
             if key in flat and flat[key] != value:
@@ -140,7 +143,9 @@ class Encoding:
             raise ValueError(f"gene {g.key}: index {v[bad[0]]} is not in [0, {len(g.values) - 1}]")
         return v
 
-    def _full_flat(self, vector: Sequence[int]) -> dict[str, Any]:
+    def every_key(self, vector: Sequence[int]) -> dict[str, Any]:
+        """A config with every key of the space, as Ray Tune samples one: unused genes at their
+        canonical value (for a Tuner whose param_space still holds the samplers)."""
         v = self.check(vector)
         return {**self.constants, **{g.key: g.values[int(i)] for g, i in zip(self.genes, v)}}
 

@@ -66,7 +66,9 @@ def test_bad_input_is_named():
         enc.arch([99] + [0] * (len(enc) - 1))
     with pytest.raises(ValueError, match="has 82 genes"):
         enc.arch([0, 0])
-    with pytest.raises(ValueError, match="lr: the encoding needs tune.choice samplers, got Float"):
+    with pytest.raises(ValueError, match="resolution: the encoding needs tune.choice samplers, got Integer"):
+        Encoding({**space_of("aebnas"), "resolution": tune.randint(32, 40)})
+    with pytest.raises(ValueError, match="lr: the encoding covers architecture choices"):
         Encoding({**space_of("aebnas"), "lr": tune.uniform(0.01, 0.1)})
     with pytest.raises(ValueError, match="width_mult=0.75, but the space fixes it to 0.5"):
         enc.encode(ArchConfig.from_flat({**enc.decode(enc.canonical([0] * len(enc))), "width_mult": 0.75}))
