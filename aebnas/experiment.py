@@ -24,10 +24,12 @@ from typing import Any, Sequence
 
 from .cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
 from .data import DatasetNotFoundError, load_dataset
+from .moasha import MOASHA
 from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list, parse_trial_config
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .supernet import SUPERNET_FILE, SupernetInfo, SupernetSettings, check_supernet, read_supernet_info
 from .supernet_train import SupernetRequest, train_supernet
+from .surrogate import SurrogateSearch
 from .train import load_checkpoint
 from .trainable import train_candidate
 
@@ -319,8 +321,6 @@ def make_search_alg(exp: Experiment, param_space: dict[str, Any], path: str | No
     if exp.search_alg == "surrogate":
         from ray.tune.search import ConcurrencyLimiter
 
-        from .surrogate import SurrogateSearch
-
         log_dir = path if path is not None and "://" not in path else None
         searcher = SurrogateSearch(param_space, target_macs=exp.target_macs, score_lambda=exp.score_lambda,
                                    batch_size=exp.surrogate_batch, initial=2 * exp.surrogate_batch, seed=exp.seed,
@@ -358,8 +358,6 @@ def make_scheduler(exp: Experiment) -> Any:
     if exp.scheduler == "fifo":
         return FIFOScheduler()
     if exp.scheduler == "moasha":
-        from .moasha import MOASHA
-
         return MOASHA(time_attr="training_iteration", max_t=max(exp.epochs, 1), grace_period=exp.grace_period,
                       reduction_factor=exp.reduction_factor)
     # Multi-objective search: TuneConfig gets no metric, so ASHA needs its own.
