@@ -24,15 +24,17 @@ from typing import Any, Sequence
 
 from .cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
 from .data import DatasetNotFoundError, load_dataset
+from .moasha import MOASHA
 from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list, parse_trial_config
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .supernet import SUPERNET_FILE, SupernetInfo, SupernetSettings, check_supernet, read_supernet_info
 from .supernet_train import SupernetRequest, train_supernet
+from .surrogate import SurrogateSearch
 from .train import load_checkpoint
 from .trainable import train_candidate
 
-SEARCH_ALGS = ("random", "tpe", "nsga2")
-SCHEDULERS = ("asha", "fifo")
+SEARCH_ALGS = ("random", "tpe", "nsga2", "surrogate")
+SCHEDULERS = ("asha", "moasha", "fifo")
 PROGRESS_METRICS = {"epoch": "epoch", "score": "score", "accuracy": "acc %", "avg_macs": "MMACs",
                     "num_exits": "exits", "test_accuracy": "test %"}
 # What a resume may change: where the data and the results are, where to connect, and what
@@ -63,6 +65,7 @@ class Experiment(TrialSettings):
     num_samples: int = 20
     time_budget_s: float | None = None  # stop the search after this many seconds (None: when num_samples are done)
     search_alg: str = "random"
+    surrogate_batch: int = 8  # search_alg="surrogate": candidates per iteration (the first 2× are random)
     scheduler: str = "asha"
     grace_period: int = 1
     reduction_factor: float = 2
@@ -133,6 +136,15 @@ class Experiment(TrialSettings):
                 raise ExperimentError(
                     f"search_alg={self.search_alg!r} needs Optuna, which is not installed: "
                     "pip install 'aebnas[optuna]' (or pip install optuna)") from None
+        if self.search_alg == "surrogate":
+            try:
+                import pymoo  # noqa: F401
+            except ImportError:
+                raise ExperimentError(
+                    "search_alg='surrogate' runs NSGA-II with pymoo, which is not installed: "
+                    "pip install 'aebnas[surrogate]' (or pip install pymoo)") from None
+        if not isinstance(self.surrogate_batch, int) or self.surrogate_batch < 1:
+            raise ExperimentError(f"surrogate_batch={self.surrogate_batch!r} must be an integer ≥ 1")
         self.trial_settings()  # lr, confidence, grid, …
         self._check_a_candidate()
 
@@ -251,15 +263,16 @@ def space_needs(param_space: dict[str, Any]) -> dict[str, set]:
 
 
 def paper_experiment(dataset: str, *, target_macs: float, val_size: int) -> Experiment:
-    """The paper's search settings for one dataset: its space (resolution 32–72), ASHA, and candidates
-    that inherit their weights from a supernet and fine-tune 5 epochs (lr 0.01, as NSGANetV2 on CIFAR).
+    """The paper's search settings for one dataset: its space (resolution 32–72), its searcher (surrogate-
+    assisted NSGA-II, batches of 8), ASHA, and candidates that inherit their weights from a supernet and
+    fine-tune 5 epochs (lr 0.01, as NSGANetV2 on CIFAR).
 
     Without ``--supernet`` the run first trains one for 60 epochs under its storage path (or reuses
     it there): the paper starts from Once-for-All ImageNet weights, which fit only its exact space.
     """
     return Experiment(dataset=dataset, val_size=val_size, space="aebnas", target_macs=target_macs, epochs=5,
-                      num_samples=100, scheduler="asha", grace_period=1, reduction_factor=2,
-                      supernet_epochs=60, finetune_lr=0.01)
+                      num_samples=100, search_alg="surrogate", surrogate_batch=8, scheduler="asha", grace_period=1,
+                      reduction_factor=2, supernet_epochs=60, finetune_lr=0.01)
 
 
 # ------------------------------------------------------------------ Ray Tune
@@ -297,20 +310,46 @@ def check_resumable(exp: Experiment, path: str) -> None:
               file=sys.stderr)
 
 
-def make_search_alg(exp: Experiment) -> Any:
+def make_search_alg(exp: Experiment, param_space: dict[str, Any], path: str | None = None) -> Any:
+    """The searcher of ``exp.search_alg``. All but ``random`` hold the space's choices themselves
+    (the Tuner then gets the fixed values only: :func:`tuner_param_space`)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if exp.search_alg == "random":
         # A SearchGenerator ignores TuneConfig.max_concurrent_trials (Ray warns and drops it).
         return BasicVariantGenerator(random_state=exp.seed, max_concurrent=exp.max_concurrent or 0)
+    if exp.search_alg == "surrogate":
+        from ray.tune.search import ConcurrencyLimiter
+
+        log_dir = path if path is not None and "://" not in path else None
+        searcher = SurrogateSearch(param_space, target_macs=exp.target_macs, score_lambda=exp.score_lambda,
+                                   batch_size=exp.surrogate_batch, initial=2 * exp.surrogate_batch, seed=exp.seed,
+                                   log_dir=log_dir)
+        # batch=True: an iteration starts once the previous batch is back, so it learns from all of it.
+        return ConcurrencyLimiter(searcher, max_concurrent=exp.max_concurrent or exp.surrogate_batch, batch=True)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from search_spaces.encoding import define_by_run
+
+    # Define-by-run: Optuna sees only the choices a candidate uses (no blocks beyond its depth, no
+    # modules of a missing exit), so TPE and NSGA-II do not learn from values that change nothing.
+    space = define_by_run(param_space)
     if exp.search_alg == "tpe":
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=exp.seed))
+        return OptunaSearch(space=space, metric="score", mode="max", sampler=optuna.samplers.TPESampler(seed=exp.seed))
     # NSGA-II optimises accuracy and average MACs together (the paper's two objectives).
-    return OptunaSearch(metric=["accuracy", "avg_macs"], mode=["max", "min"],
+    return OptunaSearch(space=space, metric=["accuracy", "avg_macs"], mode=["max", "min"],
                         sampler=optuna.samplers.NSGAIISampler(seed=exp.seed))
+
+
+def tuner_param_space(exp: Experiment, param_space: dict[str, Any]) -> dict[str, Any]:
+    """What the Tuner gets: the whole space for random search, else only its fixed values (the
+    searcher proposes the choices; Ray Tune refuses samplers it would have to fill itself)."""
+    from ray.tune.search.sample import Domain
+
+    if exp.search_alg == "random":
+        return param_space
+    return {k: v for k, v in param_space.items() if not isinstance(v, Domain)}
 
 
 def make_scheduler(exp: Experiment) -> Any:
@@ -318,6 +357,9 @@ def make_scheduler(exp: Experiment) -> Any:
 
     if exp.scheduler == "fifo":
         return FIFOScheduler()
+    if exp.scheduler == "moasha":
+        return MOASHA(time_attr="training_iteration", max_t=max(exp.epochs, 1), grace_period=exp.grace_period,
+                      reduction_factor=exp.reduction_factor)
     # Multi-objective search: TuneConfig gets no metric, so ASHA needs its own.
     own_metric = {"metric": "score", "mode": "max"} if exp.search_alg == "nsga2" else {}
     return ASHAScheduler(time_attr="training_iteration", max_t=max(exp.epochs, 1), grace_period=exp.grace_period,
@@ -338,13 +380,15 @@ def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, flo
     param_space = exp.param_space(data.num_classes, data.in_channels)
     if exp.resume:  # run() has checked that Ray Tune can restore it
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space)
+                                  param_space=tuner_param_space(exp, param_space))
     multi_objective = exp.search_alg == "nsga2"
     tune_config = tune.TuneConfig(
         metric=None if multi_objective else "score", mode=None if multi_objective else "max",
-        num_samples=exp.num_samples, time_budget_s=exp.time_budget_s, search_alg=make_search_alg(exp),
+        num_samples=exp.num_samples, time_budget_s=exp.time_budget_s,
+        search_alg=make_search_alg(exp, param_space, path),
         scheduler=make_scheduler(exp),
-        max_concurrent_trials=None if exp.search_alg == "random" else exp.max_concurrent, reuse_actors=True,
+        max_concurrent_trials=None if exp.search_alg in ("random", "surrogate") else exp.max_concurrent,
+        reuse_actors=True,
         trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname)
     from ray.tune import CLIReporter
 
@@ -358,7 +402,8 @@ def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, flo
         # without this Ray leaves them there (not in storage_path) once actors are reused.
         sync_config=tune.SyncConfig(sync_artifacts=True),
         progress_reporter=reporter, verbose=exp.verbose)
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=tuner_param_space(exp, param_space), tune_config=tune_config,
+                      run_config=run_config)
 
 
 def experiment_path(exp: Experiment) -> str:
@@ -500,8 +545,12 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
     a("--num-samples", "number of trials", d.num_samples, type=int)
     a("--time-budget", "stop the search after this many seconds, running trials included (their last report "
       "stays in the results)", d.time_budget_s, type=float, dest="time_budget_s")
-    a("--search-alg", "how candidates are proposed", d.search_alg, choices=SEARCH_ALGS)
-    a("--scheduler", "asha stops weak trials early; fifo runs every trial to the end", d.scheduler,
+    a("--search-alg", "how candidates are proposed: random, tpe / nsga2 (Optuna), surrogate (the paper's "
+      "surrogate-assisted NSGA-II; pymoo)", d.search_alg, choices=SEARCH_ALGS)
+    a("--surrogate-batch", "surrogate: candidates per iteration (the first iteration proposes twice as many)",
+      d.surrogate_batch, type=int)
+    a("--scheduler", "asha stops weak trials early on score; moasha on Pareto rank of (accuracy, MACs); fifo runs "
+      "every trial to the end", d.scheduler,
       choices=SCHEDULERS)
     a("--grace-period", "ASHA: epochs before a trial can stop", d.grace_period, type=int)
     a("--reduction-factor", "ASHA: keep 1/factor per rung", d.reduction_factor, type=float)

@@ -17,35 +17,17 @@ import hashlib
 import json
 import random
 import sys
-from itertools import combinations
 from typing import Any, Sequence
 
 from _common import Claim, Context, Outcome, main, md_table
+
+from aebnas.predictors import kendall_tau
 
 CLAIM = Claim(14, "supernet_ranking", "Ranking fidelity of inherited accuracy",
               "Kendall τ(inherited, stand-alone ≥ 15 epochs) ≥ 0.8 × τ(stand-alone seed 0, seed 1) over ≥ 12 "
               "architectures")
 SETTINGS = {"archs": 12, "standalone_epochs": 15, "seeds": (0, 1), "batch_size": 64}
 QUICK = {"archs": 3, "standalone_epochs": 1, "seeds": (0, 1), "batch_size": 64}
-
-
-def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's τ-b of two equally long sequences (ties count as neither concordant nor discordant)."""
-    concordant = discordant = ties_a = ties_b = 0
-    for i, j in combinations(range(len(a)), 2):
-        da, db = a[i] - a[j], b[i] - b[j]
-        if da == 0 and db == 0:
-            continue
-        if da == 0:
-            ties_a += 1
-        elif db == 0:
-            ties_b += 1
-        elif (da > 0) == (db > 0):
-            concordant += 1
-        else:
-            discordant += 1
-    denom = ((concordant + discordant + ties_a) * (concordant + discordant + ties_b)) ** 0.5
-    return (concordant - discordant) / denom if denom else float("nan")
 
 
 def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[int], batch_size: int) -> Outcome:

@@ -188,7 +188,7 @@ def test_bad_trials_end_errored_and_the_search_goes_on(ray_local, small_npz, tmp
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
     monkeypatch.setattr(experiment, "train_candidate", train_with_memory_allowance)
     monkeypatch.setattr(experiment, "make_search_alg",
-                        lambda exp: BasicVariantGenerator(points_to_evaluate=points, random_state=exp.seed))
+                        lambda exp, *_: BasicVariantGenerator(points_to_evaluate=points, random_state=exp.seed))
     exp = tiny_experiment(tmp_path, small_npz, name="bad", epochs=1, num_samples=len(points), max_failures=1,
                           cpus_per_trial=0.5)  # all four at once on the 2 CPUs
     results = experiment.run(exp)

@@ -1,0 +1,95 @@
+"""Claim 16: sample efficiency of the searchers — random, Optuna TPE, Optuna NSGA-II, SurrogateSearch.
+
+Every candidate inherits its weights from the shipped supernet and is scored as inherited
+(0 fine-tuning epochs), so a search of ``num_samples`` candidates costs minutes. For each
+searcher and seed: the validation hypervolume (accuracy %, avg MMACs; reference (0 %, the
+costliest network of the space)) of the first k candidates in the order they were proposed
+(trial ids count up), every ``step`` candidates, and the test accuracy of the network picked
+on validation within ±10% of the target among all of them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search,
+                     search_figures, stop_ray)
+from spaces_compare import ahead, reference_macs, validation_pick
+
+from aebnas.supernet import EMBEDDED_SUPERNET
+
+CLAIM = Claim(16, "searcher_efficiency", "Sample efficiency of the searchers",
+              "SurrogateSearch reaches random search's final validation hypervolume within 1/3 of the evaluations, "
+              "and ends ahead of Optuna's NSGA-II by more than one standard error of the paired differences "
+              "(3 seeds, ≥ 200 inherited candidates each)")
+SETTINGS = dict(searchers=("random", "tpe", "nsga2", "surrogate"), seeds=(0, 1, 2), num_samples=200, step=25,
+                target_macs=5.0, tolerance=0.10, width_mult=0.75, resolutions=(32, 36, 40), batch_size=64)
+QUICK = dict(SETTINGS, seeds=(0, 1), num_samples=20, step=10)
+
+
+def curve(trials: pd.DataFrame, ref: tuple[float, float], points: Sequence[int]) -> list[float]:
+    """Validation hypervolume of the first k trials (proposal order) for each k of ``points``."""
+    from analysis.pareto import hypervolume
+
+    ordered = trials.assign(n=trials["trial_id"].str.rsplit("_", n=1).str[-1].astype(int)).sort_values("n")
+    return [hypervolume(ordered["accuracy"][:k], ordered["avg_macs"][:k], ref) for k in points]
+
+
+def measure(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], num_samples: int, step: int,
+            target_macs: float, tolerance: float, width_mult: float, resolutions: Sequence[int],
+            batch_size: int) -> Outcome:
+    budget = dict(dataset="cifar10-subset", space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
+                  target_macs=target_macs, epochs=0, num_samples=num_samples, scheduler="fifo", batch_size=batch_size,
+                  supernet=str(EMBEDDED_SUPERNET), split_seed=0)
+    ref = (0.0, reference_macs(width_mult, resolutions))
+    points = list(range(step, num_samples + 1, step))
+    runs, rows, curves = {}, [], {}
+    for seed in seeds:  # seeds outermost: a change of load hits every searcher alike
+        for alg in searchers:
+            runs[alg, seed] = run_search(ctx, f"{alg}_seed{seed}", search_alg=alg, seed=seed, **budget)
+            trials = load_trials(runs[alg, seed].path)
+            curves[alg, seed] = curve(trials, ref, points)
+            pick = validation_pick(trials, target_macs, tolerance)
+            rows.append({"searcher": alg, "seed": seed, "trials": len(trials), "hv_final": curves[alg, seed][-1],
+                         "pick_test_acc": None if pick is None else float(pick["test_accuracy"]),
+                         "wall_s": runs[alg, seed].wall_s})
+            print(f"  {alg} seed {seed}: hypervolume {curves[alg, seed][-1]:.1f}", flush=True)
+    stop_ray()
+    per_seed = pd.DataFrame(rows).astype({"pick_test_acc": float})
+    mean_curve = {alg: np.mean([curves[alg, s] for s in seeds], axis=0) for alg in searchers}
+    random_final = float(mean_curve["random"][-1])
+    reach = next((k for k, hv in zip(points, mean_curve["surrogate"]) if hv >= random_final), None)
+    final = per_seed.pivot(index="seed", columns="searcher", values="hv_final")
+    diff, sem, is_ahead = ahead(final["surrogate"], final["nsga2"])
+    holds = bool(reach is not None and reach <= num_samples / 3 and is_ahead)
+    reached = f"after {reach} evaluations" if reach else f"not within {num_samples} evaluations"
+    measured = (f"surrogate reaches random's final hypervolume {reached}; final hypervolume vs NSGA-II "
+                f"{diff:+.1f} ± {fmt(sem, 1)} (s.e., {len(seeds)} seeds)")
+    table = [{"evaluations": k, **{alg: float(mean_curve[alg][i]) for alg in searchers}} for i, k in enumerate(points)]
+    summary = per_seed.groupby("searcher", sort=False).agg(
+        hv_final=("hv_final", "mean"), hv_final_std=("hv_final", "std"), pick_test_acc=("pick_test_acc", "mean"),
+        wall_s=("wall_s", "sum")).reindex(list(searchers)).reset_index()
+    details = "\n".join([
+        f"{num_samples} candidates per searcher and seed (seeds {tuple(seeds)}), each inherited from the shipped "
+        f"supernet and scored as inherited; quickstart's space (width {width_mult}, resolutions {tuple(resolutions)}), "
+        f"target {target_macs} MMACs, embedded CIFAR-10 subset (split seed 0). Hypervolume of the validation front "
+        f"(accuracy %, avg MMACs), reference (0 %, {ref[1]:.1f} MMACs); mean over seeds after k proposals:", "",
+        md_table(table, 1), "",
+        "Per searcher (mean over seeds; test accuracy of the network picked on validation within "
+        f"±{tolerance:.0%} of the target):", "", md_table(summary.to_dict("records"), 1), "",
+        f"Random search's final hypervolume {random_final:.1f}; SurrogateSearch reaches it {reached} "
+        f"(goal ≤ {num_samples / 3:.0f}). Final "
+        f"hypervolume, SurrogateSearch − NSGA-II paired by seed: {diff:+.1f} ± {fmt(sem, 1)}.",
+        provenance_note(list(runs.values()))])
+    figures = {"per_seed": per_seed.to_dict("records"), "curves": {f"{a}/{s}": c for (a, s), c in curves.items()},
+               "points": points, "reach": reach, "diff_vs_nsga2": diff, "sem": sem,
+               "searches": search_figures(runs.values())}
+    return Outcome(measured, holds, figures, details)
+
+
+if __name__ == "__main__":
+    sys.exit(main(CLAIM, measure, SETTINGS, QUICK, reusable=True))
