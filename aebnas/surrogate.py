@@ -129,7 +129,7 @@ class SurrogateSearch(Searcher):
             self._archive.append({"vector": list(vector), "accuracy": float(result["accuracy"]),
                                   "avg_macs": float(result["avg_macs"]), "trial_id": trial_id})
         if record is not None:
-            record["measured"][str(list(vector))] = float(result["accuracy"]) if full else None
+            record["measured"][_key(vector)] = float(result["accuracy"]) if full else None
             self._maybe_close(record)
 
     def save(self, checkpoint_path: str) -> None:
@@ -193,11 +193,11 @@ class SurrogateSearch(Searcher):
             predictor, taus = choose_predictor(X, y, self.predictors, seed=self.seed + iteration)
             vectors, predicted = self._nsga2(predictor, iteration)
             record.update(kind="surrogate", predictor=predictor.name, cv_tau=taus,
-                          predicted={str(list(v)): float(p) for v, p in zip(vectors, predicted)})
+                          predicted={_key(v): float(p) for v, p in zip(vectors, predicted)})
         vectors = [tuple(int(x) for x in v) for v in vectors]
         for v in vectors:
             self._seen.add(v)
-        record.update(proposed=len(vectors), measured={str(list(v)): None for v in vectors}, batch_tau=None,
+        record.update(proposed=len(vectors), measured={_key(v): None for v in vectors}, batch_tau=None,
                       closed=False)
         self._iterations.append(record)
         self._queue.extend((iteration, v) for v in vectors)
@@ -219,8 +219,7 @@ class SurrogateSearch(Searcher):
                       f"batch with τ {record['batch_tau']:.2f} ({len(pairs)} candidates)", record)
 
     def _is_live(self, key: str) -> bool:
-        return any(str(list(v)) == key for _, v in self._live.values()) or any(
-            str(list(v)) == key for _, v in self._queue)
+        return any(_key(v) == key for _, v in self._live.values()) or any(_key(v) == key for _, v in self._queue)
 
     def _extreme(self, smallest: bool) -> np.ndarray:
         """The cheapest (or costliest) choice of every gene, as a canonical vector."""
@@ -307,6 +306,11 @@ class SurrogateSearch(Searcher):
             with path.open("a") as f:
                 shown = {k: v for k, v in record.items() if k not in ("measured", "predicted")}
                 f.write(json.dumps(_no_nan({**shown, "message": line})) + "\n")
+
+
+def _key(vector: Any) -> str:
+    """A vector as a JSON-able dictionary key: '[0, 2, 1, …]'."""
+    return json.dumps([int(x) for x in vector])
 
 
 def _no_nan(value: Any) -> Any:

@@ -151,41 +151,43 @@ class Encoding:
 
 
 # ---------------------------------------------------------------- Optuna, define-by-run
-def define_by_run(param_space: Mapping[str, Any]) -> Any:
-    """An Optuna define-by-run function of ``param_space`` that asks only for active choices.
+class DefineByRun:
+    """An Optuna define-by-run function of ``param_space`` that asks only for active choices
+    (a class, not a closure: Ray Tune pickles the searcher with it at every checkpoint).
 
     Order: resolution and depths, each stage's blocks up to its depth, the exits' existence
     (then the ``min_exits`` repair, as ``ArchConfig.from_flat`` does it), each existing exit's
     first module and second-module width, and the second module's other choices only when it
-    exists. Returns the fixed values of the space (and the repaired ``exit{i}_enabled``).
+    exists. Returns the fixed values of the space and the repaired ``exit{i}_enabled``.
     """
-    enc = Encoding(param_space)
-    genes = {g.key: g for g in enc.genes}
-    min_exits = int(enc.constants.get("min_exits", 0))
 
-    def ask(trial: Any, key: str, chosen: dict[str, Any]) -> Any:
-        if key in genes:
-            chosen[key] = trial.suggest_categorical(key, list(genes[key].values))
-        elif key in enc.constants:
-            chosen[key] = enc.constants[key]
+    def __init__(self, param_space: Mapping[str, Any]) -> None:
+        self.encoding = Encoding(param_space)
+        self.genes = {g.key: g for g in self.encoding.genes}
+        self.min_exits = int(self.encoding.constants.get("min_exits", 0))
+
+    def _ask(self, trial: Any, key: str, chosen: dict[str, Any]) -> Any:
+        if key in self.genes:
+            chosen[key] = trial.suggest_categorical(key, list(self.genes[key].values))
+        elif key in self.encoding.constants:
+            chosen[key] = self.encoding.constants[key]
         return chosen.get(key)
 
-    def space(trial: Any) -> dict[str, Any]:
-        chosen: dict[str, Any] = {}
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        enc, chosen = self.encoding, {}
         for g in enc.genes:
-            if _BLOCK.match(g.key) or _MODULE.match(g.key) or g.key.endswith("_enabled"):
-                continue
-            ask(trial, g.key, chosen)
+            if not (_BLOCK.match(g.key) or _MODULE.match(g.key) or g.key.endswith("_enabled")):
+                self._ask(trial, g.key, chosen)
         for g in enc.genes:
             m = _BLOCK.match(g.key)
-            if m and int(m.group(2)) < int(chosen.get(f"stage{m.group(1)}_depth", enc.constants.get(
-                    f"stage{m.group(1)}_depth", 0))):
-                ask(trial, g.key, chosen)
-        enabled = {i: bool(ask(trial, f"exit{i}_enabled", chosen)) for i in EXIT_POSITIONS}
+            depth_key = f"stage{m.group(1)}_depth" if m else ""
+            if m and int(m.group(2)) < int(chosen.get(depth_key, enc.constants.get(depth_key, 0))):
+                self._ask(trial, g.key, chosen)
+        enabled = {i: bool(self._ask(trial, f"exit{i}_enabled", chosen)) for i in EXIT_POSITIONS}
         for i in reversed(EXIT_POSITIONS):  # the repair rule of ArchConfig.from_flat
-            if sum(enabled.values()) >= min_exits:
+            if sum(enabled.values()) >= self.min_exits:
                 break
-            if not enabled[i] and (f"exit{i}_m1_channels" in genes or f"exit{i}_m1_channels" in enc.constants):
+            if not enabled[i] and (f"exit{i}_m1_channels" in self.genes or f"exit{i}_m1_channels" in enc.constants):
                 enabled[i] = True
         fixed = dict(enc.constants)
         for i in EXIT_POSITIONS:
@@ -193,14 +195,18 @@ def define_by_run(param_space: Mapping[str, Any]) -> Any:
             if not enabled[i]:
                 continue
             for name in ("channels", "kernel", "expansion", "pool"):
-                ask(trial, f"exit{i}_m1_{name}", chosen)
-            if ask(trial, f"exit{i}_m2_channels", chosen):
+                self._ask(trial, f"exit{i}_m1_{name}", chosen)
+            if self._ask(trial, f"exit{i}_m2_channels", chosen):
                 for name in ("kernel", "expansion", "pool"):
-                    ask(trial, f"exit{i}_m2_{name}", chosen)
-        # Only what was asked for and the fixed values; keys of unused choices stay absent.
-        return {**fixed, **{k: v for k, v in chosen.items() if k not in enc.constants}}
+                    self._ask(trial, f"exit{i}_m2_{name}", chosen)
+        # What was asked for, then the fixed values and the repaired exits (they win over what was
+        # asked: Ray Tune merges this dict over the values Optuna recorded); unused choices stay absent.
+        return {**chosen, **fixed}
 
-    return space
+
+def define_by_run(param_space: Mapping[str, Any]) -> DefineByRun:
+    """Optuna's define-by-run function of ``param_space``: see :class:`DefineByRun`."""
+    return DefineByRun(param_space)
 
 
-__all__ = ["Encoding", "Gene", "define_by_run"]
+__all__ = ["Encoding", "Gene", "DefineByRun", "define_by_run"]

@@ -34,18 +34,23 @@ def test_encode_decode_is_the_identity_over_the_space(name):
 
 
 def test_one_canonical_vector_per_network():
-    # Small enough to enumerate: 2 depths, 2 kernels, 1 expansion, 2 exit positions with
-    # 1 or 2 modules; every vector of the space.
-    space = {**aebnas_space(depths=(1, 2), kernels=(3, 5), expansions=(3,), resolutions=(32,),
+    # Small enough to enumerate (2^13 vectors): depths 1–2, exits at 2 and 4 with one or two modules.
+    space = {**aebnas_space(depths=(1, 2), kernels=(3,), expansions=(3,), resolutions=(32,),
                             exit_positions=(2, 4), exit_m1_channels=(8,), exit_m2_channels=(0, 8),
                             exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0, 1)), **FIXED}
     enc = Encoding(space)
-    networks, vectors = set(), set()
+    assert len(enc) == 13
+    by_network = {}
     for raw in itertools.product(*(range(n) for n in enc.sizes)):
         arch = enc.arch(raw)
-        networks.add(arch)
-        vectors.add(tuple(enc.encode(arch)))
-    assert len(vectors) == len(networks) > 100
+        by_network.setdefault(arch, set()).add(tuple(enc.canonical(raw)))
+    assert all(len(v) == 1 for v in by_network.values())               # one vector per network …
+    assert len({next(iter(v)) for v in by_network.values()}) == len(by_network) > 100  # … and no two share one
+    # The full space, sampled: the same bijection between networks and canonical vectors.
+    enc, rng, seen = Encoding(space_of("aebnas")), random.Random(1), {}
+    for _ in range(2000):
+        v = enc.canonical([rng.randrange(n) for n in enc.sizes])
+        assert seen.setdefault(tuple(v), enc.arch(v)) == enc.arch(v)
 
 
 def test_decode_holds_only_the_keys_the_network_uses():

@@ -46,11 +46,11 @@ def test_kendall_tau():
 
 @pytest.fixture(scope="module")
 def macs_data():
-    """Encodings of 60 networks and their static MMACs: a real, deterministic function of the
+    """Encodings of 100 networks and their static MMACs: a real, deterministic function of the
     architecture that a predictor can learn (no claim about accuracy is made from it)."""
     enc = Encoding({**aebnas_space(resolutions=(32, 40)), **FIXED})
     rng, pieces = random.Random(1), PieceCosts()
-    vectors = np.array([enc.sample(rng) for _ in range(60)])
+    vectors = np.array([enc.sample(rng) for _ in range(100)])
     y = np.array([pieces.exit_costs(enc.arch(v)).static_macs for v in vectors])
     return enc.features(vectors), y
 
@@ -58,16 +58,16 @@ def macs_data():
 @pytest.mark.parametrize("name", PREDICTORS)
 def test_each_predictor_ranks_held_out_networks(name, macs_data):
     X, y = macs_data
-    model = make_predictor(name, seed=0).fit(X[:45], y[:45])
-    assert kendall_tau(model.predict(X[45:]), y[45:]) > 0.5
-    again = make_predictor(name, seed=0).fit(X[:45], y[:45])
-    np.testing.assert_allclose(again.predict(X[45:]), model.predict(X[45:]))  # deterministic for a seed
+    model = make_predictor(name, seed=0).fit(X[:70], y[:70])
+    assert kendall_tau(model.predict(X[70:]), y[70:]) > 0.5   # 30 held-out networks
+    again = make_predictor(name, seed=0).fit(X[:70], y[:70])
+    np.testing.assert_allclose(again.predict(X[70:]), model.predict(X[70:]))  # deterministic for a seed
 
 
 def test_adaptive_switching_keeps_the_best_cross_validated_kind(macs_data):
     X, y = macs_data
-    model, taus = choose_predictor(X, y, ("rbf", "trees"), seed=0)
-    assert set(taus) == {"rbf", "trees"}
+    model, taus = choose_predictor(X, y, ("rbf", "gp"), seed=0)
+    assert set(taus) == {"rbf", "gp"}
     assert model.name == max(taus, key=taus.get)
     assert taus[model.name] == pytest.approx(cross_validated_tau(model.name, X, y, seed=0))
     with pytest.raises(ValueError, match="predictor 'svm' is not one of"):
@@ -129,10 +129,10 @@ def test_bad_settings_are_named():
 
 def test_surrogate_search_runs_on_ray(ray_local, small_npz, tmp_path):
     exp = tiny_experiment(tmp_path, small_npz, name="surrogate", search_alg="surrogate", surrogate_batch=2,
-                          num_samples=8, epochs=1)
+                          num_samples=6, epochs=1)
     results = run(exp)
-    assert len(results) == 8 and results.num_errors == 0
-    assert len({json.dumps(r.config, sort_keys=True) for r in results}) == 8
+    assert len(results) == 6 and results.num_errors == 0
+    assert len({json.dumps(r.config, sort_keys=True) for r in results}) == 6
     lines = [json.loads(ln) for ln in (tmp_path / "surrogate" / LOG_FILE).read_text().splitlines()]
     kinds = [ln["kind"] for ln in lines if "proposing" in ln["message"]]
     assert kinds[0] == "initial design" and "surrogate" in kinds  # it went on to fit predictors
