@@ -131,9 +131,8 @@ class MOASHA(FIFOScheduler):
         if self.time_attr not in result or point is None:
             return TrialScheduler.CONTINUE
         if result[self.time_attr] >= self.max_t:
-            action = TrialScheduler.STOP
-        else:
-            action = self.decide(trial.trial_id, result[self.time_attr], point)
+            return TrialScheduler.STOP  # done, not stopped early
+        action = self.decide(trial.trial_id, result[self.time_attr], point)
         if action == TrialScheduler.STOP:
             self.num_stopped += 1
         return action
@@ -146,7 +145,7 @@ class MOASHA(FIFOScheduler):
     def debug_string(self) -> str:
         rungs = " | ".join(f"epoch {m:g}: {len(r)} ranked" for m, r in self.recorded.items())
         names = ", ".join(f"{m} {'↑' if d == 'max' else '↓'}" for m, d in self.objectives)
-        return f"Using MO-ASHA on ({names}): num_stopped={self.num_stopped}\nRungs: {rungs}"
+        return f"Using MO-ASHA on ({names}): stopped early {self.num_stopped}\nRungs: {rungs}"
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

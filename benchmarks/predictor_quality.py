@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from _common import DOCS_DIR, SCRATCH, Claim, Context, Outcome, load_trials, main, md_table
+from searcher_efficiency import in_proposal_order
 
 CLAIM = Claim(17, "predictor_quality", "Accuracy predictors: Kendall τ on held-out candidates",
               "τ of RBF, GP, trees and MLP as the archive grows; a figure")
@@ -43,8 +44,7 @@ def measure(ctx: Context, seeds: Sequence[int], sizes: Sequence[int], held_out: 
         path = source / f"random_seed{seed}"
         if not path.is_dir():
             raise SystemExit(f"{path} is missing: run benchmarks/searcher_efficiency.py first")
-        trials = load_trials(path)
-        trials = trials.assign(n=trials["trial_id"].str.rsplit("_", n=1).str[-1].astype(int)).sort_values("n")
+        trials = in_proposal_order(load_trials(path))
         configs = [json.loads((Path(d) / ARCH_FILE).read_text()) for d in trials["trial_dir"]]
         enc = Encoding(_space_of(path))
         X = enc.features(np.array([enc.encode(c) for c in configs]))

@@ -10,7 +10,9 @@ on validation within ±10% of the target among all of them.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -31,11 +33,23 @@ SETTINGS = dict(searchers=("random", "tpe", "nsga2", "surrogate"), seeds=(0, 1, 
 QUICK = dict(SETTINGS, seeds=(0, 1), num_samples=20, step=10)
 
 
+def in_proposal_order(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials in the order they started (Optuna's and the surrogate's trial ids are not counters):
+    the first report's timestamp minus its duration, from each trial's result.json."""
+    def started(trial_dir: str) -> float:
+        with open(Path(trial_dir) / "result.json") as f:
+            first = json.loads(f.readline())
+        return first["timestamp"] - first["time_this_iter_s"]
+
+    return trials.assign(started=[started(d) for d in trials["trial_dir"]]).sort_values(
+        ["started", "trial_id"], kind="stable").reset_index(drop=True)
+
+
 def curve(trials: pd.DataFrame, ref: tuple[float, float], points: Sequence[int]) -> list[float]:
     """Validation hypervolume of the first k trials (proposal order) for each k of ``points``."""
     from analysis.pareto import hypervolume
 
-    ordered = trials.assign(n=trials["trial_id"].str.rsplit("_", n=1).str[-1].astype(int)).sort_values("n")
+    ordered = in_proposal_order(trials)
     return [hypervolume(ordered["accuracy"][:k], ordered["avg_macs"][:k], ref) for k in points]
 
 
