@@ -8,7 +8,9 @@ mean stand-alone accuracy, and the noise ceiling: τ between the two stand-alone
 Runs on CUDA when there is one (``device=auto``); on 2 CPU cores the stand-alone
 trainings take hours (about 25 s per epoch and network), so every accuracy measured is kept in
 ``results/benchmarks/supernet_ranking/measured.json`` as soon as it is known, keyed by the network,
-the seed, the epochs and the supernet file: a killed run started again measures only what is missing.
+the seed, the epochs, the device, and a hash of the supernet file and of the code that trains and scores
+(train, batches, data, config, settings, exit_policy, supernet, nn): a killed run started again measures
+only what is missing, and a change to that code measures everything again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import random
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from _common import Claim, Context, Outcome, main, md_table
@@ -48,7 +51,13 @@ def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[in
 
     store = ctx.scratch / "measured.json"
     measured_before = json.loads(store.read_text()) if store.is_file() else {}
-    supernet_id = hashlib.sha256(EMBEDDED_SUPERNET.read_bytes()).hexdigest()
+    # What decides an accuracy: the supernet's bytes and the code that trains and scores a network.
+    code = hashlib.sha256(EMBEDDED_SUPERNET.read_bytes())
+    package = Path(__file__).resolve().parents[1] / "aebnas"
+    for f in sorted([*(package / n for n in ("train.py", "batches.py", "data.py", "config.py", "settings.py",
+                                             "exit_policy.py", "supernet.py")), *(package / "nn").glob("*.py")]):
+        code.update(f.read_bytes())
+    supernet_id = code.hexdigest()
     kept = {"from the store": 0, "now": 0}
 
     def val_accuracy(arch, epochs: int, seed: int, inherit: bool) -> float:
