@@ -47,6 +47,14 @@ def test_optuna_missing_names_the_extra(monkeypatch):
         Experiment(search_alg="nsga2").validate()
 
 
+def test_pymoo_missing_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pymoo", None)
+    with pytest.raises(ExperimentError, match=r"pip install 'aebnas\[surrogate\]'"):
+        Experiment(search_alg="surrogate").validate()
+    with pytest.raises(ExperimentError, match="surrogate_batch=0 must be an integer ≥ 1"):
+        Experiment(surrogate_batch=0).validate()
+
+
 @pytest.mark.parametrize("alg", ["nsga2", "tpe"])
 def test_optuna_searchers_run(alg, ray_local, small_npz, tmp_path):
     pytest.importorskip("optuna")
