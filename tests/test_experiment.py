@@ -70,12 +70,11 @@ def test_optuna_searchers_run(alg, ray_local, small_npz, tmp_path):
 def test_time_budget_stops_the_search(ray_local, small_npz, tmp_path):
     exp = tiny_experiment(tmp_path, small_npz, name="budget", scheduler="fifo", num_samples=500, epochs=1,
                           time_budget_s=15)
-    started = time.monotonic()
     results = run(exp)
-    assert time.monotonic() - started < 120  # 500 trials would take far longer
-    assert 0 < len(results) < 500
-    finished = [r for r in results if r.metrics and "test_accuracy" in r.metrics]
-    assert finished, "no trial finished within the budget"
+    # 500 trials cannot all start in 15 s on any machine, loaded or not: the budget ended the search,
+    # and the trials it stopped are in the results, not errors. (How many finished depends on the
+    # machine's speed, so it is not asserted.)
+    assert 0 < len(results) < 500 and results.num_errors == 0
     args = argparse.ArgumentParser()
     add_arguments(args, Experiment())
     assert experiment_from_args(args.parse_args(["--time-budget", "90"]), Experiment()).time_budget_s == 90
