@@ -29,7 +29,7 @@ from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list,
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .supernet import SUPERNET_FILE, SupernetInfo, SupernetSettings, check_supernet, read_supernet_info
 from .supernet_train import SupernetRequest, train_supernet
-from .surrogate import SurrogateSearch
+from .surrogate import SurrogateSearch, require_pymoo
 from .train import load_checkpoint
 from .trainable import train_candidate
 
@@ -138,11 +138,9 @@ class Experiment(TrialSettings):
                     "pip install 'aebnas[optuna]' (or pip install optuna)") from None
         if self.search_alg == "surrogate":
             try:
-                import pymoo  # noqa: F401
-            except ImportError:
-                raise ExperimentError(
-                    "search_alg='surrogate' runs NSGA-II with pymoo, which is not installed: "
-                    "pip install 'aebnas[surrogate]' (or pip install pymoo)") from None
+                require_pymoo()
+            except ImportError as exc:
+                raise ExperimentError(str(exc)) from None
         if not isinstance(self.surrogate_batch, int) or self.surrogate_batch < 1:
             raise ExperimentError(f"surrogate_batch={self.surrogate_batch!r} must be an integer ≥ 1")
         self.trial_settings()  # lr, confidence, grid, …

@@ -70,7 +70,7 @@ class SurrogateSearch(Searcher):
         unknown = sorted(set(predictors) - set(PREDICTORS))
         if unknown or not predictors:
             raise ValueError(f"predictors={list(predictors)!r}: choose from {PREDICTORS}")
-        _require_pymoo()
+        require_pymoo()
         self.target_macs, self.score_lambda = float(target_macs), float(score_lambda)
         self.batch_size, self.initial = int(batch_size), int(initial)
         self.predictors = tuple(predictors)
@@ -112,7 +112,7 @@ class SurrogateSearch(Searcher):
         self._live[trial_id] = (iteration, vector)
         config = self._encoding.decode(vector)
         if self._complete_configs:  # Ray Tune would leave a sampler in every key we do not set
-            config = {**self._encoding.every_key(self._encoding.canonical(vector)), **config}
+            config = {**self._encoding.every_key(vector), **config}  # queued vectors are canonical
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -335,7 +335,8 @@ def _spread_along_front(F: np.ndarray, k: int) -> list[int]:
     return chosen[:k]
 
 
-def _require_pymoo() -> None:
+def require_pymoo() -> None:
+    """ImportError naming the extra to install when pymoo is missing."""
     try:
         import pymoo  # noqa: F401
     except ImportError:
@@ -380,4 +381,4 @@ class _Canonical:
         return Canonical()
 
 
-__all__ = ["SurrogateSearch", "LOG_FILE"]
+__all__ = ["SurrogateSearch", "require_pymoo", "LOG_FILE"]

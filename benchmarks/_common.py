@@ -367,13 +367,18 @@ def priority_note(runs: Sequence[SearchRun]) -> str:
             "15 the other jobs on this shared machine took most of the CPU (claim 3).")
 
 
+def report_start(report: dict[str, Any]) -> float:
+    """When the work of a result.json line began: its timestamp minus its duration (epoch seconds)."""
+    return report["timestamp"] - report["time_this_iter_s"]
+
+
 def search_window(path: Path) -> tuple[float, float]:
     """(first trial's start, last report) of an experiment, epoch seconds, from its result.json files."""
     starts, ends = [], []
     for f in path.glob("trial_*/result.json"):
         lines = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
         if lines:
-            starts.append(lines[0]["timestamp"] - lines[0]["time_this_iter_s"])
+            starts.append(report_start(lines[0]))
             ends.append(lines[-1]["timestamp"])
     return (min(starts), max(ends)) if ends else (float("nan"), float("nan"))
 

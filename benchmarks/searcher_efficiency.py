@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search,
-                     search_figures, stop_ray)
+from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, report_start,
+                     run_search, search_figures, stop_ray)
 from spaces_compare import ahead, reference_macs, validation_pick
 
 from aebnas.supernet import EMBEDDED_SUPERNET
@@ -38,8 +38,7 @@ def in_proposal_order(trials: pd.DataFrame) -> pd.DataFrame:
     the first report's timestamp minus its duration, from each trial's result.json."""
     def started(trial_dir: str) -> float:
         with open(Path(trial_dir) / "result.json") as f:
-            first = json.loads(f.readline())
-        return first["timestamp"] - first["time_this_iter_s"]
+            return report_start(json.loads(f.readline()))
 
     return trials.assign(started=[started(d) for d in trials["trial_dir"]]).sort_values(
         ["started", "trial_id"], kind="stable").reset_index(drop=True)
