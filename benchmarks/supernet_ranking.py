@@ -10,15 +10,19 @@ trainings take hours (about 25 s per epoch and network), so every accuracy measu
 ``results/benchmarks/supernet_ranking/measured.json`` as soon as it is known, keyed by the network,
 the seed, the epochs, the device, and a hash of the supernet file and of the code that trains and scores
 (train, batches, data, config, settings, exit_policy, supernet, nn): a killed run started again measures
-only what is missing, and a change to that code measures everything again.
+only what is missing, and a change to that code measures everything again. On CUDA several trainings run at
+once in spawned processes (``jobs``: 0 = 8 on a GPU, 1 on a CPU), since one small network leaves a GPU idle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import random
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,28 +33,27 @@ from aebnas.predictors import kendall_tau
 CLAIM = Claim(14, "supernet_ranking", "Ranking fidelity of inherited accuracy",
               "Kendall τ(inherited, stand-alone ≥ 15 epochs) ≥ 0.8 × τ(stand-alone seed 0, seed 1) over ≥ 12 "
               "architectures")
-SETTINGS = {"archs": 12, "standalone_epochs": 15, "seeds": (0, 1), "batch_size": 64}
-QUICK = {"archs": 3, "standalone_epochs": 1, "seeds": (0, 1), "batch_size": 64}
+SETTINGS = {"archs": 12, "standalone_epochs": 15, "seeds": (0, 1), "batch_size": 64, "jobs": 0}
+QUICK = {"archs": 3, "standalone_epochs": 1, "seeds": (0, 1), "batch_size": 64, "jobs": 0}
 
 
-def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[int], batch_size: int) -> Outcome:
+def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[int], batch_size: int,
+            jobs: int) -> Outcome:
     from aebnas.config import largest_arch, random_arch, smallest_arch
-    from aebnas.data import load_dataset
-    from aebnas.nn import extract
-    from aebnas.settings import TrialSettings
     from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
-    from aebnas.train import CandidateTraining, select_device
+    from aebnas.train import select_device
 
     device = select_device("auto")
-    supernet, info = load_supernet(EMBEDDED_SUPERNET, device)
-    data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
+    _, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
     rng = random.Random(1)
     chosen = [smallest_arch(info.space, **kw), largest_arch(info.space, **kw)]
     chosen += [random_arch(info.space, rng, **kw) for _ in range(archs - 2)]
+    if jobs == 0:  # auto: one training at a time saturates a CPU; a GPU is launch-bound and takes several at once
+        jobs = min(8, max(1, (os.cpu_count() or 1) // 2)) if device.type == "cuda" else 1
 
     store = ctx.scratch / "measured.json"
-    measured_before = json.loads(store.read_text()) if store.is_file() else {}
+    measured = json.loads(store.read_text()) if store.is_file() else {}
     # What decides an accuracy: the supernet's bytes and the code that trains and scores a network.
     code = hashlib.sha256(EMBEDDED_SUPERNET.read_bytes())
     package = Path(__file__).resolve().parents[1] / "aebnas"
@@ -58,26 +61,39 @@ def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[in
                                              "exit_policy.py", "supernet.py")), *(package / "nn").glob("*.py")]):
         code.update(f.read_bytes())
     supernet_id = code.hexdigest()
-    kept = {"from the store": 0, "now": 0}
+
+    def key(arch, epochs: int, seed: int, inherit: bool) -> str:
+        return json.dumps([arch.to_flat(), epochs, seed, inherit, batch_size, supernet_id, str(device)], sort_keys=True)
+
+    wanted = [(arch, 0, 0, True) for arch in chosen] + [(arch, 1, 0, True) for arch in chosen]
+    wanted += [(arch, standalone_epochs, seed, False) for arch in chosen for seed in seeds]
+    missing = [job for job in wanted if key(*job) not in measured]
+    kept = {"from the store": len(wanted) - len(missing), "now": 0}
+    print(f"  {len(wanted)} accuracies, {kept['from the store']} already stored; measuring {len(missing)} "
+          f"on {device} with {jobs} process(es)", flush=True)
+
+    def keep(job, accuracy: float) -> None:
+        measured[key(*job)] = accuracy
+        kept["now"] += 1
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(measured))
+        tmp.replace(store)
+        print(f"  [{kept['now']}/{len(missing)}] {'inherited' if job[3] else 'alone'}, {job[1]} epochs, "
+              f"seed {job[2]}: {accuracy:.1f}", flush=True)
+
+    if jobs == 1:
+        _load_worker(str(device), batch_size)
+        for job in missing:
+            keep(job, _train_and_score(*job))
+    elif missing:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_load_worker, initargs=(str(device), batch_size)) as pool:
+            futures = {pool.submit(_train_and_score, *job): job for job in missing}
+            for future in as_completed(futures):
+                keep(futures[future], future.result())
 
     def val_accuracy(arch, epochs: int, seed: int, inherit: bool) -> float:
-        key = json.dumps([arch.to_flat(), epochs, seed, inherit, batch_size, supernet_id, str(device)], sort_keys=True)
-        if key in measured_before:
-            kept["from the store"] += 1
-        else:
-            measured_before[key] = _train_and_score(arch, epochs, seed, inherit)
-            kept["now"] += 1
-            tmp = store.with_suffix(".tmp")
-            tmp.write_text(json.dumps(measured_before))
-            tmp.replace(store)
-        return measured_before[key]
-
-    def _train_and_score(arch, epochs: int, seed: int, inherit: bool) -> float:
-        settings = TrialSettings(epochs=epochs, batch_size=batch_size, seed=seed, supernet="x" if inherit else None)
-        run = CandidateTraining(arch, settings, data, device, model=extract(supernet, arch) if inherit else None)
-        for _ in range(epochs):
-            run.train_epoch()
-        return float(run.evaluate(("val",))["val"].exit_accuracy()[-1])
+        return measured[key(arch, epochs, seed, inherit)]
 
     rows: list[dict[str, Any]] = []
     for i, arch in enumerate(chosen):
@@ -102,7 +118,7 @@ def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[in
         f"{len(rows)} architectures of the shipped supernet's space ({info.describe()}): the smallest, the largest "
         f"and {len(rows) - 2} random ones. Validation accuracy (%) of the final classifier, each network scored "
         f"as a trial scores it (BatchNorm recalibrated); stand-alone: trained from scratch for {standalone_epochs} "
-        f"epochs with seeds {tuple(seeds)} (batch {batch_size}); device {device}.", "",
+        f"epochs with seeds {tuple(seeds)} (batch {batch_size}); device {device}, {jobs} training(s) at a time.", "",
         md_table(rows, 1), "",
         f"Kendall τ-b: inherited vs stand-alone mean **{tau_inherited:.2f}**, after 1 fine-tuning epoch "
         f"**{tau_finetuned:.2f}**; noise ceiling (stand-alone seed {seeds[0]} vs {seeds[1]}) **{ceiling:.2f}**. "
@@ -111,6 +127,38 @@ def measure(ctx: Context, archs: int, standalone_epochs: int, seeds: Sequence[in
         "interrupted run of the same command (same networks, seeds, epochs, supernet and device)."])
     return Outcome(measured, holds, {"rows": rows, "tau_inherited": tau_inherited, "tau_finetuned": tau_finetuned,
                                      "ceiling": ceiling}, details)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _load_worker(device: str, batch_size: int) -> None:
+    """Load the supernet and the data once per process (a pool worker, or the benchmark itself)."""
+    import torch
+
+    from aebnas.data import load_dataset
+    from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
+
+    if device == "cuda":
+        torch.set_num_threads(2)  # several trainings share the host's cores
+    supernet, info = load_supernet(EMBEDDED_SUPERNET, device)
+    data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
+    _WORKER.update(supernet=supernet, data=data, device=torch.device(device), batch_size=batch_size)
+
+
+def _train_and_score(arch, epochs: int, seed: int, inherit: bool) -> float:
+    """Validation accuracy (%) of the final classifier: inherited and fine-tuned ``epochs``, or trained alone."""
+    from aebnas.nn import extract
+    from aebnas.settings import TrialSettings
+    from aebnas.train import CandidateTraining
+
+    w = _WORKER
+    settings = TrialSettings(epochs=epochs, batch_size=w["batch_size"], seed=seed, supernet="x" if inherit else None)
+    run = CandidateTraining(arch, settings, w["data"], w["device"],
+                            model=extract(w["supernet"], arch) if inherit else None)
+    for _ in range(epochs):
+        run.train_epoch()
+    return float(run.evaluate(("val",))["val"].exit_accuracy()[-1])
 
 
 if __name__ == "__main__":
