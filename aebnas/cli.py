@@ -137,22 +137,28 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by `aebnas retrain`")
-    p.add_argument("--out", required=True, help="TorchScript file to write (model.json goes next to it)")
+    p.add_argument("--out", required=True, help="TorchScript file to write (model.json goes next to it); with "
+                   "--format onnx a directory (ONNX graphs, model.json and the driver aebnas_onnx.py)")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                   help="torchscript (one file, needs torch) or onnx (needs only onnxruntime and numpy to run; "
+                        "the onnx extra to export)")
     p.add_argument("--target-macs", type=float,
                    help="re-tune the thresholds on the run's validation outputs for this target (MMACs)")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
-
     if args.target_macs is not None and not args.target_macs > 0:
         raise UsageError(f"--target-macs={args.target_macs} must be > 0 (MMACs)")
+    if args.format == "onnx":
+        from .onnx_export import export_onnx as export
+    else:
+        from .export import export
     export(args.run_dir, args.out, target_macs=args.target_macs)
     return 0
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="TorchScript file written by `aebnas export`")
+    p.add_argument("model", help="TorchScript file or ONNX export directory written by `aebnas export`")
     p.add_argument("images", nargs="+", help="PNG or JPEG files")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
 
@@ -305,7 +311,7 @@ COMMANDS: dict[str, Command] = {
                 _cmd_analyze),
     "retrain": ("train a trial's architecture from scratch for longer, tune its exits, test it",
                 _add_retrain, _cmd_retrain),
-    "export": ("write a run as one TorchScript file with its exits, thresholds and preprocessing",
+    "export": ("write a run with its exits, thresholds and preprocessing (TorchScript file or ONNX graphs)",
                _add_export, _cmd_export),
     "predict": ("classify image files with an exported model", _add_predict, _cmd_predict),
     "info": ("MACs per exit, static MACs and parameters of an architecture", _add_info, cmd_info),

@@ -143,13 +143,10 @@ def load_run(run_dir: str | Path) -> RunFiles:
                     json.loads((root / METRICS_FILE).read_text()), splits, costs, settings)
 
 
-def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = None,
-           thresholds: Sequence[float] | None = None, log: Callable[[str], None] = _print) -> dict[str, Any]:
-    """Write the TorchScript file ``out`` and ``out`` with suffix .json; returns that JSON.
-
-    Thresholds: the run's (tuned on val for its target), re-tuned on the run's validation
-    outputs for ``target_macs``, or given explicitly.
-    """
+def _plan(run_dir: str | Path, target_macs: float | None,
+          thresholds: Sequence[float] | None) -> Tuple[RunFiles, List[float], dict[str, Any]]:
+    """The run, the thresholds to ship (the run's, re-tuned for ``target_macs`` on its validation
+    outputs, or given) and the metadata every export format carries."""
     run = load_run(run_dir)
     th, target = run.thresholds, run.metrics["target_macs"]
     if target_macs is not None:
@@ -160,7 +157,6 @@ def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = 
     if thresholds is not None:
         th, target = validate_thresholds(thresholds, run.net.num_exits), None
     data = run.metrics["data"]
-    module = DeployedEarlyExitNet(run.net, th, data["mean"], data["std"], data["classes"])
     test = simulate(run.exit_outputs["test"], th, run.costs)
     arch = run.net.arch
     exit_macs = [float(c) for c in run.costs.cumulative(np.asarray(th) < 1.0)]
@@ -179,6 +175,25 @@ def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = 
         "architecture": arch.to_flat(),
         "run_dir": str(Path(run_dir).resolve()),
     }
+    return run, th, meta
+
+
+def _log_export(log: Callable[[str], None], what: str, meta: dict[str, Any]) -> None:
+    test = meta["test"]
+    log(f"exported {what}: thresholds {meta['thresholds']}, test accuracy {test['accuracy']:.2f}% "
+        f"at {test['avg_macs']:.3f} MMACs")
+
+
+def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = None,
+           thresholds: Sequence[float] | None = None, log: Callable[[str], None] = _print) -> dict[str, Any]:
+    """Write the TorchScript file ``out`` and ``out`` with suffix .json; returns that JSON.
+
+    Thresholds: the run's (tuned on val for its target), re-tuned on the run's validation
+    outputs for ``target_macs``, or given explicitly.
+    """
+    run, th, meta = _plan(run_dir, target_macs, thresholds)
+    data = run.metrics["data"]
+    module = DeployedEarlyExitNet(run.net, th, data["mean"], data["std"], data["classes"])
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta, indent=1)
@@ -186,8 +201,7 @@ def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = 
         scripted = torch.jit.script(module)
         scripted.save(str(out), _extra_files={"model.json": text})
     out.with_suffix(".json").write_text(text)
-    log(f"exported {out} and {out.with_suffix('.json')}: thresholds {th}, test accuracy {test.accuracy:.2f}% "
-        f"at {test.avg_macs:.3f} MMACs")
+    _log_export(log, f"{out} and {out.with_suffix('.json')}", meta)
     return meta
 
 
@@ -252,26 +266,63 @@ def read_image(path: str | Path, channels: int, resolution: int) -> torch.Tensor
     return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
+Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _Exported:
+    """An exported model as ``predict`` uses it: ``run(images)`` → (logits, exit, confidence)."""
+
+    run: Callable[[torch.Tensor], Outputs]
+    classes: List[str]
+    resolution: int
+    in_channels: int
+    exit_positions: List[int]
+
+
+def _load_exported(path: Path) -> _Exported:
+    """A TorchScript file, or an ONNX export directory (run with ONNX Runtime)."""
+    if path.is_dir():
+        from .onnx_export import require_onnx
+        from .onnx_runner import OnnxEarlyExitNet
+
+        require_onnx()
+        try:
+            net = OnnxEarlyExitNet(path)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return _Exported(lambda x: tuple(torch.from_numpy(a) for a in net(x.numpy())),  # type: ignore[misc]
+                         net.classes, net.resolution, net.in_channels, net.exit_positions)
+    module = load_deployed(path)
+
+    def run(x: torch.Tensor) -> Outputs:
+        logits, exit_index = module(x)
+        return logits, exit_index, module.exit_confidence(logits)
+
+    return _Exported(run, list(module.classes), int(module.resolution), int(module.in_channels),
+                     list(module.exit_positions))
+
+
 def predict(model_path: str | Path, images: Sequence[str | Path]) -> list[Prediction]:
-    """Classify image files with an exported model; UsageError listing every unreadable file."""
-    module = load_deployed(model_path)
+    """Classify image files with an exported model (a TorchScript file, or an ONNX export directory);
+    UsageError listing every unreadable file."""
+    model = _load_exported(Path(model_path).expanduser())
     tensors, errors = [], []
     for path in images:
         try:
-            tensors.append(read_image(path, int(module.in_channels), int(module.resolution)))
+            tensors.append(read_image(path, model.in_channels, model.resolution))
         except UsageError as exc:
             errors.append(str(exc))
     if errors:
         raise UsageError("\n".join(errors))
-    num_exits = len(module.exit_positions)
+    num_exits = len(model.exit_positions)
     out = []
     for path, x in zip(images, tensors):
-        logits, exit_index = module(x)
+        logits, exit_index, confidence = model.run(x)
         probs = torch.softmax(logits, dim=1)[0]
         k, j = int(probs.argmax()), int(exit_index[0])
-        out.append(Prediction(str(path), k, module.classes[k], float(probs[k]),
-                              float(module.exit_confidence(logits)[0]), j, num_exits,
-                              None if j == num_exits else int(module.exit_positions[j])))
+        out.append(Prediction(str(path), k, model.classes[k], float(probs[k]), float(confidence[0]), j, num_exits,
+                              None if j == num_exits else int(model.exit_positions[j])))
     return out
 
 

@@ -1,0 +1,161 @@
+"""``aebnas export RUN --format onnx``: the network as ONNX graphs cut at the exits, plus a driver.
+
+One graph per segment (see ``aebnas/onnx_runner.py``, which the export directory carries
+as ``aebnas_onnx.py``): ONNX Runtime runs each graph, and the driver applies the exit rule
+between them, so a sample that leaves at an exit costs only the graphs before it, as in
+``EarlyExitNet.infer``. Why segments and not one graph with ``If`` nodes: an ``If`` branches
+on one boolean for the whole batch, while the exit rule splits a batch per sample; the
+segments keep the per-sample rule, each graph stays a plain feed-forward graph that every
+ONNX runtime optimises, and the thresholds stay editable in ``model.json``.
+
+Needs the ``onnx`` extra (``pip install "aebnas[onnx]"``: onnx, onnxscript, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UsageError
+from .export import _log_export, _plan, _print
+from .nn import EarlyExitNet, torch_confidence
+from .onnx_runner import FORMAT, META_FILE
+
+RUNNER_FILE = "aebnas_onnx.py"
+OPSET = 18
+
+
+def require_onnx() -> None:
+    """UsageError naming the extra when the ONNX exporter's packages are missing."""
+    missing = []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UsageError(f"ONNX export needs {', '.join(missing)}: pip install \"aebnas[onnx]\"")
+
+
+class OnnxGraph(nn.Module):
+    """What one exported graph computes: [normalise, resize] → ``body`` → [(logits, confidence)].
+
+    ``preprocess``: (mean, std, resolution) for the first segment, which takes the images as
+    float32 in [0, 1] of any size; ``confidence``: the measure, for graphs ending in logits.
+    """
+
+    def __init__(self, body: nn.Module, confidence: str | None = None,
+                 preprocess: tuple[Sequence[float], Sequence[float], int] | None = None) -> None:
+        super().__init__()
+        self.body, self.confidence = body, confidence
+        self.resolution = None
+        if preprocess is not None:
+            mean, std, self.resolution = preprocess
+            std_t = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+            mean_t = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
+            self.register_buffer("scale", 1.0 / std_t)
+            self.register_buffer("shift", -mean_t / std_t)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.resolution is not None:
+            # As DeployedEarlyExitNet.preprocess; a resize to the same size is the identity.
+            x = F.interpolate(x * self.scale + self.shift, size=[self.resolution, self.resolution],
+                              mode="bilinear", align_corners=False, antialias=False)
+        x = self.body(x)
+        if self.confidence is None:
+            return x
+        return x, torch_confidence(x, self.confidence)
+
+
+def exit_graphs(net: EarlyExitNet, mean: Sequence[float], std: Sequence[float]) -> tuple[list[OnnxGraph],
+                                                                                         list[OnnxGraph]]:
+    """The segments (cut after each exit's stage; the last ends with the head) and the exit branches."""
+    positions = list(net.arch.exit_positions)
+    cuts = [0, *positions, len(net.stages)]
+    segments: List[OnnxGraph] = []
+    for k in range(len(cuts) - 1):
+        parts: list[nn.Module] = [net.stem] if k == 0 else []
+        parts += list(net.stages[cuts[k]:cuts[k + 1]])
+        last = k == len(cuts) - 2
+        if last:
+            parts.append(net.head)
+        segments.append(OnnxGraph(nn.Sequential(*parts), net.confidence if last else None,
+                                  (mean, std, net.arch.resolution) if k == 0 else None).eval())
+    branches = [OnnxGraph(net.branches[p - 1], net.confidence).eval() for p in positions]
+    return segments, branches
+
+
+def to_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str],
+            dynamic_size: bool = False) -> None:
+    """Export ``module`` (one input) with the torch.export-based exporter; batch (and H, W) dynamic."""
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if dynamic_size:
+        dims.update({2: torch.export.Dim("height", min=4, max=4096), 3: torch.export.Dim("width", min=4, max=4096)})
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET, input_names=["x"],
+                                     output_names=list(outputs), dynamic_shapes=({0: dims[0]} if not dynamic_size
+                                                                                  else dims,),
+                                     optimize=True, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, *, target_macs: float | None = None,
+                thresholds: Sequence[float] | None = None, log: Callable[[str], None] = _print) -> dict[str, Any]:
+    """Write the directory ``out``: ``model.json``, ``segment_k.onnx``, ``exit_j.onnx`` and the driver
+    ``aebnas_onnx.py``; returns the metadata. Thresholds as in :func:`aebnas.export.export`."""
+    require_onnx()
+    run, th, meta = _plan(run_dir, target_macs, thresholds)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; ONNX export writes a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise UsageError(f"--out {out} is a non-empty directory that is not an ONNX export; choose another")
+    out.mkdir(parents=True, exist_ok=True)
+    data, net = run.metrics["data"], run.net
+    segments, branches = exit_graphs(net, data["mean"], data["std"])
+    arch = net.arch
+    graphs: dict[str, list[str]] = {"segments": [], "exits": []}
+    total = len(segments) + len(branches)
+    with torch.no_grad():
+        # Example inputs of batch 2 (batch 1 would be specialised) and a size other than the
+        # trained one (so the resize is not traced away).
+        h = torch.rand(2, arch.in_channels, arch.resolution + 3, arch.resolution + 3)
+        for k, segment in enumerate(segments):
+            name = f"segment_{k}.onnx"
+            last = k == len(segments) - 1
+            log(f"  [{len(graphs['segments']) + len(graphs['exits']) + 1}/{total}] {name}")
+            to_onnx(segment, h, out / name, ["logits", "confidence"] if last else ["features"], dynamic_size=k == 0)
+            graphs["segments"].append(name)
+            if not last:
+                h = segment(h)
+                name = f"exit_{k}.onnx"
+                log(f"  [{len(graphs['segments']) + len(graphs['exits']) + 1}/{total}] {name}")
+                to_onnx(branches[k], h, out / name, ["logits", "confidence"])
+                graphs["exits"].append(name)
+    import onnx
+    import onnxruntime
+
+    meta.update(format=FORMAT, graphs=graphs, opset=OPSET, runner=RUNNER_FILE,
+                input="one array (N, C, H, W): uint8 in 0..255 or float32 in [0, 1], RGB (gray when C = 1); any "
+                      "H and W (resized bilinearly, without antialiasing, to the square training resolution inside "
+                      "segment_0; downscale large images with an antialiased filter first); normalisation with the "
+                      "training mean/std happens inside segment_0",
+                output="(logits (N, classes) float32, exit (N,) int64, confidence (N,) float32) from "
+                       f"{RUNNER_FILE}: exit j < len(exit_positions) is the j-th exit, len(exit_positions) the final "
+                       "classifier",
+                versions={"torch": torch.__version__, "onnx": onnx.__version__,
+                          "onnxruntime": onnxruntime.__version__})
+    shutil.copyfile(Path(__file__).with_name("onnx_runner.py"), out / RUNNER_FILE)
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    _log_export(log, f"{out}/ ({total} ONNX graphs, {META_FILE}, driver {RUNNER_FILE})", meta)
+    return meta
