@@ -1,4 +1,4 @@
-"""``aebnas`` command line: ``search | analyze | retrain | export | predict | info | supernet``.
+"""``aebnas`` command line: ``search | analyze | retrain | export | predict | info | supernet | latency``.
 
 All the wiring is here: each command's flags and the call it makes. A command imports
 its module only when it runs, so ``aebnas predict`` needs torch alone (no Ray), and
@@ -291,6 +291,50 @@ def _supernet_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_latency(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="latency_command", required=True)
+    t = sub.add_parser("profile", help="measure every piece of a space on this machine (rerun to resume)",
+                       description="Measure the latency of every block choice of every stage at every resolution, "
+                       "every exit branch choice, the stem and the head, on this machine, with ONNX Runtime and "
+                       "PyTorch: medians after warm-up. The table feeds --cost latency.")
+    t.add_argument("--out", required=True, help="JSON table to write (rerun the same command to resume)")
+    t.add_argument("--space", default="aebnas", choices=("aebnas", "fixed_exits", "static"),
+                   help="the space it is for; the three share their value sets (default: %(default)s)")
+    t.add_argument("--resolutions", type=int_list, help="comma-separated input resolutions (default: the paper's "
+                   "32…72)")
+    t.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (default: %(default)s)")
+    t.add_argument("--num-classes", type=int, default=10, help="classes of the dataset (default: %(default)s)")
+    t.add_argument("--in-channels", type=int, default=3, help="image channels (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=1, help="intra-op threads (default: %(default)s)")
+    t.add_argument("--batch", type=int, default=1, help="batch size (default: %(default)s)")
+    t.add_argument("--backends", default="onnxruntime,torch",
+                   help="comma-separated: onnxruntime, torch (default: %(default)s)")
+    t.add_argument("--warmup", type=int, default=10, help="untimed runs per piece (default: %(default)s)")
+    t.add_argument("--repeats", type=int, default=30, help="timed runs per piece; the median is kept "
+                   "(default: %(default)s)")
+
+
+def _cmd_latency(args: argparse.Namespace) -> int:
+    from .latency import ProfileRequest, profile
+    from .supernet_train import space_values_of
+    from .settings import ExperimentError
+
+    try:
+        space = space_values_of({"resolutions": tuple(args.resolutions)} if args.resolutions else {})
+        request = ProfileRequest(out=args.out, space=space, width_mult=args.width_mult, num_classes=args.num_classes,
+                                 in_channels=args.in_channels, threads=args.threads, batch=args.batch,
+                                 backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                                 warmup=args.warmup, repeats=args.repeats)
+        profile(request)
+    except (ValueError, ExperimentError) as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted; the pieces measured so far are saved: run the same command again to resume",
+              flush=True)
+        return 130
+    return 0
+
+
 def _analysis_cli() -> Any:
     # By name at run time: the analysis package imports aebnas, never the other way round.
     return importlib.import_module("analysis.__main__")
@@ -316,6 +360,8 @@ COMMANDS: dict[str, Command] = {
     "predict": ("classify image files with an exported model", _add_predict, _cmd_predict),
     "info": ("MACs per exit, static MACs and parameters of an architecture", _add_info, cmd_info),
     "supernet": ("train a weight-sharing supernet, or score one of its subnets", _add_supernet, _cmd_supernet),
+    "latency": ("measure a latency table of a space on this machine (for --cost latency)", _add_latency,
+                _cmd_latency),
 }
 """name → (help, add the command's flags, run it). Flags are added only for the command given."""
 

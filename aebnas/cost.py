@@ -87,21 +87,28 @@ class PieceCosts:
     block (its row and input size), every exit branch (its input channels and size) and the
     head. A searcher that scores thousands of proposals meets few new pieces: the quickstart's
     space has a few hundred blocks and branches in all, so after the first proposals a cost is
-    a dictionary look-up. ``misses`` counts the ptflops calls made.
+    a dictionary look-up. ``misses`` counts the measurements made.
+
+    ``measure(key, build, input_shape)`` gives a piece's cost (default: ptflops MMACs of
+    ``build()``); :mod:`aebnas.latency` passes one that reads milliseconds from a latency
+    table, or records the pieces a space has, with the same walk over a network.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, measure: Callable[[tuple, Callable[[], nn.Module], tuple[int, ...]], float] | None = None
+                 ) -> None:
         self._macs: dict[tuple, float] = {}
+        self._measure = measure or (lambda key, build, shape: count_macs(build(), shape))
         self.misses = 0
 
     def _count(self, key: tuple, build: Callable[[], nn.Module], shape: tuple[int, ...]) -> float:
         if key not in self._macs:
-            self._macs[key] = count_macs(build(), shape)
+            self._macs[key] = self._measure(key, build, shape)
             self.misses += 1
         return self._macs[key]
 
     def exit_costs(self, arch: ArchConfig) -> ExitCosts:
-        """The same :class:`ExitCosts` as ``exit_costs(arch)`` (equal to float rounding)."""
+        """The :class:`ExitCosts` of ``arch`` in the measure's unit: by default MMACs, the same as
+        ``exit_costs(arch)`` (equal to float rounding)."""
         rows = arch.block_rows()
         h = arch.resolution
         stem = self._count(("stem", arch.in_channels, arch.stem_channels, rows[0], h), lambda: nn.Sequential(

@@ -1,0 +1,290 @@
+"""Measured latency: ``aebnas latency profile`` writes a look-up table of every piece a space can
+build, and :class:`LatencyTable` turns it into per-exit costs ``C_i`` in milliseconds.
+
+A network is cut into the pieces :class:`aebnas.cost.PieceCosts` walks (the stem, each block
+at its input size, each exit-branch module, each exit classifier, the head); the table holds
+the median latency of each piece on the machine that profiled it, for one runtime (ONNX
+Runtime or PyTorch eager), thread count and batch size. ``C_i`` of a network is then the
+sum of its pieces up to exit i, as for MACs, and the expected latency of the dynamic
+network is Σ u_i · C_i. ``benchmarks/latency_prediction.py`` measures how far that is
+from the latency of the exported network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ArchConfig, ExitModuleConfig, SpaceValues, uniform_arch
+from .cost import PieceCosts
+from .exit_policy import ExitCosts
+
+BACKENDS = ("onnxruntime", "torch")
+TABLE_FORMAT = "aebnas latency table"
+SAVE_EVERY = 20  # pieces between writes of a table being profiled (a killed profile resumes)
+
+
+def piece_id(key: tuple) -> str:
+    """A piece's key as it appears in a table: JSON of its parts (dataclasses as dicts)."""
+    return json.dumps([dataclasses.asdict(k) if dataclasses.is_dataclass(k) else k for k in key])
+
+
+def covering_archs(space: SpaceValues, **kwargs: Any) -> list[ArchConfig]:
+    """Architectures that together use every piece ``space`` can build (every block choice of
+    every stage at every resolution, every exit branch at every position, stem and head).
+
+    Blocks: one network of maximal depth per (resolution, kernel, expansion) — the first
+    block of a stage and the later ones differ. Exit branches: every first module, and every
+    second module after every first, at every position, per resolution.
+    """
+    depth = max(space.depths)
+    firsts = [ExitModuleConfig(c, k, e, p) for c in space.exit_m1_channels for k in space.exit_kernels
+              for e in space.exit_expansions for p in space.exit_pools]
+    seconds = [None] + [ExitModuleConfig(c, k, e, p) for c in space.exit_m2_channels if c > 0
+                        for k in space.exit_kernels for e in space.exit_expansions for p in space.exit_pools]
+    k0, e0 = space.kernels[0], space.expansions[0]
+    archs = []
+    for r in space.resolutions:
+        archs += [uniform_arch(depth, k, e, resolution=r, **kwargs) for k in space.kernels for e in space.expansions]
+        archs += [uniform_arch(depth, k0, e0, exits=space.exit_positions, exit_module=m1, second_module=m2,
+                               resolution=r, **kwargs) for m1 in firsts for m2 in seconds]
+    return archs
+
+
+@dataclasses.dataclass
+class Piece:
+    key: tuple
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+
+
+def space_pieces(archs: Iterable[ArchConfig]) -> dict[str, Piece]:
+    """Every distinct piece of ``archs``, by :func:`piece_id`, in the order first met."""
+    found: dict[str, Piece] = {}
+
+    def record(key: tuple, build: Callable[[], nn.Module], shape: tuple[int, ...]) -> float:
+        found.setdefault(piece_id(key), Piece(key, build, shape))
+        return 0.0
+
+    walker = PieceCosts(measure=record)
+    for arch in archs:
+        walker.exit_costs(arch)
+    return found
+
+
+# ----------------------------------------------------------------- timing
+def time_torch(module: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``module(x)`` (eval, no_grad) after ``warmup`` calls."""
+    module.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            module(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def onnx_session(module: nn.Module, x: torch.Tensor, threads: int) -> Any:
+    """An ONNX Runtime session (CPU, ``threads`` intra-op threads) of ``module`` exported at ``x``'s shape.
+
+    Pieces are plain feed-forward modules of fixed shape, so torch's TorchScript-based exporter
+    (0.1 s a piece) is used here; the deployed network's graphs come from the ``torch.export``-based
+    one (2–4 s a graph, too slow for the hundreds of pieces of a space)."""
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (x,), buffer, dynamo=False, input_names=["x"], opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def time_onnx(session: Any, x: np.ndarray, warmup: int, repeats: int) -> list[float]:
+    times = []
+    feed = {session.get_inputs()[0].name: x}
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a table was measured: platform, CPU model, cores, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    try:
+        import onnxruntime
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "versions": versions}
+
+
+# ----------------------------------------------------------------- profile
+@dataclasses.dataclass(frozen=True)
+class ProfileRequest:
+    """What ``aebnas latency profile`` measures."""
+
+    out: str
+    space: SpaceValues = SpaceValues()
+    width_mult: float = 1.0
+    num_classes: int = 10
+    in_channels: int = 3
+    threads: int = 1
+    batch: int = 1
+    backends: tuple[str, ...] = BACKENDS
+    warmup: int = 10
+    repeats: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "batch", "repeats", "num_classes", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
+        if self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup} must be ≥ 0")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise ValueError(f"backends {list(self.backends)}: choose from {BACKENDS}")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the figures (a table resumes only under the same settings)."""
+        return {"space": {k: list(v) for k, v in dataclasses.asdict(self.space).items()},
+                "width_mult": self.width_mult, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "threads": self.threads, "batch": self.batch, "warmup": self.warmup, "repeats": self.repeats}
+
+
+def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every piece of the space with every backend; write ``request.out`` as it goes.
+
+    A table at ``out`` with the same settings is resumed (its pieces are not measured again);
+    one with other settings is refused. Returns the table.
+    """
+    if "onnxruntime" in request.backends:
+        try:
+            import onnxruntime
+        except ImportError:
+            onnxruntime = None
+        if onnxruntime is None:
+            raise ValueError('the onnxruntime backend needs onnxruntime: pip install "aebnas[onnx]" '
+                             "(or --backends torch)")
+    out = Path(request.out).expanduser()
+    settings = request.settings()
+    table: dict[str, Any] = {"format": TABLE_FORMAT, "settings": settings, "machine": machine_info(),
+                             "unit": "ms", "statistic": "median", "backends": {b: {} for b in request.backends}}
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if old.get("format") != TABLE_FORMAT or old.get("settings") != settings:
+            raise ValueError(f"{out} holds a latency table with other settings; choose another --out")
+        for b in request.backends:
+            table["backends"][b] = old.get("backends", {}).get(b, {})
+    kw = {"width_mult": request.width_mult, "num_classes": request.num_classes, "in_channels": request.in_channels}
+    pieces = space_pieces(covering_archs(request.space, **kw))
+    todo = [(b, pid) for b in request.backends for pid in pieces if pid not in table["backends"][b]]
+    log(f"latency profile: {len(pieces)} pieces × {len(request.backends)} backend(s), "
+        f"{len(pieces) * len(request.backends) - len(todo)} already in {out}; measuring {len(todo)} "
+        f"(batch {request.batch}, {request.threads} thread(s), {request.warmup} warm-up + {request.repeats} runs)")
+    torch.set_num_threads(request.threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0, last_report = time.perf_counter(), 0.0
+    torch.manual_seed(0)
+    for n, (backend, pid) in enumerate(todo, 1):
+        piece = pieces[pid]
+        module = piece.build().eval()
+        x = torch.randn(request.batch, *piece.shape)
+        if backend == "torch":
+            times = time_torch(module, x, request.warmup, request.repeats)
+        else:
+            times = time_onnx(onnx_session(module, x, request.threads), x.numpy(), request.warmup, request.repeats)
+        table["backends"][backend][pid] = statistics.median(times)
+        elapsed = time.perf_counter() - t0
+        if n % SAVE_EVERY == 0 or n == len(todo):
+            _write(out, table)
+        if elapsed - last_report >= 5 or n == len(todo):
+            last_report = elapsed
+            eta = elapsed / n * (len(todo) - n)
+            log(f"  [{n}/{len(todo)}] {backend} {piece.key[0]}: {table['backends'][backend][pid]:.3f} ms  "
+                f"({elapsed:.0f} s, ETA {eta:.0f} s)")
+    table["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    _write(out, table)
+    log(f"wrote {out}")
+    return table
+
+
+def _write(path: Path, table: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(table, indent=0))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------- use
+class LatencyTable:
+    """A profiled table, one backend: ``exit_costs(arch)`` gives ``C_i`` pieces in milliseconds."""
+
+    def __init__(self, path: str | os.PathLike, backend: str = "onnxruntime") -> None:
+        self.path = Path(path).expanduser()
+        try:
+            table = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"latency table {self.path} does not exist (write one with "
+                             "`aebnas latency profile --out FILE`)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.path} is not a latency table ({exc})") from None
+        if table.get("format") != TABLE_FORMAT:
+            raise ValueError(f"{self.path} is not a latency table of aebnas")
+        if backend not in table["backends"]:
+            raise ValueError(f"{self.path} has no {backend!r} figures (it has {sorted(table['backends'])})")
+        self.table, self.backend = table, backend
+        self.ms: dict[str, float] = table["backends"][backend]
+        settings = table["settings"]
+        self.width_mult, self.num_classes = settings["width_mult"], settings["num_classes"]
+        self.in_channels, self.threads, self.batch = settings["in_channels"], settings["threads"], settings["batch"]
+        self._costs = PieceCosts(measure=self._lookup)
+
+    def _lookup(self, key: tuple, build: Callable[[], nn.Module], shape: Sequence[int]) -> float:
+        pid = piece_id(key)
+        if pid not in self.ms:
+            raise ValueError(f"{self.path} has no {self.backend} latency of {key[0]} {pid}: it was profiled for "
+                             f"another space, width or resolution (profile the space the search uses)")
+        return self.ms[pid]
+
+    def check(self, arch: ArchConfig) -> None:
+        """ValueError when ``arch``'s width, classes or channels are not the table's."""
+        mine = (self.width_mult, self.num_classes, self.in_channels)
+        theirs = (arch.width_mult, arch.num_classes, arch.in_channels)
+        if mine != theirs:
+            raise ValueError(f"{self.path} was profiled for width {mine[0]}, {mine[1]} classes, {mine[2]} channels; "
+                             f"the network has width {theirs[0]}, {theirs[1]} classes, {theirs[2]} channels")
+
+    def exit_costs(self, arch: ArchConfig) -> ExitCosts:
+        """Per-exit pieces in milliseconds (as :func:`aebnas.cost.exit_costs` in MMACs)."""
+        self.check(arch)
+        return self._costs.exit_costs(arch)
+
+    def describe(self) -> str:
+        m, s = self.table["machine"], self.table["settings"]
+        return (f"{self.backend} on {m['cpu']} ({s['threads']} thread(s), batch {s['batch']}; "
+                f"{self.path.name}, {self.table.get('date', 'unfinished')})")

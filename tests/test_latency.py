@@ -1,0 +1,130 @@
+"""Tests for aebnas/latency.py and ``aebnas latency profile``: the table covers every piece a
+space can build (checked against every network of a small space), C_i in ms is the sum of
+the table's pieces, a killed profile resumes, and bad input is refused with a clear error."""
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+
+from aebnas.cli import main
+from aebnas.config import ArchConfig, SpaceValues, random_arch, uniform_arch
+from aebnas.cost import count_macs, exit_costs
+from aebnas.latency import LatencyTable, ProfileRequest, covering_archs, profile, space_pieces
+
+pytest.importorskip("onnxruntime")
+
+# Two resolutions, two kernels, two exit-module choices: small enough to enumerate every network.
+SMALL = SpaceValues(depths=(2, 3), kernels=(3, 5), expansions=(3,), resolutions=(32, 36), exit_positions=(1, 2, 3, 4),
+                    exit_m1_channels=(8,), exit_m2_channels=(0, 8), exit_kernels=(3,), exit_expansions=(1, 2),
+                    exit_pools=(0, 1))
+KW = {"width_mult": 0.5, "num_classes": 10, "in_channels": 3}
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("latency") / "table.json"
+    lines = []
+    profile(ProfileRequest(out=str(path), space=SMALL, warmup=1, repeats=3, **KW), log=lines.append)
+    return path, lines
+
+
+def test_covering_archs_use_every_piece_of_the_space():
+    """Every network drawn from the space meets only pieces of the covering set."""
+    covered = set(space_pieces(covering_archs(SMALL, **KW)))
+    rng = random.Random(0)
+    for _ in range(300):
+        arch = random_arch(SMALL, rng, **KW)
+        assert set(space_pieces([arch])) <= covered, arch
+    # a choice outside the space is a piece the cover lacks
+    outside = uniform_arch(2, 7, 3, resolution=32, **KW)
+    assert not set(space_pieces([outside])) <= covered
+
+
+def test_profile_writes_every_piece_for_both_backends_with_the_machine(table):
+    path, lines = table
+    data = json.loads(path.read_text())
+    pieces = space_pieces(covering_archs(SMALL, **KW))
+    for backend in ("onnxruntime", "torch"):
+        assert set(data["backends"][backend]) == set(pieces)
+        assert all(v > 0 for v in data["backends"][backend].values())
+    assert data["settings"]["threads"] == 1 and data["settings"]["batch"] == 1
+    assert data["machine"]["cores"] >= 1 and "onnxruntime" in data["machine"]["versions"]
+    assert data["unit"] == "ms" and data["statistic"] == "median" and data["date"]
+    assert lines[0].startswith(f"latency profile: {len(pieces)} pieces × 2 backend(s)")
+    assert any(ln.startswith("  [") and "ETA" in ln for ln in lines)  # progress
+
+
+def test_latency_costs_are_sums_of_the_table_pieces(table, tmp_path):
+    """A table whose every piece holds that piece's MMACs gives exactly the MMACs that ptflops
+    counts on the whole network: the look-up adds each piece of a network as often as it occurs."""
+    path, _ = table
+    data = json.loads(path.read_text())
+    pieces = space_pieces(covering_archs(SMALL, **KW))
+    data["backends"]["onnxruntime"] = {pid: count_macs(p.build(), p.shape) for pid, p in pieces.items()}
+    (tmp_path / "macs.json").write_text(json.dumps(data))
+    as_macs = LatencyTable(tmp_path / "macs.json")
+    measured = LatencyTable(path)
+    rng = random.Random(1)
+    for _ in range(20):
+        arch = random_arch(SMALL, rng, **KW)
+        expected = exit_costs(arch)  # ptflops on the whole network's segments
+        got = as_macs.exit_costs(arch)
+        np.testing.assert_allclose(got.backbone, expected.backbone, rtol=1e-9)
+        np.testing.assert_allclose(got.branch, expected.branch, rtol=1e-9)
+        ms = measured.exit_costs(arch)  # the measured table: C_i grows along the backbone
+        assert np.all(np.diff(ms.backbone) > 0) and np.all(ms.branch > 0)
+
+
+def test_profile_resumes_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "t.json"
+    tiny = SpaceValues(depths=(2,), kernels=(3,), expansions=(3,), resolutions=(32,), exit_m1_channels=(8,),
+                       exit_m2_channels=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0,))
+    req = ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=2, **KW)
+    first = profile(req, log=lambda _: None)
+    # a profile killed half way: drop half the pieces, as if they had not been measured yet
+    data = json.loads(path.read_text())
+    kept = dict(itertools.islice(data["backends"]["torch"].items(), len(data["backends"]["torch"]) // 2))
+    data["backends"]["torch"] = kept
+    path.write_text(json.dumps(data))
+    lines = []
+    second = profile(req, log=lines.append)
+    assert f"{len(kept)} already in" in lines[0]
+    assert set(second["backends"]["torch"]) == set(first["backends"]["torch"])
+    assert all(second["backends"]["torch"][k] == v for k, v in kept.items())  # kept, not re-measured
+    with pytest.raises(ValueError, match="other settings; choose another --out"):
+        profile(ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=3, **KW))
+
+
+def test_latency_table_errors_name_the_problem(table, tmp_path):
+    path, _ = table
+    with pytest.raises(ValueError, match="does not exist"):
+        LatencyTable(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="is not a latency table"):
+        LatencyTable(tmp_path / "bad.json")
+    lat = LatencyTable(path)
+    with pytest.raises(ValueError, match="was profiled for width 0.5"):
+        lat.exit_costs(uniform_arch(2, 3, 3, resolution=32, width_mult=1.0, num_classes=10, in_channels=3))
+    with pytest.raises(ValueError, match="profiled for another space, width or resolution"):
+        lat.exit_costs(uniform_arch(2, 3, 3, resolution=40, **KW))  # a resolution it did not profile
+    with pytest.raises(ValueError, match="backends"):
+        ProfileRequest(out="x.json", backends=("tflite",))
+
+
+def test_latency_profile_cli(tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    code = main(["latency", "profile", "--out", str(out), "--resolutions", "32", "--width-mult", "0.35",
+                 "--backends", "torch", "--warmup", "0", "--repeats", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(out.read_text())
+    assert data["settings"]["space"]["resolutions"] == [32] and data["settings"]["width_mult"] == 0.35
+    arch = random_arch(SpaceValues(resolutions=(32,)), random.Random(0), width_mult=0.35, num_classes=10,
+                       in_channels=3)
+    assert isinstance(arch, ArchConfig)
+    assert LatencyTable(out, "torch").exit_costs(arch).static_macs > 0  # every network of the space is covered
+    assert main(["latency", "profile", "--out", str(out), "--threads", "0"]) == 2
+    assert "threads=0 must be ≥ 1" in capsys.readouterr().err
