@@ -121,8 +121,18 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, target_macs: float | No
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise UsageError(f"--out {out} is a non-empty directory that is not an ONNX export; choose another")
     out.mkdir(parents=True, exist_ok=True)
-    data, net = run.metrics["data"], run.net
-    segments, branches = exit_graphs(net, data["mean"], data["std"])
+    data = run.metrics["data"]
+    write_onnx(run.net, data["mean"], data["std"], meta, out, log)
+    _log_export(log, f"{out}/ ({len(meta['graphs']['segments']) + len(meta['graphs']['exits'])} ONNX graphs, "
+                f"{META_FILE}, driver {RUNNER_FILE})", meta)
+    return meta
+
+
+def write_onnx(net: EarlyExitNet, mean: Sequence[float], std: Sequence[float], meta: dict[str, Any], out: Path,
+               log: Callable[[str], None] = _print) -> None:
+    """Write ``net``'s graphs, the driver and ``model.json`` (``meta`` plus the graph list) into ``out``.
+    ``meta`` needs at least thresholds, classes, resolution, in_channels and exits (as export writes them)."""
+    segments, branches = exit_graphs(net, mean, std)
     arch = net.arch
     graphs: dict[str, list[str]] = {"segments": [], "exits": []}
     total = len(segments) + len(branches)
@@ -157,5 +167,3 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, target_macs: float | No
                           "onnxruntime": onnxruntime.__version__})
     shutil.copyfile(Path(__file__).with_name("onnx_runner.py"), out / RUNNER_FILE)
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
-    _log_export(log, f"{out}/ ({total} ONNX graphs, {META_FILE}, driver {RUNNER_FILE})", meta)
-    return meta

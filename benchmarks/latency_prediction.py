@@ -1,0 +1,160 @@
+"""Claim 19: the latency table predicts the measured latency of the dynamic network.
+
+Profiles the shipped supernet's space on this machine (``aebnas latency profile``: batch 1,
+1 thread, ONNX Runtime and PyTorch; kept in ``results/benchmarks/latency_prediction/`` and
+resumed), then for ``archs`` random networks of the space, each with the supernet's weights
+(BatchNorm recalibrated, as a trial scores it) and thresholds tuned on validation for
+``target_fraction`` × its static MMACs: the predicted average latency Σ u_i · C_i (C_i from the
+table, u_i the exit utilization of those thresholds on the test split) against the
+measured one — every test image, one at a time, through the ONNX export (its driver,
+1 thread) and through ``EarlyExitNet.infer`` in PyTorch (1 thread): mean milliseconds per image.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import Claim, Context, Outcome, main, md_table
+
+CLAIM = Claim(19, "latency_prediction", "Latency table predicts the dynamic network's latency",
+              "mean absolute error of predicted vs measured average latency ≤ 10%, worst ≤ 20% (≥ 20 random "
+              "architectures, batch 1, 1 thread, test split, tuned thresholds)")
+SETTINGS = dict(archs=20, target_fraction=0.6, warmup=10, repeats=30, images=None, seed=0)
+QUICK = dict(SETTINGS, archs=2, warmup=1, repeats=3, images=50)
+
+
+def setup(ctx: Context, warmup: int, repeats: int, backends: tuple[str, ...] = ("onnxruntime", "torch")):
+    """The shipped supernet, its data, and a latency table of its space on this machine (resumed)."""
+    from aebnas.data import load_dataset
+    from aebnas.latency import LatencyTable, ProfileRequest, profile
+    from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
+
+    supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
+    data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
+    table = ctx.scratch / "table.json"
+    profile(ProfileRequest(out=str(table), space=info.space, width_mult=info.width_mult,
+                           num_classes=info.num_classes, in_channels=info.in_channels, threads=1, batch=1,
+                           backends=backends, warmup=warmup, repeats=repeats), log=lambda m: print(m, flush=True))
+    return supernet, info, data, {b: LatencyTable(table, b) for b in backends}
+
+
+def dynamic_network(supernet, info, data, arch, target_fraction: float):
+    """The subnet with inherited weights, BatchNorm recalibrated and scored as a trial scores it (as
+    ``aebnas supernet eval``); thresholds tuned on val for a fraction of its static MACs.
+    Returns (net, thresholds, test outputs, MAC costs)."""
+    from aebnas.cost import exit_costs
+    from aebnas.exit_policy import tune_thresholds
+    from aebnas.settings import TrialSettings
+    from aebnas.train import Scorer
+    from aebnas.nn import extract
+
+    s, settings = info.settings, TrialSettings()
+    scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=s["batch_size"],
+                    bn_batches=s["bn_recalibration_batches"], seed=s["seed"])
+    net = extract(supernet, arch)
+    outputs = scorer(net, ("val", "test"))  # recalibrates net's BatchNorm in place, as a trial does
+    macs = exit_costs(arch)
+    th = tune_thresholds(outputs["val"], macs, target_fraction * macs.static_macs, settings.threshold_grid,
+                         settings.score_lambda).thresholds
+    return net.eval().set_thresholds(th), list(th), outputs["test"], macs
+
+
+def per_image_ms(fn, images: np.ndarray, warmup: int) -> float:
+    """Mean milliseconds per image, each image alone (batch 1), after ``warmup`` images."""
+    for i in range(min(warmup, len(images))):
+        fn(images[i:i + 1])
+    t0 = time.perf_counter()
+    for i in range(len(images)):
+        fn(images[i:i + 1])
+    return (time.perf_counter() - t0) * 1e3 / len(images)
+
+
+def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repeats: int, images: int | None,
+            seed: int) -> Outcome:
+    from aebnas.config import random_arch
+    from aebnas.exit_policy import exit_index
+    from aebnas.onnx_export import write_onnx
+    from aebnas.onnx_runner import OnnxEarlyExitNet
+
+    torch.set_num_threads(1)
+    supernet, info, data, tables = setup(ctx, warmup, repeats)
+    x_test = data.x_test if images is None else data.x_test[:images]
+    rng = random.Random(seed)
+    kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
+    rows: list[dict[str, Any]] = []
+    for i in range(archs):
+        arch = random_arch(info.space, rng, **kw)
+        net, th, test, macs = dynamic_network(supernet, info, data, arch, target_fraction)
+        taken = exit_index(test, th)[:len(x_test)]
+        u = np.bincount(taken, minlength=arch.num_exits + 1) / len(taken)
+        active = np.asarray(th) < 1.0
+        predicted = {b: t.exit_costs(arch).expected(u, active) for b, t in tables.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = {"thresholds": th, "classes": list(data.classes), "resolution": arch.resolution,
+                    "in_channels": arch.in_channels,
+                    "exits": [{"position": p} for p in arch.exit_positions] + [{"position": "final"}]}
+            write_onnx(net, data.mean, data.std, meta, Path(tmp), log=lambda _: None)
+            onnx_net = OnnxEarlyExitNet(tmp, threads=1)
+            _, onnx_exits, _ = onnx_net(x_test)
+            onnx_ms = per_image_ms(onnx_net, x_test, warmup)
+        deployed = _torch_runner(net, th, data)
+        torch_ms = per_image_ms(deployed, x_test, warmup)
+        row = {"arch": i, "resolution": arch.resolution, "exits": arch.num_exits, "active": int(active.sum()),
+               "MMACs static": macs.static_macs, "MMACs avg": macs.expected(u, active),
+               "early %": 100 * (1 - u[-1]), "same exit ONNX %": 100 * float(np.mean(onnx_exits == taken)),
+               "ORT pred ms": predicted["onnxruntime"], "ORT meas ms": onnx_ms,
+               "ORT err %": 100 * (predicted["onnxruntime"] - onnx_ms) / onnx_ms,
+               "torch pred ms": predicted["torch"], "torch meas ms": torch_ms,
+               "torch err %": 100 * (predicted["torch"] - torch_ms) / torch_ms}
+        rows.append(row)
+        print(f"  arch {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+
+    def errors(backend: str) -> tuple[float, float]:
+        e = [abs(r[f"{backend} err %"]) for r in rows]
+        return statistics.mean(e), max(e)
+
+    mae, worst = errors("ORT")
+    torch_mae, torch_worst = errors("torch")
+    holds = bool(mae <= 10 and worst <= 20)
+    measured = (f"ONNX Runtime: mean abs error {mae:.1f}%, worst {worst:.1f}% over {len(rows)} networks; "
+                f"PyTorch eager: {torch_mae:.1f}%, worst {torch_worst:.1f}%")
+    t = tables["onnxruntime"]
+    details = "\n".join([
+        f"Table: `aebnas latency profile` of the shipped supernet's space ({info.describe()}) on this machine, "
+        f"batch 1, 1 thread, {warmup} warm-up + {repeats} timed runs per piece, median "
+        f"({len(t.ms)} pieces per backend; {t.describe()}). Networks: {len(rows)} random ones of that space with "
+        f"inherited weights, thresholds tuned on validation for {target_fraction:.0%} of each network's static "
+        f"MMACs. Predicted: Σ u_i · C_i with C_i summed from the table and u_i the test utilization of those "
+        f"thresholds. Measured: mean time per image over {len(x_test)} test images, one image per call, after "
+        f"{warmup} warm-up images — ONNX Runtime through the export's driver (`aebnas_onnx.py`, 1 thread), "
+        "PyTorch through `DeployedEarlyExitNet` (preprocessing + `EarlyExitNet.infer`, 1 thread). "
+        "Error = (predicted − measured) / measured.", "",
+        md_table(rows, 2), "",
+        f"Mean absolute error: ONNX Runtime **{mae:.1f}%** (worst {worst:.1f}%), PyTorch eager **{torch_mae:.1f}%** "
+        f"(worst {torch_worst:.1f}%). `same exit ONNX %`: images whose exit in the ONNX export is the one the "
+        "PyTorch outputs give (float rounding can move an image that sits on a threshold)."])
+    return Outcome(measured, holds, {"rows": rows, "mae": mae, "worst": worst, "torch_mae": torch_mae,
+                                     "torch_worst": torch_worst}, details)
+
+
+def _torch_runner(net, thresholds, data):
+    from aebnas.export import DeployedEarlyExitNet
+
+    module = DeployedEarlyExitNet(net, thresholds, data.mean, data.std, data.classes)
+
+    def run(images: np.ndarray) -> Any:
+        return module(torch.from_numpy(images))
+    return run
+
+
+if __name__ == "__main__":
+    sys.exit(main(CLAIM, measure, SETTINGS, QUICK))
