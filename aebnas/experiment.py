@@ -24,17 +24,19 @@ from typing import Any, Sequence
 
 from .cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
 from .data import DatasetNotFoundError, load_dataset
+from .latency import LatencyTable, covering_archs, read_table, space_pieces
 from .moasha import MOASHA
 from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list, parse_trial_config
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .supernet import SUPERNET_FILE, SupernetInfo, SupernetSettings, check_supernet, read_supernet_info
-from .supernet_train import SupernetRequest, train_supernet
+from .supernet_train import SupernetRequest, space_values_of, train_supernet
 from .surrogate import SurrogateSearch, require_pymoo
 from .train import load_checkpoint
 from .trainable import train_candidate
 
 SEARCH_ALGS = ("random", "tpe", "nsga2", "surrogate")
 SCHEDULERS = ("asha", "moasha", "fifo")
+COSTS = ("macs", "latency")
 PROGRESS_METRICS = {"epoch": "epoch", "score": "score", "accuracy": "acc %", "avg_macs": "MMACs",
                     "num_exits": "exits", "test_accuracy": "test %"}
 # What a resume may change: where the data and the results are, where to connect, and what
@@ -81,6 +83,8 @@ class Experiment(TrialSettings):
     verbose: int = 1
     supernet_epochs: int = 0  # > 0 and no supernet: train one first (or reuse it), see supernet_path()
     supernet_workers: int = 1
+    cost: str = "macs"  # "latency": thresholds tuned for target_ms with C_i from latency_table
+    latency_table: str | None = None  # `aebnas latency profile --out` file (cost="latency")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold_grid", tuple(self.threshold_grid))
@@ -143,8 +147,27 @@ class Experiment(TrialSettings):
                 raise ExperimentError(str(exc)) from None
         if not isinstance(self.surrogate_batch, int) or self.surrogate_batch < 1:
             raise ExperimentError(f"surrogate_batch={self.surrogate_batch!r} must be an integer ≥ 1")
+        self._check_cost()
         self.trial_settings()  # lr, confidence, grid, …
         self._check_a_candidate()
+
+    def _check_cost(self) -> None:
+        if self.cost not in COSTS:
+            raise ExperimentError(f"cost={self.cost!r} is not one of {COSTS}")
+        if self.cost == "macs":
+            if self.target_ms is not None or self.latency_table is not None:
+                raise ExperimentError("target_ms and latency_table are for cost='latency' (--cost latency)")
+            return
+        if self.latency_table is None or self.target_ms is None:
+            raise ExperimentError("cost='latency' needs latency_table (a file of `aebnas latency profile`) and "
+                                  "target_ms (--latency-table FILE --target-ms X)")
+        if self.search_alg in ("surrogate", "nsga2") or self.scheduler == "moasha":
+            raise ExperimentError(f"cost='latency' works with search_alg random or tpe and scheduler asha or fifo: "
+                                  f"search_alg={self.search_alg!r} / scheduler={self.scheduler!r} optimise MACs")
+        try:
+            read_table(self.latency_table)
+        except ValueError as exc:
+            raise ExperimentError(f"latency_table: {exc}") from None
 
     def _check_a_candidate(self) -> None:
         """Parse one candidate of the space with the fixed settings (as a trial would), so that a
@@ -368,12 +391,45 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def latency_table_for(exp: Experiment, data: Any) -> dict[str, Any] | None:
+    """The latency table of a ``cost='latency'`` search (None otherwise), checked against the data and
+    the space: every piece a candidate can have must be in it, or the search is refused now."""
+    if exp.cost != "latency":
+        return None
+    try:
+        table = read_table(exp.latency_table)
+        lat = LatencyTable(table, exp.latency_backend)
+    except ValueError as exc:
+        raise ExperimentError(f"latency_table: {exc}") from None
+    settings = table["settings"]
+    mine = (exp.width_mult, data.num_classes, data.in_channels)
+    theirs = (settings["width_mult"], settings["num_classes"], settings["in_channels"])
+    if mine != theirs:
+        raise ExperimentError(f"latency_table {exp.latency_table} was profiled for width {theirs[0]}, {theirs[1]} "
+                              f"classes, {theirs[2]} channels; this search has width {mine[0]}, {mine[1]} classes, "
+                              f"{mine[2]} channels")
+    needed = space_pieces(covering_archs(space_values_of(exp.space_kwargs), width_mult=exp.width_mult,
+                                         num_classes=data.num_classes, in_channels=data.in_channels))
+    missing = [pid for pid in needed if pid not in lat.ms]
+    if missing:
+        raise ExperimentError(f"latency_table {exp.latency_table} lacks {len(missing)} of the {len(needed)} pieces "
+                              f"this space can build (e.g. {missing[0]}): profile the search's space, e.g. "
+                              f"`aebnas latency profile --resolutions "
+                              f"{','.join(map(str, space_values_of(exp.space_kwargs).resolutions))} "
+                              f"--width-mult {exp.width_mult:g} --num-classes {data.num_classes} --out FILE`")
+    print(f"aebnas: cost is latency: thresholds tuned for {exp.target_ms} ms on average, C_i from {lat.describe()}",
+          flush=True)
+    return table
+
+
 def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, float],
-                 supernet: dict[str, Any] | None = None) -> Any:
+                 supernet: dict[str, Any] | None = None, latency: dict[str, Any] | None = None) -> Any:
     from ray import tune
 
-    # with_parameters puts data and supernet in the object store once: each node fetches them once.
+    # with_parameters puts data, supernet and latency table in the object store once: each node fetches them once.
     inherit = {} if supernet is None else {"supernet": supernet}
+    if latency is not None:
+        inherit["latency"] = latency
     trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data, **inherit), resources)
     param_space = exp.param_space(data.num_classes, data.in_channels)
     if exp.resume:  # run() has checked that Ray Tune can restore it
@@ -390,7 +446,8 @@ def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, flo
         trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname)
     from ray.tune import CLIReporter
 
-    reporter = CLIReporter(metric_columns=PROGRESS_METRICS, parameter_columns=["resolution"],
+    columns = PROGRESS_METRICS if exp.cost == "macs" else {**PROGRESS_METRICS, "avg_ms": "ms"}
+    reporter = CLIReporter(metric_columns=columns, parameter_columns=["resolution"],
                            max_report_frequency=30, sort_by_metric=not multi_objective)
     run_config = tune.RunConfig(
         name=exp.name, storage_path=resolve_storage_path(exp.storage_path),
@@ -455,6 +512,7 @@ def run(exp: Experiment) -> Any:
             raise ExperimentError(f"supernet={exp.supernet!r}: {exc}") from None
         print(f"aebnas: candidates inherit their weights from {exp.supernet} ({info.describe()}) and fine-tune "
               f"{exp.epochs} epoch(s) at lr {exp.finetune_lr}", flush=True)
+    latency = latency_table_for(exp, data)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our chosen columns
     connect_ray(exp.address)
     import ray
@@ -468,7 +526,7 @@ def run(exp: Experiment) -> Any:
     if exp.resume and not tune.Tuner.can_restore(path):
         raise ExperimentError(f"Ray Tune cannot restore {path}: the driver stopped before saving any state; "
                               "start it again without --resume")
-    tuner = _build_tuner(exp, data, path, resources, supernet)
+    tuner = _build_tuner(exp, data, path, resources, supernet, latency)
     results = tuner.fit()
     _print_summary(exp, results, path)
     return results
@@ -495,8 +553,10 @@ def _print_summary(exp: Experiment, results: Any, path: str) -> None:
     try:
         best = results.get_best_result(metric="score", mode="max", scope="last")
         m = best.metrics
+        at = (f"{m['avg_macs']:.3f} MMACs (target {exp.target_macs})" if exp.cost == "macs" else
+              f"{m['avg_ms']:.3f} ms (target {exp.target_ms} ms), {m['avg_macs']:.3f} MMACs")
         print(f"best trial {best.path.rsplit('/', 1)[-1]}: score {m['score']:.2f}, val accuracy "
-              f"{m['accuracy']:.2f}% at {m['avg_macs']:.3f} MMACs (target {exp.target_macs})"
+              f"{m['accuracy']:.2f}% at {at}"
               + (f", test accuracy {m['test_accuracy']:.2f}%" if "test_accuracy" in m else "")
               + (f", {100 * m['test_early_exit']:.0f}% of test images leave early" if "test_early_exit" in m else ""))
     except (RuntimeError, KeyError, ValueError):
@@ -531,6 +591,13 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
       type=int_list)
     a("--width-mult", "channel width multiplier", d.width_mult, type=float)
     a("--target-macs", "target average MMACs", d.target_macs, type=float)
+    a("--cost", "what the thresholds are tuned for: macs (ptflops) or latency (measured: --latency-table, "
+      "--target-ms)", d.cost, choices=COSTS)
+    a("--latency-table", "cost latency: table of `aebnas latency profile` for this space, measured on the target "
+      "device", d.latency_table)
+    a("--latency-backend", "cost latency: the table's figures to use: onnxruntime or torch", d.latency_backend,
+      choices=("onnxruntime", "torch"))
+    a("--target-ms", "cost latency: target average latency per image in milliseconds", d.target_ms, type=float)
     a("--epochs", "training epochs per trial (with --supernet: fine-tuning epochs, 0 = inherited weights as "
       "they are)", d.epochs, type=int)
     a("--supernet", "supernet file (aebnas supernet train) the candidates inherit their weights from; "

@@ -241,18 +241,41 @@ def _write(path: Path, table: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------- use
+def read_table(path: str | os.PathLike) -> dict[str, Any]:
+    """A table file as a dict (``path`` added), ValueError naming the file if it is none."""
+    p = Path(path).expanduser()
+    try:
+        table = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"latency table {p} does not exist (write one with "
+                         "`aebnas latency profile --out FILE`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p} is not a latency table ({exc})") from None
+    if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT:
+        raise ValueError(f"{p} is not a latency table of aebnas")
+    table["path"] = str(p)
+    return table
+
+
+def latency_metrics(arch: ArchConfig, sim: Any, prefix: str = "") -> dict[str, float]:
+    """What a trial reports beside the MAC figures when its cost is latency: ``avg_ms``,
+    ``final_ms`` and ``exitP_ms`` (C_i in ms) of a simulation in milliseconds."""
+    m = {f"{prefix}avg_ms": float(sim.avg_macs)}
+    if not prefix:
+        m["final_ms"] = float(sim.costs[-1])
+        for j, pos in enumerate(arch.exit_positions):
+            m[f"exit{pos}_ms"] = float(sim.costs[j])
+    return m
+
+
 class LatencyTable:
     """A profiled table, one backend: ``exit_costs(arch)`` gives ``C_i`` pieces in milliseconds."""
 
-    def __init__(self, path: str | os.PathLike, backend: str = "onnxruntime") -> None:
-        self.path = Path(path).expanduser()
-        try:
-            table = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"latency table {self.path} does not exist (write one with "
-                             "`aebnas latency profile --out FILE`)") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.path} is not a latency table ({exc})") from None
+    def __init__(self, path: str | os.PathLike | dict[str, Any], backend: str = "onnxruntime") -> None:
+        if isinstance(path, dict):  # a table already read (a trial gets it through Ray's object store)
+            table, self.path = path, Path(path.get("path", "latency table"))
+        else:
+            table, self.path = read_table(path), Path(path).expanduser()
         if table.get("format") != TABLE_FORMAT:
             raise ValueError(f"{self.path} is not a latency table of aebnas")
         if backend not in table["backends"]:

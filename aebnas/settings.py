@@ -90,6 +90,8 @@ class TrialSettings(TrainSettings):
     ``supernet``: the supernet file the candidates inherit their weights from (None: they
     train from scratch); then ``epochs`` are fine-tuning epochs (0: score the inherited
     weights as they are) at learning rate ``finetune_lr`` instead of ``lr``.
+    ``target_ms``: thresholds are tuned for this average latency (ms, from the latency table
+    the trial is given, ``latency_backend`` figures) instead of ``target_macs``.
     """
 
     dataset: str = "cifar10-subset"
@@ -102,11 +104,17 @@ class TrialSettings(TrainSettings):
     device: str = "auto"
     supernet: str | None = None
     finetune_lr: float = 0.01
+    target_ms: float | None = None  # set: the cost is measured latency (a latency table), thresholds tuned for it
+    latency_backend: str = "onnxruntime"
 
     def check(self) -> None:
         super().check()
         if not self.target_macs > 0:
             raise ValueError(f"target_macs={self.target_macs} must be > 0 (MMACs)")
+        if self.target_ms is not None and not (isinstance(self.target_ms, (int, float)) and self.target_ms > 0):
+            raise ValueError(f"target_ms={self.target_ms!r} must be > 0 (milliseconds), or None to tune for MACs")
+        if self.latency_backend not in ("onnxruntime", "torch"):
+            raise ValueError(f"latency_backend={self.latency_backend!r} is not one of ('onnxruntime', 'torch')")
         if self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence={self.confidence!r} is not one of {CONFIDENCE_MEASURES}")
         if self.score_lambda < 0:

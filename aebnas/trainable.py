@@ -26,7 +26,8 @@ from ray import tune
 from .config import ArchConfig
 from .cost import exit_costs
 from .data import Dataset
-from .exit_policy import ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
+from .exit_policy import ExitCosts, ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
+from .latency import LatencyTable, latency_metrics
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
 from .nn import EarlyExitNet, extract
@@ -179,11 +180,14 @@ def inherited_network(supernet: dict[str, Any], arch: ArchConfig, confidence: st
     return extract(supernet_from_state(supernet["model"], info), arch, confidence)
 
 
-def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, Any] | None = None) -> None:
+def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, Any] | None = None,
+                    latency: dict[str, Any] | None = None) -> None:
     """Ray Tune function trainable (use with ``tune.with_parameters(train_candidate, data=...)``).
 
     ``supernet``: the record of a supernet file; the candidate inherits its weights and
     fine-tunes ``epochs`` epochs (0: its inherited weights are scored once, as epoch 0).
+    ``latency``: a latency table (``aebnas.latency.read_table``); with ``target_ms`` set, the
+    thresholds are tuned for that average latency and ``avg_ms`` is reported beside ``avg_macs``.
     """
     trial_dir = _trial_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +199,7 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
         arch, settings = parse_trial_config(config)
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
         costs = exit_costs(arch)
+        ms_costs = _latency_costs(arch, settings, latency)
         device = select_device(_trial_device(settings.device))
         model = None if supernet is None else inherited_network(supernet, arch, settings.confidence)
         run = CandidateTraining(arch, settings, data, device, model=model)
@@ -230,10 +235,19 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
             if not _is_out_of_memory(exc):
                 raise
             raise _out_of_memory(f"epoch {epoch}", exc) from exc
-        tuned = tune_thresholds(outputs["val"], costs, settings.target_macs, settings.threshold_grid,
-                                settings.score_lambda)
+        if ms_costs is None:
+            tuned = tune_thresholds(outputs["val"], costs, settings.target_macs, settings.threshold_grid,
+                                    settings.score_lambda)
+            val = tuned.result
+        else:  # tuned for the target latency; the MAC figures are those of the same thresholds
+            tuned = tune_thresholds(outputs["val"], ms_costs, settings.target_ms, settings.threshold_grid,
+                                    settings.score_lambda)
+            val = simulate(outputs["val"], tuned.thresholds, costs)
         run.model.set_thresholds(tuned.thresholds)
-        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], tuned.result, tuned.score, costs.static_macs)
+        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], val, tuned.score, costs.static_macs)
+        if ms_costs is not None:
+            metrics.update(latency_metrics(arch, tuned.result), static_ms=ms_costs.static_macs,
+                           target_ms=settings.target_ms)
         orc = oracle(outputs["val"], costs)
         if "loss" in stats:
             metrics["loss"] = stats["loss"]
@@ -244,6 +258,8 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
                         "peak_rss_mb": _peak_rss_mb(), **node})
         if epoch == settings.epochs:
             test = simulate(outputs["test"], tuned.thresholds, costs)
+            if ms_costs is not None:
+                metrics.update(latency_metrics(arch, simulate(outputs["test"], tuned.thresholds, ms_costs), "test_"))
             metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_macs,
                             "test_early_exit": 1.0 - float(test.utilization[-1]),
                             "test_final_accuracy": float(outputs["test"].exit_accuracy()[-1])})
@@ -251,6 +267,15 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({**run.state_dict(), "thresholds": tuned.thresholds}, Path(tmp) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _latency_costs(arch: ArchConfig, settings: Any, latency: dict[str, Any] | None) -> ExitCosts | None:
+    """C_i pieces in ms when the trial's cost is latency (``target_ms``), else None."""
+    if settings.target_ms is None:
+        return None
+    if latency is None:
+        raise ValueError(f"target_ms={settings.target_ms} needs a latency table (Experiment.latency_table)")
+    return LatencyTable(latency, settings.latency_backend).exit_costs(arch)
 
 
 def _peak_rss_mb() -> float:

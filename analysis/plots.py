@@ -48,9 +48,13 @@ def _legend_outside(fig: Figure, ax: Axes, handles: list | None = None) -> None:
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
 
 
-def _finish_accuracy_macs(fig: Figure, ax: Axes, title: str, stem: str | Path) -> list[Path]:
-    """Axis labels (MMACs, %), title, grid and legend of an accuracy–MACs plot; saves it."""
-    ax.set_xlabel(MACS_LABEL)
+# The cost axes an accuracy–cost plot can have: column → (unit, axis label).
+COST_AXES = {"avg_macs": ("MMACs", MACS_LABEL), "avg_ms": ("ms", "average latency per image (ms)")}
+
+
+def _finish_accuracy_macs(fig: Figure, ax: Axes, title: str, stem: str | Path, x: str = "avg_macs") -> list[Path]:
+    """Axis labels (MMACs or ms, %), title, grid and legend of an accuracy–cost plot; saves it."""
+    ax.set_xlabel(COST_AXES[x][1])
     ax.set_ylabel(ACC_LABEL)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -65,7 +69,7 @@ def _colors(keys: Sequence[str]) -> dict[str, tuple]:
     return {k: cmap(i % cmap.N) for i, k in enumerate(keys)}
 
 
-def _step_fronts(ax: Axes, fronts: Sequence[tuple[pd.DataFrame, dict]]) -> None:
+def _step_fronts(ax: Axes, fronts: Sequence[tuple[pd.DataFrame, dict]], x_col: str = "avg_macs") -> None:
     """Each front as the border of the region it dominates: up from the bottom of the axes at its
     cheapest point, right to each next point's MACs then up, right to the edge after the last.
     Drawn last, inside the limits the points set (``fronts``: (rows, keyword arguments of plot))."""
@@ -74,7 +78,7 @@ def _step_fronts(ax: Axes, fronts: Sequence[tuple[pd.DataFrame, dict]]) -> None:
     for front, kw in fronts:
         if front.empty:
             continue
-        x, y = front["avg_macs"].to_numpy(float), front["accuracy"].to_numpy(float)
+        x, y = front[x_col].to_numpy(float), front["accuracy"].to_numpy(float)
         style = {"color": "black", "lw": 1.4, "zorder": 2, **kw}
         ax.plot(np.r_[x[0], x, max(x_hi, x.max())], np.r_[min(y_lo, y.min()), y, y[-1]], drawstyle="steps-post",
                 **style)
@@ -82,19 +86,19 @@ def _step_fronts(ax: Axes, fronts: Sequence[tuple[pd.DataFrame, dict]]) -> None:
     ax.set_ylim(y_lo, y_hi)
 
 
-def _target_line(ax: Axes, target_macs: float | None, budget: bool = False) -> None:
+def _target_line(ax: Axes, target_macs: float | None, budget: bool = False, unit: str = "MMACs") -> None:
     if target_macs:
         word = "budget" if budget else "target"
-        ax.axvline(target_macs, color="0.35", ls="--", lw=1.2, label=f"{word} {target_macs:g} MMACs", zorder=1)
+        ax.axvline(target_macs, color="0.35", ls="--", lw=1.2, label=f"{word} {target_macs:g} {unit}", zorder=1)
 
 
-def _annotate_best(ax: Axes, best: pd.Series | None) -> None:
+def _annotate_best(ax: Axes, best: pd.Series | None, x_col: str = "avg_macs") -> None:
     if best is None:
         return
-    x, y = float(best["avg_macs"]), float(best["accuracy"])
+    x, y = float(best[x_col]), float(best["accuracy"])
     ax.scatter([x], [y], s=180, facecolors="none", edgecolors="black", lw=1.6, zorder=5)
     x_mid = np.mean(ax.get_xlim())
-    ax.annotate(f"best at target: {best['trial_id']}\n{y:.1f}% at {x:.2f} MMACs", xy=(x, y),
+    ax.annotate(f"best at target: {best['trial_id']}\n{y:.1f}% at {x:.2f} {COST_AXES[x_col][0]}", xy=(x, y),
                 xytext=(-30 if x > x_mid else 30, -64), textcoords="offset points",
                 ha="right" if x > x_mid else "left", fontsize=8.5,
                 bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.6", "alpha": 0.75},
@@ -103,33 +107,33 @@ def _annotate_best(ax: Axes, best: pd.Series | None) -> None:
 
 def plot_pareto(points: pd.DataFrame, stem: str | Path, *, target_macs: float | None = None,
                 best: pd.Series | None = None, color_by: str = "status", title: str | None = None,
-                budget: bool = False) -> list[Path]:
-    """(a)/(e) Every trial at its tuned thresholds (``accuracy`` %, ``avg_macs`` MMACs), coloured by
-    ``status`` or ``experiment``; the front of all points (one front per experiment when
-    colouring by experiment) as a step line; the target as a vertical line; ``best`` circled."""
-    points = points[points["accuracy"].notna() & points["avg_macs"].notna()]
+                budget: bool = False, x: str = "avg_macs") -> list[Path]:
+    """(a)/(e) Every trial at its tuned thresholds (``accuracy`` %, ``avg_macs`` MMACs, or ``x="avg_ms"``:
+    milliseconds), coloured by ``status`` or ``experiment``; the front of all points (one front per
+    experiment when colouring by experiment) as a step line; the target as a vertical line; ``best`` circled."""
+    points = points[points["accuracy"].notna() & points[x].notna()]
     fig = Figure(figsize=(9.0, 5.0), layout="constrained")
     ax = fig.subplots()
     if color_by == "status":
         for status, (color, marker, label) in STATUS_STYLE.items():
             group = points[points["status"] == status]
             if len(group):
-                ax.scatter(group["avg_macs"], group["accuracy"], c=[color], marker=marker, s=42,
+                ax.scatter(group[x], group["accuracy"], c=[color], marker=marker, s=42,
                            label=f"{label} ({len(group)})", zorder=3, edgecolors="white", linewidths=0.5)
-        fronts = [(pareto_front(points), {"label": "Pareto front"})]
+        fronts = [(pareto_front(points, macs=x), {"label": "Pareto front"})]
     else:
         colors = _colors(sorted(points[color_by].unique()))
         fronts = []
         for key, group in points.groupby(color_by, sort=True):
-            ax.scatter(group["avg_macs"], group["accuracy"], color=colors[key], s=42, zorder=3,
+            ax.scatter(group[x], group["accuracy"], color=colors[key], s=42, zorder=3,
                        edgecolors="white", linewidths=0.5, label=f"{key} ({len(group)} trials)")
-            fronts.append((pareto_front(group), {"color": colors[key], "alpha": 0.9}))
+            fronts.append((pareto_front(group, macs=x), {"color": colors[key], "alpha": 0.9}))
         ax.plot([], [], color="0.3", lw=1.4, label="front of each")
-    _target_line(ax, target_macs, budget)
+    _target_line(ax, target_macs, budget, COST_AXES[x][0])
     ax.margins(x=0.08, y=0.12)
-    _step_fronts(ax, fronts)
-    _annotate_best(ax, best)
-    return _finish_accuracy_macs(fig, ax, title or "Accuracy vs. average MACs of every trial", stem)
+    _step_fronts(ax, fronts, x)
+    _annotate_best(ax, best, x)
+    return _finish_accuracy_macs(fig, ax, title or "Accuracy vs. average MACs of every trial", stem, x)
 
 
 def plot_threshold_sweeps(sweep: pd.DataFrame, trial_ids: Sequence[str], stem: str | Path, *,

@@ -128,3 +128,87 @@ def test_latency_profile_cli(tmp_path, capsys):
     assert LatencyTable(out, "torch").exit_costs(arch).static_macs > 0  # every network of the space is covered
     assert main(["latency", "profile", "--out", str(out), "--threads", "0"]) == 2
     assert "threads=0 must be ≥ 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- --cost latency
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+    """A torch-backend table of the tiny search's space (conftest.tiny_experiment: width 0.25, 32 px)."""
+    path = tmp_path_factory.mktemp("latency_search") / "table.json"
+    profile(ProfileRequest(out=str(path), space=SpaceValues(resolutions=(32,)), width_mult=0.25, backends=("torch",),
+                           warmup=1, repeats=3), log=lambda _: None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def latency_search(ray_local, small_npz, tiny_table, tmp_path_factory):
+    from aebnas.experiment import experiment_path, run
+    from conftest import tiny_experiment
+
+    table = LatencyTable(tiny_table, "torch")
+    target = 0.6 * table.exit_costs(uniform_arch(3, 5, 4, resolution=32, width_mult=0.25, num_classes=10,
+                                                 in_channels=3)).static_macs
+    exp = tiny_experiment(tmp_path_factory.mktemp("results"), small_npz, cost="latency", latency_table=str(tiny_table),
+                          latency_backend="torch", target_ms=round(target, 4), num_samples=3, epochs=1)
+    results = run(exp)
+    assert results.num_errors == 0
+    return exp, experiment_path(exp), results
+
+
+def test_a_latency_search_tunes_thresholds_for_milliseconds(latency_search, tiny_table):
+    """Every trial reports avg_ms beside avg_macs, and both are what its saved validation outputs give
+    with the thresholds tune_thresholds picks for target_ms on the table's C_i."""
+    from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
+    from aebnas.settings import parse_trial_config
+
+    exp, path, results = latency_search
+    table = LatencyTable(tiny_table, "torch")
+    assert len(results) == 3
+    for result in results:
+        m = result.metrics
+        arch, settings = parse_trial_config(result.config)
+        arch = arch.replace(num_classes=10, in_channels=3)
+        assert m["target_ms"] == exp.target_ms and settings.target_ms == exp.target_ms
+        splits, macs = load_exit_outputs(f"{result.path}/exit_outputs.npz")
+        ms = table.exit_costs(arch)
+        tuned = tune_thresholds(splits["val"], ms, exp.target_ms, settings.threshold_grid, settings.score_lambda)
+        assert m["thresholds"] == pytest.approx(tuned.thresholds)
+        assert m["score"] == pytest.approx(tuned.score)
+        assert m["avg_ms"] == pytest.approx(tuned.result.avg_macs)  # SimResult's average is in the costs' unit
+        assert m["static_ms"] == pytest.approx(ms.static_macs)
+        assert m["avg_macs"] == pytest.approx(simulate(splits["val"], tuned.thresholds, macs).avg_macs)
+        assert m["test_avg_ms"] == pytest.approx(simulate(splits["test"], tuned.thresholds, ms).avg_macs)
+        for pos in arch.exit_positions:
+            assert m[f"exit{pos}_ms"] > 0
+
+
+def test_analysis_plots_accuracy_against_milliseconds(latency_search, tmp_path):
+    from analysis.__main__ import main as analysis_main
+
+    _, path, _ = latency_search
+    assert analysis_main([str(path), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "pareto_latency.png").stat().st_size > 10_000
+
+
+def test_latency_search_refuses_a_table_that_does_not_cover_the_space(small_npz, tmp_path, tiny_table):
+    from aebnas.experiment import run
+    from aebnas.settings import ExperimentError
+    from conftest import tiny_experiment
+
+    wrong_res = tiny_experiment(tmp_path / "r", small_npz, cost="latency", latency_table=str(tiny_table),
+                                latency_backend="torch", target_ms=1.0, space_kwargs={"resolutions": (36,)})
+    with pytest.raises(ExperimentError, match=r"lacks \d+ of the \d+ pieces this space can build.*--resolutions 36"):
+        run(wrong_res)  # refused before Ray starts or any trial runs
+    wrong_width = tiny_experiment(tmp_path / "w", small_npz, cost="latency", latency_table=str(tiny_table),
+                                  latency_backend="torch", target_ms=1.0, width_mult=0.5)
+    with pytest.raises(ExperimentError, match="was profiled for width 0.25"):
+        run(wrong_width)
+    no_ms = tiny_experiment(tmp_path / "m", small_npz, cost="latency", latency_table=str(tiny_table))
+    with pytest.raises(ExperimentError, match="needs latency_table .* and target_ms"):
+        run(no_ms)
+    with pytest.raises(ExperimentError, match="no 'onnxruntime' figures|has no 'onnxruntime'"):
+        run(tiny_experiment(tmp_path / "o", small_npz, cost="latency", latency_table=str(tiny_table), target_ms=1.0))
+    with pytest.raises(ExperimentError, match="optimise MACs"):
+        run(tiny_experiment(tmp_path / "s", small_npz, cost="latency", latency_table=str(tiny_table),
+                            latency_backend="torch", target_ms=1.0, scheduler="moasha"))
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("trial_*"))
