@@ -312,6 +312,8 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup", type=int, default=10, help="untimed runs per piece (default: %(default)s)")
     t.add_argument("--repeats", type=int, default=30, help="timed runs per piece; the median is kept "
                    "(default: %(default)s)")
+    t.add_argument("--calibration-networks", type=int, default=6, help="random whole networks run with their "
+                   "exits to calibrate the sums of pieces on this machine; 0: no calibration (default: %(default)s)")
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
@@ -324,7 +326,8 @@ def _cmd_latency(args: argparse.Namespace) -> int:
         request = ProfileRequest(out=args.out, space=space, width_mult=args.width_mult, num_classes=args.num_classes,
                                  in_channels=args.in_channels, threads=args.threads, batch=args.batch,
                                  backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-                                 warmup=args.warmup, repeats=args.repeats)
+                                 warmup=args.warmup, repeats=args.repeats,
+                                 calibration_networks=args.calibration_networks)
         profile(request)
     except (ValueError, ExperimentError) as exc:
         raise UsageError(str(exc)) from None

@@ -18,6 +18,8 @@ import io
 import json
 import os
 import platform
+import random
+import shutil
 import statistics
 import time
 import warnings
@@ -159,6 +161,8 @@ class ProfileRequest:
     backends: tuple[str, ...] = BACKENDS
     warmup: int = 10
     repeats: int = 30
+    calibration_networks: int = 6  # whole dynamic networks measured to fit the calibration (0: none)
+    calibration_images: int = 200
 
     def __post_init__(self) -> None:
         for name in ("threads", "batch", "repeats", "num_classes", "in_channels"):
@@ -166,6 +170,9 @@ class ProfileRequest:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup} must be ≥ 0")
+        if self.calibration_networks < 0 or self.calibration_images < 1:
+            raise ValueError(f"calibration_networks={self.calibration_networks} must be ≥ 0 and "
+                             f"calibration_images={self.calibration_images} ≥ 1")
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise ValueError(f"backends {list(self.backends)}: choose from {BACKENDS}")
@@ -174,7 +181,8 @@ class ProfileRequest:
         """What decides the figures (a table resumes only under the same settings)."""
         return {"space": {k: list(v) for k, v in dataclasses.asdict(self.space).items()},
                 "width_mult": self.width_mult, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "threads": self.threads, "batch": self.batch, "warmup": self.warmup, "repeats": self.repeats}
+                "threads": self.threads, "batch": self.batch, "warmup": self.warmup, "repeats": self.repeats,
+                "calibration_networks": self.calibration_networks, "calibration_images": self.calibration_images}
 
 
 def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -228,10 +236,148 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
             eta = elapsed / n * (len(todo) - n)
             log(f"  [{n}/{len(todo)}] {backend} {piece.key[0]}: {table['backends'][backend][pid]:.3f} ms  "
                 f"({elapsed:.0f} s, ETA {eta:.0f} s)")
+    if request.calibration_networks:
+        table.setdefault("calibration", {})
+        for backend in request.backends:
+            if backend not in table["calibration"]:
+                table["calibration"][backend] = calibrate(request, table, backend, log)
+                _write(out, table)
     table["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     _write(out, table)
     log(f"wrote {out}")
     return table
+
+
+# ----------------------------------------------------------------- calibration
+def calibrate(request: ProfileRequest, table: dict[str, Any], backend: str,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit how whole dynamic networks differ from the sum of their pieces on this machine.
+
+    A network run as a whole is not the sum of its pieces run alone: caches are colder, the
+    exit rule (confidence, comparing, splitting the batch) and the preprocessing cost time,
+    and ONNX Runtime pays a call per graph. For ``calibration_networks`` random networks of
+    the space (random weights), each run as deployed (``backend``: the ONNX export and its
+    driver, or ``DeployedEarlyExitNet`` in PyTorch) on random images at its resolution —
+    once with every exit off, once with every exit on at its median confidence — the mean
+    time per image is fitted by least squares as ``scale · Σ u_i P_i + per_exit_ms · Σ u_i A_i
+    + per_image_ms``: P_i the pieces' sum up to exit i, A_i the exits a sample leaving at i
+    has evaluated, u_i the fraction that left there. :class:`LatencyTable` applies it.
+    """
+    from .config import random_arch
+    from .nn import EarlyExitNet, torch_confidence
+
+    kw = {"width_mult": request.width_mult, "num_classes": request.num_classes, "in_channels": request.in_channels}
+    raw = LatencyTable(table, backend)
+    rng, rows, measured = random.Random(12345), [], []
+    torch.manual_seed(12345)
+    for n in range(request.calibration_networks):
+        arch = random_arch(request.space, rng, **kw)
+        net = EarlyExitNet(arch).eval()
+        images = torch.rand(request.calibration_images, arch.in_channels, arch.resolution, arch.resolution)
+        with torch.no_grad():
+            outputs = net(images)
+        median = [float(torch_confidence(o, net.confidence).median()) for o in outputs[:-1]]
+        costs = raw.raw_exit_costs(arch)
+        runner = _deployed_runner(net, backend, request.threads)
+        for th in ([1.0] * arch.num_exits, median):
+            runner.set_thresholds(th)
+            ms, exits = _time_per_image(runner, images, request.batch, request.warmup)
+            u = np.bincount(exits, minlength=arch.num_exits + 1) / len(exits)
+            active = np.asarray(th) < 1.0
+            evaluated = np.cumsum(active)
+            a = np.r_[evaluated, evaluated[-1] if len(evaluated) else 0]  # exits evaluated by a sample leaving at i
+            rows.append([float(u @ costs.cumulative(active)), float(u @ a), 1.0])
+            measured.append(ms)
+        log(f"  calibration {backend} [{n + 1}/{request.calibration_networks}]: sum of pieces "
+            f"{rows[-1][0]:.3f} ms, measured {measured[-1]:.3f} ms (exits on), "
+            f"{rows[-2][0]:.3f} / {measured[-2]:.3f} ms (exits off)")
+    x, y = np.asarray(rows), np.asarray(measured)
+    coef = _nonnegative_fit(x, y)
+    fitted = x @ coef
+    result = {"scale": float(coef[0]), "per_exit_ms": float(coef[1]), "per_image_ms": float(coef[2]),
+              "networks": request.calibration_networks,
+              "raw_error_pct": float(np.mean(np.abs(x[:, 0] - y) / y) * 100),
+              "fitted_error_pct": float(np.mean(np.abs(fitted - y) / y) * 100)}
+    log(f"  calibration {backend}: time ≈ {result['scale']:.3f} × pieces + {result['per_exit_ms']:.3f} ms per exit "
+        f"evaluated + {result['per_image_ms']:.3f} ms per image (mean error on these networks "
+        f"{result['raw_error_pct']:.1f}% → {result['fitted_error_pct']:.1f}%)")
+    return result
+
+
+def _nonnegative_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of y on the columns of x with every coefficient ≥ 0 (x has 3 columns: the scale
+    is always fitted; the two overheads are each fitted or held at 0, whichever fits best)."""
+    best, best_err = np.r_[float(y @ x[:, 0] / (x[:, 0] @ x[:, 0])), 0.0, 0.0], np.inf
+    for cols in ([0], [0, 1], [0, 2], [0, 1, 2]):
+        c = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
+        if np.all(c >= 0):
+            coef = np.zeros(3)
+            coef[cols] = c
+            err = float(np.sum((x @ coef - y) ** 2))
+            if err < best_err:
+                best, best_err = coef, err
+    return best
+
+
+class _Runner:
+    """A network as deployed in one runtime: ``set_thresholds(th)`` then ``(images) → (logits, exits)``."""
+
+    def __init__(self, call: Callable[[Any], tuple[np.ndarray, np.ndarray]], set_th: Callable[[list], None]):
+        self._call, self._set = call, set_th
+
+    def set_thresholds(self, th: Sequence[float]) -> "_Runner":
+        self._set(list(th))
+        return self
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self._call(images)
+
+
+def _deployed_runner(net: nn.Module, backend: str, threads: int) -> _Runner:
+    import tempfile
+
+    from .export import DeployedEarlyExitNet
+
+    arch = net.arch
+    mean, std = [0.5] * arch.in_channels, [0.25] * arch.in_channels
+    classes = [str(i) for i in range(arch.num_classes)]
+    if backend == "torch":
+        torch.set_num_threads(threads)
+        module = DeployedEarlyExitNet(net, [1.0] * arch.num_exits, mean, std, classes)
+
+        def call(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            logits, exits = module(x)
+            return logits.numpy(), exits.numpy()
+        return _Runner(call, lambda th: module.net.set_thresholds(th))
+    from .onnx_export import write_onnx
+    from .onnx_runner import OnnxEarlyExitNet
+
+    tmp = tempfile.mkdtemp(prefix="aebnas_calibration_")
+    meta = {"thresholds": [1.0] * arch.num_exits, "classes": classes, "resolution": arch.resolution,
+            "in_channels": arch.in_channels,
+            "exits": [{"position": p} for p in arch.exit_positions] + [{"position": "final"}]}
+    write_onnx(net, mean, std, meta, Path(tmp), log=lambda _: None)
+    onnx_net = OnnxEarlyExitNet(tmp, threads=threads)  # the sessions hold the graphs: the files can go
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def call_onnx(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        logits, exits, _ = onnx_net(x.numpy())
+        return logits, exits
+
+    def set_onnx(th: list) -> None:
+        onnx_net.thresholds = th
+    return _Runner(call_onnx, set_onnx)
+
+
+def _time_per_image(runner: _Runner, images: torch.Tensor, batch: int, warmup: int) -> tuple[float, np.ndarray]:
+    """Mean ms per image over ``images`` in calls of ``batch``; the exits taken."""
+    for i in range(warmup):
+        runner(images[i % len(images):i % len(images) + batch])
+    exits = []
+    t0 = time.perf_counter()
+    for i in range(0, len(images), batch):
+        exits.append(runner(images[i:i + batch])[1])
+    return (time.perf_counter() - t0) * 1e3 / len(images), np.concatenate(exits)
 
 
 def _write(path: Path, table: dict[str, Any]) -> None:
@@ -285,6 +431,7 @@ class LatencyTable:
         settings = table["settings"]
         self.width_mult, self.num_classes = settings["width_mult"], settings["num_classes"]
         self.in_channels, self.threads, self.batch = settings["in_channels"], settings["threads"], settings["batch"]
+        self.calibration: dict[str, float] | None = table.get("calibration", {}).get(backend)
         self._costs = PieceCosts(measure=self._lookup)
 
     def _lookup(self, key: tuple, build: Callable[[], nn.Module], shape: Sequence[int]) -> float:
@@ -303,7 +450,19 @@ class LatencyTable:
                              f"the network has width {theirs[0]}, {theirs[1]} classes, {theirs[2]} channels")
 
     def exit_costs(self, arch: ArchConfig) -> ExitCosts:
-        """Per-exit pieces in milliseconds (as :func:`aebnas.cost.exit_costs` in MMACs)."""
+        """Per-exit pieces in milliseconds (as :func:`aebnas.cost.exit_costs` in MMACs), calibrated
+        when the table has a calibration for this backend: ``scale`` × the pieces, plus
+        ``per_exit_ms`` on every exit branch (paid when it is evaluated) and ``per_image_ms`` on
+        the backbone (paid by every image)."""
+        raw = self.raw_exit_costs(arch)
+        c = self.calibration
+        if not c:
+            return raw
+        return ExitCosts(backbone=c["scale"] * raw.backbone + c["per_image_ms"],
+                         branch=c["scale"] * raw.branch + c["per_exit_ms"])
+
+    def raw_exit_costs(self, arch: ArchConfig) -> ExitCosts:
+        """The sums of the table's pieces, without calibration."""
         self.check(arch)
         return self._costs.exit_costs(arch)
 

@@ -27,7 +27,8 @@ KW = {"width_mult": 0.5, "num_classes": 10, "in_channels": 3}
 def table(tmp_path_factory):
     path = tmp_path_factory.mktemp("latency") / "table.json"
     lines = []
-    profile(ProfileRequest(out=str(path), space=SMALL, warmup=1, repeats=3, **KW), log=lines.append)
+    profile(ProfileRequest(out=str(path), space=SMALL, warmup=1, repeats=3, calibration_networks=0, **KW),
+            log=lines.append)
     return path, lines
 
 
@@ -82,7 +83,8 @@ def test_profile_resumes_and_refuses_other_settings(tmp_path):
     path = tmp_path / "t.json"
     tiny = SpaceValues(depths=(2,), kernels=(3,), expansions=(3,), resolutions=(32,), exit_m1_channels=(8,),
                        exit_m2_channels=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0,))
-    req = ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=2, **KW)
+    req = ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=2, calibration_networks=0,
+                         **KW)
     first = profile(req, log=lambda _: None)
     # a profile killed half way: drop half the pieces, as if they had not been measured yet
     data = json.loads(path.read_text())
@@ -95,7 +97,8 @@ def test_profile_resumes_and_refuses_other_settings(tmp_path):
     assert set(second["backends"]["torch"]) == set(first["backends"]["torch"])
     assert all(second["backends"]["torch"][k] == v for k, v in kept.items())  # kept, not re-measured
     with pytest.raises(ValueError, match="other settings; choose another --out"):
-        profile(ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=3, **KW))
+        profile(ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=3,
+                               calibration_networks=0, **KW))
 
 
 def test_latency_table_errors_name_the_problem(table, tmp_path):
@@ -117,7 +120,7 @@ def test_latency_table_errors_name_the_problem(table, tmp_path):
 def test_latency_profile_cli(tmp_path, capsys):
     out = tmp_path / "cli.json"
     code = main(["latency", "profile", "--out", str(out), "--resolutions", "32", "--width-mult", "0.35",
-                 "--backends", "torch", "--warmup", "0", "--repeats", "1"])
+                 "--backends", "torch", "--warmup", "0", "--repeats", "1", "--calibration-networks", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     data = json.loads(out.read_text())
@@ -136,7 +139,7 @@ def tiny_table(tmp_path_factory):
     """A torch-backend table of the tiny search's space (conftest.tiny_experiment: width 0.25, 32 px)."""
     path = tmp_path_factory.mktemp("latency_search") / "table.json"
     profile(ProfileRequest(out=str(path), space=SpaceValues(resolutions=(32,)), width_mult=0.25, backends=("torch",),
-                           warmup=1, repeats=3), log=lambda _: None)
+                           warmup=1, repeats=3, calibration_networks=2, calibration_images=16), log=lambda _: None)
     return path
 
 
@@ -153,6 +156,20 @@ def latency_search(ray_local, small_npz, tiny_table, tmp_path_factory):
     results = run(exp)
     assert results.num_errors == 0
     return exp, experiment_path(exp), results
+
+
+def test_calibration_is_fitted_and_applied(tiny_table):
+    """The tiny search's table was calibrated on 2 networks (exits off and on): LatencyTable adds the
+    fitted overheads to the sums of the pieces, exactly as documented."""
+    data = json.loads(tiny_table.read_text())
+    cal = data["calibration"]["torch"]
+    assert cal["networks"] == 2 and cal["scale"] > 0 and cal["per_exit_ms"] >= 0 and cal["per_image_ms"] >= 0
+    table = LatencyTable(tiny_table, "torch")
+    arch = random_arch(SpaceValues(resolutions=(32,)), random.Random(3), width_mult=0.25, num_classes=10,
+                       in_channels=3)
+    raw, costs = table.raw_exit_costs(arch), table.exit_costs(arch)
+    np.testing.assert_allclose(costs.backbone, cal["scale"] * raw.backbone + cal["per_image_ms"])
+    np.testing.assert_allclose(costs.branch, cal["scale"] * raw.branch + cal["per_exit_ms"])
 
 
 def test_a_latency_search_tunes_thresholds_for_milliseconds(latency_search, tiny_table):
@@ -212,3 +229,16 @@ def test_latency_search_refuses_a_table_that_does_not_cover_the_space(small_npz,
         run(tiny_experiment(tmp_path / "s", small_npz, cost="latency", latency_table=str(tiny_table),
                             latency_backend="torch", target_ms=1.0, scheduler="moasha"))
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("trial_*"))
+
+
+def test_nonnegative_fit_recovers_overheads_and_never_goes_negative():
+    from aebnas.latency import _nonnegative_fit
+
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.uniform(1, 5, 12), rng.integers(0, 4, 12), np.ones(12)]
+    np.testing.assert_allclose(_nonnegative_fit(x, x @ [1.3, 0.2, 0.05]), [1.3, 0.2, 0.05], atol=1e-9)
+    # data that an unconstrained fit explains with a negative per-image overhead
+    y = x @ [1.5, 0.1, 0.0] - 0.3
+    coef = _nonnegative_fit(x, y)
+    assert np.all(coef >= 0) and coef[0] > 0
+    assert np.linalg.lstsq(x, y, rcond=None)[0][2] < 0
