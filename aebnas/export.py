@@ -26,6 +26,7 @@ from torch import nn
 from .cli import UsageError
 from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
 from .nn import EarlyExitNet, torch_confidence
+from .onnx_runner import OnnxEarlyExitNet
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, parse_trial_config)
 from .train import load_checkpoint
@@ -283,12 +284,11 @@ class _Exported:
 def _load_exported(path: Path) -> _Exported:
     """A TorchScript file, or an ONNX export directory (run with ONNX Runtime)."""
     if path.is_dir():
-        from .onnx_export import require_onnx
-        from .onnx_runner import OnnxEarlyExitNet
-
-        require_onnx()
         try:
             net = OnnxEarlyExitNet(path)
+        except ImportError:
+            raise UsageError(f'{path} is an ONNX export; running it needs onnxruntime: pip install "aebnas[onnx]"') \
+                from None
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         return _Exported(lambda x: tuple(torch.from_numpy(a) for a in net(x.numpy())),  # type: ignore[misc]

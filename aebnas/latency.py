@@ -21,6 +21,7 @@ import platform
 import random
 import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,13 +31,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ArchConfig, ExitModuleConfig, SpaceValues, uniform_arch
+from .config import ArchConfig, ExitModuleConfig, SpaceValues, random_arch, uniform_arch
 from .cost import PieceCosts
 from .exit_policy import ExitCosts
+from .export import DeployedEarlyExitNet
+from .nn import EarlyExitNet, torch_confidence
+from .onnx_export import write_onnx
+from .onnx_runner import OnnxEarlyExitNet
 
 BACKENDS = ("onnxruntime", "torch")
 TABLE_FORMAT = "aebnas latency table"
 SAVE_EVERY = 20  # pieces between writes of a table being profiled (a killed profile resumes)
+ROUNDS = 5  # a piece's timed runs are spread over this many rounds through its batch of 20 pieces
+CALIBRATION_PASSES = 5  # passes over the calibration images per measurement; the median is kept
 
 
 def piece_id(key: tuple) -> str:
@@ -219,23 +226,36 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, last_report = time.perf_counter(), 0.0
     torch.manual_seed(0)
-    for n, (backend, pid) in enumerate(todo, 1):
-        piece = pieces[pid]
-        module = piece.build().eval()
-        x = torch.randn(request.batch, *piece.shape)
-        if backend == "torch":
-            times = time_torch(module, x, request.warmup, request.repeats)
-        else:
-            times = time_onnx(onnx_session(module, x, request.threads), x.numpy(), request.warmup, request.repeats)
-        table["backends"][backend][pid] = statistics.median(times)
+    done = 0
+    for start in range(0, len(todo), SAVE_EVERY):
+        chunk = todo[start:start + SAVE_EVERY]
+        runs: list[Callable[[], list[float]]] = []
+        for backend, pid in chunk:  # build every piece of the chunk, then time them in interleaved rounds
+            piece = pieces[pid]
+            module = piece.build().eval()
+            x = torch.randn(request.batch, *piece.shape)
+            if backend == "torch":
+                time_torch(module, x, request.warmup, 0)
+                runs.append(lambda m=module, x=x, n=0: time_torch(m, x, 0, n))
+            else:
+                session = onnx_session(module, x, request.threads)
+                time_onnx(session, x.numpy(), request.warmup, 0)
+                runs.append(lambda s=session, x=x.numpy(), n=0: time_onnx(s, x, 0, n))
+        times: list[list[float]] = [[] for _ in chunk]
+        per_round = [request.repeats // ROUNDS + (r < request.repeats % ROUNDS) for r in range(ROUNDS)]
+        for n_runs in per_round:
+            for i, run in enumerate(runs):
+                times[i] += run(n=n_runs)
+        for (backend, pid), t in zip(chunk, times):
+            table["backends"][backend][pid] = statistics.median(t)
+        _write(out, table)
+        done += len(chunk)
         elapsed = time.perf_counter() - t0
-        if n % SAVE_EVERY == 0 or n == len(todo):
-            _write(out, table)
-        if elapsed - last_report >= 5 or n == len(todo):
+        if elapsed - last_report >= 5 or done == len(todo):
             last_report = elapsed
-            eta = elapsed / n * (len(todo) - n)
-            log(f"  [{n}/{len(todo)}] {backend} {piece.key[0]}: {table['backends'][backend][pid]:.3f} ms  "
-                f"({elapsed:.0f} s, ETA {eta:.0f} s)")
+            backend, pid = chunk[-1]
+            log(f"  [{done}/{len(todo)}] {backend} {pieces[pid].key[0]}: {table['backends'][backend][pid]:.3f} ms  "
+                f"({elapsed:.0f} s, ETA {elapsed / done * (len(todo) - done):.0f} s)")
     if request.calibration_networks:
         table.setdefault("calibration", {})
         for backend in request.backends:
@@ -263,9 +283,6 @@ def calibrate(request: ProfileRequest, table: dict[str, Any], backend: str,
     + per_image_ms``: P_i the pieces' sum up to exit i, A_i the exits a sample leaving at i
     has evaluated, u_i the fraction that left there. :class:`LatencyTable` applies it.
     """
-    from .config import random_arch
-    from .nn import EarlyExitNet, torch_confidence
-
     kw = {"width_mult": request.width_mult, "num_classes": request.num_classes, "in_channels": request.in_channels}
     raw = LatencyTable(table, backend)
     rng, rows, measured = random.Random(12345), [], []
@@ -334,10 +351,6 @@ class _Runner:
 
 
 def _deployed_runner(net: nn.Module, backend: str, threads: int) -> _Runner:
-    import tempfile
-
-    from .export import DeployedEarlyExitNet
-
     arch = net.arch
     mean, std = [0.5] * arch.in_channels, [0.25] * arch.in_channels
     classes = [str(i) for i in range(arch.num_classes)]
@@ -349,9 +362,6 @@ def _deployed_runner(net: nn.Module, backend: str, threads: int) -> _Runner:
             logits, exits = module(x)
             return logits.numpy(), exits.numpy()
         return _Runner(call, lambda th: module.net.set_thresholds(th))
-    from .onnx_export import write_onnx
-    from .onnx_runner import OnnxEarlyExitNet
-
     tmp = tempfile.mkdtemp(prefix="aebnas_calibration_")
     meta = {"thresholds": [1.0] * arch.num_exits, "classes": classes, "resolution": arch.resolution,
             "in_channels": arch.in_channels,
@@ -369,15 +379,20 @@ def _deployed_runner(net: nn.Module, backend: str, threads: int) -> _Runner:
     return _Runner(call_onnx, set_onnx)
 
 
-def _time_per_image(runner: _Runner, images: torch.Tensor, batch: int, warmup: int) -> tuple[float, np.ndarray]:
-    """Mean ms per image over ``images`` in calls of ``batch``; the exits taken."""
+def _time_per_image(runner: _Runner, images: torch.Tensor, batch: int, warmup: int,
+                    passes: int = CALIBRATION_PASSES) -> tuple[float, np.ndarray]:
+    """Mean ms per image over ``images`` in calls of ``batch`` (the median of ``passes`` passes: one
+    pass is easily disturbed on a shared machine); the exits taken."""
     for i in range(warmup):
         runner(images[i % len(images):i % len(images) + batch])
-    exits = []
-    t0 = time.perf_counter()
-    for i in range(0, len(images), batch):
-        exits.append(runner(images[i:i + batch])[1])
-    return (time.perf_counter() - t0) * 1e3 / len(images), np.concatenate(exits)
+    means = []
+    for _ in range(passes):
+        exits = []
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch):
+            exits.append(runner(images[i:i + batch])[1])
+        means.append((time.perf_counter() - t0) * 1e3 / len(images))
+    return statistics.median(means), np.concatenate(exits)
 
 
 def _write(path: Path, table: dict[str, Any]) -> None:

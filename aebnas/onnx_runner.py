@@ -67,6 +67,8 @@ class OnnxEarlyExitNet:
         graphs = self.meta["graphs"]
         self.segments = [session(name) for name in graphs["segments"]]
         self.exit_sessions = [session(name) for name in graphs["exits"]]
+        self._segment_inputs = [s.get_inputs()[0].name for s in self.segments]
+        self._exit_inputs = [s.get_inputs()[0].name for s in self.exit_sessions]
         self.classes: list[str] = list(self.meta["classes"])
         self.resolution, self.in_channels = int(self.meta["resolution"]), int(self.meta["in_channels"])
         self.exit_positions: list[int] = [int(e["position"]) for e in self.meta["exits"][:-1]]
@@ -110,15 +112,14 @@ class OnnxEarlyExitNet:
         for k, segment in enumerate(self.segments):
             if remaining.size == 0:
                 break
-            outputs = segment.run(None, {segment.get_inputs()[0].name: h})
+            outputs = segment.run(None, {self._segment_inputs[k]: h})
             if k == len(self.segments) - 1:  # the head: the final classifier
                 logits_out[remaining], confidence_out[remaining] = outputs[0], outputs[1]
                 break
             h = outputs[0]
             j = k  # segment k ends where exit k sits
             if self._thresholds[j] < 1.0:
-                branch = self.exit_sessions[j]
-                logits, confidence = branch.run(None, {branch.get_inputs()[0].name: h})
+                logits, confidence = self.exit_sessions[j].run(None, {self._exit_inputs[j]: h})
                 leave = confidence >= np.float32(self._thresholds[j])
                 idx = remaining[leave]
                 logits_out[idx], exit_out[idx], confidence_out[idx] = logits[leave], j, confidence[leave]

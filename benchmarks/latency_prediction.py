@@ -28,8 +28,8 @@ from _common import Claim, Context, Outcome, main, md_table
 CLAIM = Claim(19, "latency_prediction", "Latency table predicts the dynamic network's latency",
               "mean absolute error of predicted vs measured average latency ≤ 10%, worst ≤ 20% (≥ 20 random "
               "architectures, batch 1, 1 thread, test split, tuned thresholds)")
-SETTINGS = dict(archs=20, target_fraction=0.6, warmup=10, repeats=30, images=None, seed=0)
-QUICK = dict(SETTINGS, archs=2, warmup=1, repeats=3, images=50)
+SETTINGS = dict(archs=20, target_fraction=0.6, warmup=10, repeats=30, passes=5, images=None, seed=0)
+QUICK = dict(SETTINGS, archs=2, warmup=1, repeats=3, passes=1, images=50)
 
 
 def setup(ctx: Context, warmup: int, repeats: int, backends: tuple[str, ...] = ("onnxruntime", "torch")):
@@ -68,18 +68,22 @@ def dynamic_network(supernet, info, data, arch, target_fraction: float):
     return net.eval().set_thresholds(th), list(th), outputs["test"], macs
 
 
-def per_image_ms(fn, images: np.ndarray, warmup: int) -> float:
-    """Mean milliseconds per image, each image alone (batch 1), after ``warmup`` images."""
+def per_image_ms(fn, images: np.ndarray, warmup: int, passes: int = 1) -> float:
+    """Mean milliseconds per image, each image alone (batch 1), after ``warmup`` images; the median
+    of ``passes`` passes over the images."""
     for i in range(min(warmup, len(images))):
         fn(images[i:i + 1])
-    t0 = time.perf_counter()
-    for i in range(len(images)):
-        fn(images[i:i + 1])
-    return (time.perf_counter() - t0) * 1e3 / len(images)
+    means = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for i in range(len(images)):
+            fn(images[i:i + 1])
+        means.append((time.perf_counter() - t0) * 1e3 / len(images))
+    return statistics.median(means)
 
 
-def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repeats: int, images: int | None,
-            seed: int) -> Outcome:
+def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repeats: int, passes: int,
+            images: int | None, seed: int) -> Outcome:
     from aebnas.config import random_arch
     from aebnas.exit_policy import exit_index
     from aebnas.onnx_export import write_onnx
@@ -106,9 +110,9 @@ def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repea
             write_onnx(net, data.mean, data.std, meta, Path(tmp), log=lambda _: None)
             onnx_net = OnnxEarlyExitNet(tmp, threads=1)
             _, onnx_exits, _ = onnx_net(x_test)
-            onnx_ms = per_image_ms(onnx_net, x_test, warmup)
+            onnx_ms = per_image_ms(onnx_net, x_test, warmup, passes)
         deployed = _torch_runner(net, th, data)
-        torch_ms = per_image_ms(deployed, x_test, warmup)
+        torch_ms = per_image_ms(deployed, x_test, warmup, passes)
         row = {"arch": i, "resolution": arch.resolution, "exits": arch.num_exits, "active": int(active.sum()),
                "MMACs static": macs.static_macs, "MMACs avg": macs.expected(u, active),
                "early %": 100 * (1 - u[-1]), "same exit ONNX %": 100 * float(np.mean(onnx_exits == taken)),
@@ -141,8 +145,8 @@ def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repea
         f"({len(t.ms)} pieces per backend; {t.describe()}). Networks: {len(rows)} random ones of that space with "
         f"inherited weights, thresholds tuned on validation for {target_fraction:.0%} of each network's static "
         f"MMACs. Predicted: Σ u_i · C_i with C_i summed from the table and u_i the test utilization of those "
-        f"thresholds. Measured: mean time per image over {len(x_test)} test images, one image per call, after "
-        f"{warmup} warm-up images — ONNX Runtime through the export's driver (`aebnas_onnx.py`, 1 thread), "
+        f"thresholds. Measured: mean time per image over {len(x_test)} test images, one image per call, median of "
+        f"{passes} passes after {warmup} warm-up images — ONNX Runtime through the export's driver (`aebnas_onnx.py`, 1 thread), "
         "PyTorch through `DeployedEarlyExitNet` (preprocessing + `EarlyExitNet.infer`, 1 thread). "
         "Error = (predicted − measured) / measured.", "",
         md_table(rows, 2), "",

@@ -35,7 +35,7 @@ def per_image_ms_batched(fn: Callable[[np.ndarray], Any], images: np.ndarray, ba
                          passes: int) -> float:
     """Median over ``passes`` of the mean milliseconds per image, in calls of ``batch`` images."""
     if batch == 1:
-        return float(np.median([per_image_ms(fn, images, warmup) for _ in range(passes)]))
+        return per_image_ms(fn, images, warmup, passes)
     for _ in range(warmup):
         fn(images[:batch])
     times = []
