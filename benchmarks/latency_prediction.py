@@ -28,11 +28,13 @@ from _common import Claim, Context, Outcome, main, md_table
 CLAIM = Claim(19, "latency_prediction", "Latency table predicts the dynamic network's latency",
               "mean absolute error of predicted vs measured average latency ≤ 10%, worst ≤ 20% (≥ 20 random "
               "architectures, batch 1, 1 thread, test split, tuned thresholds)")
-SETTINGS = dict(archs=20, target_fraction=0.6, warmup=10, repeats=30, passes=5, images=None, seed=0)
-QUICK = dict(SETTINGS, archs=2, warmup=1, repeats=3, passes=1, images=50)
+SETTINGS = dict(archs=20, target_fraction=0.6, warmup=10, repeats=30, calibration_networks=6, passes=5, images=None,
+                seed=0)
+QUICK = dict(SETTINGS, archs=2, warmup=1, repeats=3, calibration_networks=1, passes=1, images=50)
 
 
-def setup(ctx: Context, warmup: int, repeats: int, backends: tuple[str, ...] = ("onnxruntime", "torch")):
+def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
+          backends: tuple[str, ...] = ("onnxruntime", "torch")):
     """The shipped supernet, its data, and a latency table of its space on this machine (resumed)."""
     from aebnas.data import load_dataset
     from aebnas.latency import LatencyTable, ProfileRequest, profile
@@ -43,7 +45,8 @@ def setup(ctx: Context, warmup: int, repeats: int, backends: tuple[str, ...] = (
     table = ctx.scratch / "table.json"
     profile(ProfileRequest(out=str(table), space=info.space, width_mult=info.width_mult,
                            num_classes=info.num_classes, in_channels=info.in_channels, threads=1, batch=1,
-                           backends=backends, warmup=warmup, repeats=repeats), log=lambda m: print(m, flush=True))
+                           backends=backends, warmup=warmup, repeats=repeats,
+                           calibration_networks=calibration_networks), log=lambda m: print(m, flush=True))
     return supernet, info, data, {b: LatencyTable(table, b) for b in backends}
 
 
@@ -68,6 +71,29 @@ def dynamic_network(supernet, info, data, arch, target_fraction: float):
     return net.eval().set_thresholds(th), list(th), outputs["test"], macs
 
 
+def random_dynamic_networks(supernet, info, data, archs: int, seed: int, target_fraction: float):
+    """``archs`` random networks of the supernet's space as :func:`dynamic_network` makes them:
+    yields (index, arch, net, thresholds, test outputs, MAC costs)."""
+    from aebnas.config import random_arch
+
+    rng = random.Random(seed)
+    kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
+    for i in range(archs):
+        arch = random_arch(info.space, rng, **kw)
+        yield (i, arch, *dynamic_network(supernet, info, data, arch, target_fraction))
+
+
+def write_onnx_export(net, thresholds, data, out: Path) -> None:
+    """The ONNX export of ``net`` with ``thresholds`` into ``out`` (what `aebnas export --format onnx` writes)."""
+    from aebnas.onnx_export import write_onnx
+
+    arch = net.arch
+    meta = {"thresholds": thresholds, "classes": list(data.classes), "resolution": arch.resolution,
+            "in_channels": arch.in_channels,
+            "exits": [{"position": p} for p in arch.exit_positions] + [{"position": "final"}]}
+    write_onnx(net, data.mean, data.std, meta, out, log=lambda _: None)
+
+
 def per_image_ms(fn, images: np.ndarray, warmup: int, passes: int = 1) -> float:
     """Mean milliseconds per image, each image alone (batch 1), after ``warmup`` images; the median
     of ``passes`` passes over the images."""
@@ -82,32 +108,23 @@ def per_image_ms(fn, images: np.ndarray, warmup: int, passes: int = 1) -> float:
     return statistics.median(means)
 
 
-def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repeats: int, passes: int,
-            images: int | None, seed: int) -> Outcome:
-    from aebnas.config import random_arch
+def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repeats: int,
+            calibration_networks: int, passes: int, images: int | None, seed: int) -> Outcome:
     from aebnas.exit_policy import exit_index
-    from aebnas.onnx_export import write_onnx
     from aebnas.onnx_runner import OnnxEarlyExitNet
 
     torch.set_num_threads(1)
-    supernet, info, data, tables = setup(ctx, warmup, repeats)
+    supernet, info, data, tables = setup(ctx, warmup, repeats, calibration_networks)
     x_test = data.x_test if images is None else data.x_test[:images]
-    rng = random.Random(seed)
-    kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
     rows: list[dict[str, Any]] = []
-    for i in range(archs):
-        arch = random_arch(info.space, rng, **kw)
-        net, th, test, macs = dynamic_network(supernet, info, data, arch, target_fraction)
+    for i, arch, net, th, test, macs in random_dynamic_networks(supernet, info, data, archs, seed, target_fraction):
         taken = exit_index(test, th)[:len(x_test)]
         u = np.bincount(taken, minlength=arch.num_exits + 1) / len(taken)
         active = np.asarray(th) < 1.0
         predicted = {b: t.exit_costs(arch).expected(u, active) for b, t in tables.items()}
         raw = {b: t.raw_exit_costs(arch).expected(u, active) for b, t in tables.items()}
         with tempfile.TemporaryDirectory() as tmp:
-            meta = {"thresholds": th, "classes": list(data.classes), "resolution": arch.resolution,
-                    "in_channels": arch.in_channels,
-                    "exits": [{"position": p} for p in arch.exit_positions] + [{"position": "final"}]}
-            write_onnx(net, data.mean, data.std, meta, Path(tmp), log=lambda _: None)
+            write_onnx_export(net, th, data, Path(tmp))
             onnx_net = OnnxEarlyExitNet(tmp, threads=1)
             _, onnx_exits, _ = onnx_net(x_test)
             onnx_ms = per_image_ms(onnx_net, x_test, warmup, passes)

@@ -10,7 +10,6 @@ per call) and batch 64, with 1 and 2 threads; the ratios are from one run.
 
 from __future__ import annotations
 
-import random
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from _common import Claim, Context, Outcome, main, md_table
-from latency_prediction import dynamic_network, per_image_ms
+from latency_prediction import per_image_ms, random_dynamic_networks, write_onnx_export
 
 CLAIM = Claim(20, "runtime_compare", "ONNX Runtime vs PyTorch eager vs TorchScript",
               "figures: per-image latency of the same dynamic network in each runtime, batch 1 and 64 "
@@ -49,30 +48,21 @@ def per_image_ms_batched(fn: Callable[[np.ndarray], Any], images: np.ndarray, ba
 
 def measure(ctx: Context, archs: int, target_fraction: float, threads: tuple[int, ...],
             batch_sizes: tuple[int, ...], warmup: int, passes: int, images: int | None, seed: int) -> Outcome:
-    from aebnas.config import random_arch
     from aebnas.data import load_dataset
     from aebnas.export import DeployedEarlyExitNet, _torchscript
-    from aebnas.onnx_export import write_onnx
     from aebnas.onnx_runner import OnnxEarlyExitNet
     from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
     x_test = data.x_test if images is None else data.x_test[:images]
-    rng = random.Random(seed)
-    kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
     rows: list[dict[str, Any]] = []
-    for i in range(archs):
-        arch = random_arch(info.space, rng, **kw)
-        net, th, _, macs = dynamic_network(supernet, info, data, arch, target_fraction)
+    for i, arch, net, th, _, macs in random_dynamic_networks(supernet, info, data, archs, seed, target_fraction):
         module = DeployedEarlyExitNet(net, th, data.mean, data.std, data.classes).eval()
         with _torchscript():
             scripted = torch.jit.script(module)
         with tempfile.TemporaryDirectory() as tmp:
-            meta = {"thresholds": th, "classes": list(data.classes), "resolution": arch.resolution,
-                    "in_channels": arch.in_channels,
-                    "exits": [{"position": p} for p in arch.exit_positions] + [{"position": "final"}]}
-            write_onnx(net, data.mean, data.std, meta, Path(tmp), log=lambda _: None)
+            write_onnx_export(net, th, data, Path(tmp))
             for n_threads in threads:
                 torch.set_num_threads(n_threads)
                 onnx_net = OnnxEarlyExitNet(tmp, threads=n_threads)
