@@ -12,6 +12,7 @@ measured one — every test image, one at a time, through the ONNX export (its d
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import sys
@@ -43,10 +44,14 @@ def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
     supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
     table = ctx.scratch / "table.json"
-    profile(ProfileRequest(out=str(table), space=info.space, width_mult=info.width_mult,
-                           num_classes=info.num_classes, in_channels=info.in_channels, threads=1, batch=1,
-                           backends=backends, warmup=warmup, repeats=repeats,
-                           calibration_networks=calibration_networks), log=lambda m: print(m, flush=True))
+    request = ProfileRequest(out=str(table), space=info.space, width_mult=info.width_mult,
+                             num_classes=info.num_classes, in_channels=info.in_channels, threads=1, batch=1,
+                             backends=backends, warmup=warmup, repeats=repeats,
+                             calibration_networks=calibration_networks)
+    if table.is_file() and json.loads(table.read_text()).get("settings") != request.settings():
+        print(f"  {table} was profiled with other settings: moved to {table.name}.old, profiling again", flush=True)
+        table.replace(table.with_name(table.name + ".old"))
+    profile(request, log=lambda m: print(m, flush=True))
     return supernet, info, data, {b: LatencyTable(table, b) for b in backends}
 
 
