@@ -26,7 +26,8 @@ from .cluster import check_address_reachable, check_trial_fits, connect_ray, des
 from .data import DatasetNotFoundError, load_dataset
 from .latency import LatencyTable, covering_archs, read_table, space_pieces
 from .moasha import MOASHA
-from .settings import EXPERIMENT_FILE, ExperimentError, TrialSettings, int_list, parse_trial_config
+from .settings import (EXPERIMENT_FILE, LATENCY_BACKENDS, ExperimentError, TrialSettings, int_list,
+                       parse_trial_config)
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .supernet import SUPERNET_FILE, SupernetInfo, SupernetSettings, check_supernet, read_supernet_info
 from .supernet_train import SupernetRequest, space_values_of, train_supernet
@@ -408,14 +409,15 @@ def latency_table_for(exp: Experiment, data: Any) -> dict[str, Any] | None:
         raise ExperimentError(f"latency_table {exp.latency_table} was profiled for width {theirs[0]}, {theirs[1]} "
                               f"classes, {theirs[2]} channels; this search has width {mine[0]}, {mine[1]} classes, "
                               f"{mine[2]} channels")
-    needed = space_pieces(covering_archs(space_values_of(exp.space_kwargs), width_mult=exp.width_mult,
-                                         num_classes=data.num_classes, in_channels=data.in_channels))
+    space = space_values_of(exp.space_kwargs)
+    needed = space_pieces(covering_archs(space, width_mult=exp.width_mult, num_classes=data.num_classes,
+                                         in_channels=data.in_channels))
     missing = [pid for pid in needed if pid not in lat.ms]
     if missing:
         raise ExperimentError(f"latency_table {exp.latency_table} lacks {len(missing)} of the {len(needed)} pieces "
                               f"this space can build (e.g. {missing[0]}): profile the search's space, e.g. "
                               f"`aebnas latency profile --resolutions "
-                              f"{','.join(map(str, space_values_of(exp.space_kwargs).resolutions))} "
+                              f"{','.join(map(str, space.resolutions))} "
                               f"--width-mult {exp.width_mult:g} --num-classes {data.num_classes} --out FILE`")
     print(f"aebnas: cost is latency: thresholds tuned for {exp.target_ms} ms on average, C_i from {lat.describe()}",
           flush=True)
@@ -596,7 +598,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Experiment) -> None
     a("--latency-table", "cost latency: table of `aebnas latency profile` for this space, measured on the target "
       "device", d.latency_table)
     a("--latency-backend", "cost latency: the table's figures to use: onnxruntime or torch", d.latency_backend,
-      choices=("onnxruntime", "torch"))
+      choices=LATENCY_BACKENDS)
     a("--target-ms", "cost latency: target average latency per image in milliseconds", d.target_ms, type=float)
     a("--epochs", "training epochs per trial (with --supernet: fine-tuning epochs, 0 = inherited weights as "
       "they are)", d.epochs, type=int)

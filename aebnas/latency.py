@@ -38,8 +38,9 @@ from .export import DeployedEarlyExitNet
 from .nn import EarlyExitNet, torch_confidence
 from .onnx_export import write_onnx
 from .onnx_runner import OnnxEarlyExitNet
+from .settings import LATENCY_BACKENDS
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = LATENCY_BACKENDS
 TABLE_FORMAT = "aebnas latency table"
 SAVE_EVERY = 20  # pieces between writes of a table being profiled (a killed profile resumes)
 ROUNDS = 5  # a piece's timed runs are spread over this many rounds through its batch of 20 pieces
@@ -138,19 +139,24 @@ def time_onnx(session: Any, x: np.ndarray, warmup: int, repeats: int) -> list[fl
 
 def machine_info() -> dict[str, Any]:
     """Where a table was measured: platform, CPU model, cores, versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     try:
         import onnxruntime
         versions["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "versions": versions}
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(), "versions": versions}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; else what ``platform`` knows)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return cpu
 
 
 # ----------------------------------------------------------------- profile

@@ -83,6 +83,9 @@ class TrainSettings:
         return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
 
 
+LATENCY_BACKENDS = ("onnxruntime", "torch")  # the runtimes a latency table holds figures of
+
+
 @dataclass(frozen=True)
 class TrialSettings(TrainSettings):
     """Everything fixed that travels in a trial's config besides the architecture.
@@ -113,8 +116,8 @@ class TrialSettings(TrainSettings):
             raise ValueError(f"target_macs={self.target_macs} must be > 0 (MMACs)")
         if self.target_ms is not None and not (isinstance(self.target_ms, (int, float)) and self.target_ms > 0):
             raise ValueError(f"target_ms={self.target_ms!r} must be > 0 (milliseconds), or None to tune for MACs")
-        if self.latency_backend not in ("onnxruntime", "torch"):
-            raise ValueError(f"latency_backend={self.latency_backend!r} is not one of ('onnxruntime', 'torch')")
+        if self.latency_backend not in LATENCY_BACKENDS:
+            raise ValueError(f"latency_backend={self.latency_backend!r} is not one of {LATENCY_BACKENDS}")
         if self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence={self.confidence!r} is not one of {CONFIDENCE_MEASURES}")
         if self.score_lambda < 0:

@@ -269,7 +269,8 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _latency_costs(arch: ArchConfig, settings: Any, latency: dict[str, Any] | None) -> ExitCosts | None:
+def _latency_costs(arch: ArchConfig, settings: TrialSettings, latency: dict[str, Any] | None
+                   ) -> ExitCosts | None:
     """C_i pieces in ms when the trial's cost is latency (``target_ms``), else None."""
     if settings.target_ms is None:
         return None

@@ -155,9 +155,8 @@ def write_plots(a: Analysis, out: Path, trial: pd.Series | None = None) -> list[
         _progress("no learning curves: no trial trained an epoch (inherited weights scored as they are)")
     trials = a.results.trials
     if "avg_ms" in trials and trials["avg_ms"].notna().any():  # searched with --cost latency
-        target_ms = trials["target_ms"].dropna()
-        target = float(target_ms.iloc[0]) if len(target_ms) else None
         timed = trials[trials["avg_ms"].notna() & trials["accuracy"].notna()]
+        target = float(timed["target_ms"].iloc[0])  # a trial reports target_ms with every avg_ms
         best_ms = timed.sort_values("score", ascending=False, kind="stable").iloc[0]
         paths += plots.plot_pareto(timed, out / "pareto_latency", target_macs=target, best=best_ms, x="avg_ms",
                                    title=f"{names}\naccuracy vs. average latency predicted by the latency table, thresholds "

@@ -90,12 +90,9 @@ def machine() -> dict[str, Any]:
     except ImportError:  # a GPU machine may have torch but not Ray: scripts that need no Ray still run
         ray_version = None
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from aebnas.latency import cpu_model
+
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray_version, "gpu": gpu}
