@@ -34,16 +34,23 @@ SETTINGS = dict(archs=20, target_fraction=0.6, warmup=10, repeats=30, calibratio
 QUICK = dict(SETTINGS, archs=2, warmup=1, repeats=3, calibration_networks=1, passes=1, images=50)
 
 
+def table_path(ctx: Context) -> Path:
+    """Where this claim keeps its latency table (claim 21 searches with the same table)."""
+    return ctx.scratch.parent / CLAIM.key / "table.json"
+
+
 def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
           backends: tuple[str, ...] = ("onnxruntime", "torch")):
-    """The shipped supernet, its data, and a latency table of its space on this machine (resumed)."""
+    """The shipped supernet, its data, and a latency table of its space on this machine (resumed;
+    one profiled with other settings is moved aside)."""
     from aebnas.data import load_dataset
     from aebnas.latency import LatencyTable, ProfileRequest, profile
     from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
-    table = ctx.scratch / "table.json"
+    table = table_path(ctx)
+    table.parent.mkdir(parents=True, exist_ok=True)
     request = ProfileRequest(out=str(table), space=info.space, width_mult=info.width_mult,
                              num_classes=info.num_classes, in_channels=info.in_channels, threads=1, batch=1,
                              backends=backends, warmup=warmup, repeats=repeats,
@@ -55,21 +62,28 @@ def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
     return supernet, info, data, {b: LatencyTable(table, b) for b in backends}
 
 
-def dynamic_network(supernet, info, data, arch, target_fraction: float):
+def inherited_network(supernet, info, data, arch):
     """The subnet with inherited weights, BatchNorm recalibrated and scored as a trial scores it (as
-    ``aebnas supernet eval``); thresholds tuned on val for a fraction of its static MACs.
+    ``aebnas supernet eval``). Returns (net, {"val": outputs, "test": outputs})."""
+    from aebnas.train import Scorer
+    from aebnas.nn import extract
+
+    s = info.settings
+    scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=s["batch_size"],
+                    bn_batches=s["bn_recalibration_batches"], seed=s["seed"])
+    net = extract(supernet, arch)
+    return net, scorer(net, ("val", "test"))  # recalibrates net's BatchNorm in place, as a trial does
+
+
+def dynamic_network(supernet, info, data, arch, target_fraction: float):
+    """:func:`inherited_network` with thresholds tuned on val for a fraction of its static MACs.
     Returns (net, thresholds, test outputs, MAC costs)."""
     from aebnas.cost import exit_costs
     from aebnas.exit_policy import tune_thresholds
     from aebnas.settings import TrialSettings
-    from aebnas.train import Scorer
-    from aebnas.nn import extract
 
-    s, settings = info.settings, TrialSettings()
-    scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=s["batch_size"],
-                    bn_batches=s["bn_recalibration_batches"], seed=s["seed"])
-    net = extract(supernet, arch)
-    outputs = scorer(net, ("val", "test"))  # recalibrates net's BatchNorm in place, as a trial does
+    settings = TrialSettings()
+    net, outputs = inherited_network(supernet, info, data, arch)
     macs = exit_costs(arch)
     th = tune_thresholds(outputs["val"], macs, target_fraction * macs.static_macs, settings.threshold_grid,
                          settings.score_lambda).thresholds
