@@ -222,9 +222,18 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
             raise ValueError(f"{out} holds a latency table with other settings; choose another --out")
         for b in request.backends:
             table["backends"][b] = old.get("backends", {}).get(b, {})
+        # calibrations already fitted are kept: running the profile again on a finished table
+        # changes nothing, and one killed while calibrating goes on with the next backend
+        kept = {b: c for b, c in old.get("calibration", {}).items() if b in request.backends}
+        if kept:
+            table["calibration"] = kept
+        if "date" in old:
+            table["date"] = old["date"]
     kw = {"width_mult": request.width_mult, "num_classes": request.num_classes, "in_channels": request.in_channels}
     pieces = space_pieces(covering_archs(request.space, **kw))
     todo = [(b, pid) for b in request.backends for pid in pieces if pid not in table["backends"][b]]
+    for backend in {b for b, _ in todo}:  # pieces measured now: that backend's calibration is fitted again
+        table.get("calibration", {}).pop(backend, None)
     log(f"latency profile: {len(pieces)} pieces × {len(request.backends)} backend(s), "
         f"{len(pieces) * len(request.backends) - len(todo)} already in {out}; measuring {len(todo)} "
         f"(batch {request.batch}, {request.threads} thread(s), {request.warmup} warm-up + {request.repeats} runs)")
@@ -262,13 +271,16 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
             backend, pid = chunk[-1]
             log(f"  [{done}/{len(todo)}] {backend} {pieces[pid].key[0]}: {table['backends'][backend][pid]:.3f} ms  "
                 f"({elapsed:.0f} s, ETA {elapsed / done * (len(todo) - done):.0f} s)")
+    changed = bool(todo)
     if request.calibration_networks:
         table.setdefault("calibration", {})
         for backend in request.backends:
             if backend not in table["calibration"]:
                 table["calibration"][backend] = calibrate(request, table, backend, log)
                 _write(out, table)
-    table["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+                changed = True
+    if changed or "date" not in table:  # the date the table was finished
+        table["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     _write(out, table)
     log(f"wrote {out}")
     return table

@@ -101,6 +101,28 @@ def test_profile_resumes_and_refuses_other_settings(tmp_path):
                                calibration_networks=0, **KW))
 
 
+def test_profiling_a_finished_table_again_changes_nothing(tmp_path):
+    path = tmp_path / "t.json"
+    tiny = SpaceValues(depths=(2,), kernels=(3,), expansions=(3,), resolutions=(32,), exit_m1_channels=(8,),
+                       exit_m2_channels=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0,))
+    req = ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=2, calibration_networks=2,
+                         calibration_images=4, **KW)
+    first = profile(req, log=lambda _: None)
+    assert set(first["calibration"]) == {"torch"}
+    lines = []
+    again = profile(req, log=lines.append)
+    assert not any("calibration" in line for line in lines)  # nothing measured or fitted again
+    assert again["calibration"] == first["calibration"] and again["date"] == first["date"]
+    assert json.loads(path.read_text()) == first
+    # a piece missing (a kill while profiling): measured again, and its backend's calibration refitted
+    data = json.loads(path.read_text())
+    data["backends"]["torch"].pop(next(iter(data["backends"]["torch"])))
+    path.write_text(json.dumps(data))
+    lines = []
+    profile(req, log=lines.append)
+    assert "measuring 1 " in lines[0] and any("calibration torch [2/2]" in line for line in lines)
+
+
 def test_latency_table_errors_name_the_problem(table, tmp_path):
     path, _ = table
     with pytest.raises(ValueError, match="does not exist"):
