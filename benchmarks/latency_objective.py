@@ -77,9 +77,9 @@ def measure_pick(supernet, info, data, table, trial, warmup: int, passes: int,
     from aebnas.onnx_runner import OnnxEarlyExitNet
     from aebnas.settings import ARCH_FILE, parse_trial_config
 
-    arch = parse_trial_config(json.loads((Path(trial["trial_dir"]) / ARCH_FILE).read_text()))[0]
+    arch, settings = parse_trial_config(json.loads((Path(trial["trial_dir"]) / ARCH_FILE).read_text()))
     thresholds = [float(t) for t in trial["thresholds"]]
-    net, outputs = inherited_network(supernet, info, data, arch)
+    net, outputs = inherited_network(supernet, info, data, arch, settings)
     net.eval().set_thresholds(thresholds)
     x, y = (data.x_test, data.y_test) if images is None else (data.x_test[:images], data.y_test[:images])
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +158,7 @@ def verdict(rows, runs, seeds, target_ms, target_macs, tolerance, num_samples, f
         "same candidates, inherited from the shipped supernet, 0 fine-tuning epochs): `--cost latency "
         f"--target-ms {target_ms:.3f}` and `--target-macs {target_macs}`. Each search's pick: the best validation "
         f"accuracy within ±{tolerance:.0%} of its own target (`avg_ms` or `avg_macs` on validation). The pick is "
-        "rebuilt (inherited weights, BatchNorm recalibrated as in its trial, the thresholds its trial tuned), "
+        "rebuilt (inherited weights, BatchNorm recalibrated with its trial's settings, the thresholds its trial tuned), "
         "exported to ONNX and timed through the export's driver (`aebnas_onnx.py`, 1 thread), every test image "
         "alone; `table ms (test)` is what the table predicts for those thresholds on test.", "",
         md_table(rows, 2), "",

@@ -62,16 +62,23 @@ def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
     return supernet, info, data, {b: LatencyTable(table, b) for b in backends}
 
 
-def inherited_network(supernet, info, data, arch):
-    """The subnet with inherited weights, BatchNorm recalibrated and scored as a trial scores it (as
-    ``aebnas supernet eval``). Returns (net, {"val": outputs, "test": outputs})."""
+def inherited_network(supernet, info, data, arch, trial_settings=None):
+    """The subnet with inherited weights, BatchNorm recalibrated and scored as ``aebnas supernet eval``
+    does (the supernet's settings), or with ``trial_settings`` (a ``TrialSettings``) as that trial did.
+    Returns (net, {"val": outputs, "test": outputs})."""
     from aebnas.train import Scorer
     from aebnas.nn import extract
 
-    s = info.settings
-    scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=s["batch_size"],
-                    bn_batches=s["bn_recalibration_batches"], seed=s["seed"])
-    net = extract(supernet, arch)
+    if trial_settings is None:
+        s = info.settings
+        scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=s["batch_size"],
+                        bn_batches=s["bn_recalibration_batches"], seed=s["seed"])
+    else:
+        t = trial_settings
+        scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=t.batch_size,
+                        bn_batches=t.bn_recalibration_batches, seed=t.seed, eval_batch_size=t.eval_batch_size,
+                        confidence=t.confidence)
+    net = extract(supernet, arch) if trial_settings is None else extract(supernet, arch, trial_settings.confidence)
     return net, scorer(net, ("val", "test"))  # recalibrates net's BatchNorm in place, as a trial does
 
 
