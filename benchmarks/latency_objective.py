@@ -9,9 +9,10 @@ figures); ``target_macs`` MMACs give ``target_ms`` = the ms at which that line r
 Per seed, two random searches with the same seed — hence the same candidates, inherited from the
 shipped supernet (0 fine-tuning epochs) — one with ``--cost latency --target-ms``, one with
 ``--target-macs``; each picks, on validation, the most accurate trial within ±``tolerance`` of
-its own target. Each picked network (the supernet's weights, BatchNorm recalibrated as its trial
-did, the thresholds its trial tuned) is exported to ONNX and timed through the export's driver on
-every test image, one at a time, 1 thread: measured milliseconds per image and test accuracy.
+its own target. Each picked network (the supernet's weights, BatchNorm recalibrated with its trial's
+settings, the thresholds its trial tuned) is exported to ONNX and timed through the export's driver
+on every test image, one at a time, 1 thread, the picks taking turns pass by pass: measured
+milliseconds per image and test accuracy.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ CLAIM = Claim(21, "latency_objective", "Does the latency objective pay?",
               "not less accurate on test (3 seeds; closer by more than one standard error of the paired "
               "differences, less accurate by no more than one)")
 SETTINGS = dict(seeds=(0, 1, 2), num_samples=100, target_macs=5.0, tolerance=0.10, fit_archs=300, warmup=10,
-                passes=5, images=None, batch_size=64)
+                passes=15, images=None, batch_size=64)
 QUICK = dict(SETTINGS, seeds=(0, 1), num_samples=6, fit_archs=20, warmup=1, passes=1, images=50, tolerance=0.5)
 BACKEND = "onnxruntime"
 
@@ -69,10 +70,9 @@ def pick(trials, column: str, target: float, tolerance: float):
     return None if rows.empty else rows.sort_values("accuracy", ascending=False, kind="stable").iloc[0]
 
 
-def measure_pick(supernet, info, data, table, trial, warmup: int, passes: int,
-                 images: int | None) -> dict[str, Any]:
-    """Rebuild the picked trial's network, export it to ONNX and time it on the test images; beside it
-    what the table predicts for its thresholds on test."""
+def rebuild_pick(supernet, info, data, table, trial, images: int | None, out: Path):
+    """The picked trial's network rebuilt (inherited weights, BatchNorm recalibrated with the trial's
+    settings, the trial's thresholds), exported to ONNX into ``out``: (driver, figures on test)."""
     from aebnas.exit_policy import simulate
     from aebnas.onnx_runner import OnnxEarlyExitNet
     from aebnas.settings import ARCH_FILE, parse_trial_config
@@ -82,15 +82,27 @@ def measure_pick(supernet, info, data, table, trial, warmup: int, passes: int,
     net, outputs = inherited_network(supernet, info, data, arch, settings)
     net.eval().set_thresholds(thresholds)
     x, y = (data.x_test, data.y_test) if images is None else (data.x_test[:images], data.y_test[:images])
-    with tempfile.TemporaryDirectory() as tmp:
-        write_onnx_export(net, thresholds, data, Path(tmp))
-        runner = OnnxEarlyExitNet(tmp, threads=1)
-        logits, exits, _ = runner(x)
-        ms = per_image_ms(runner, x, warmup, passes)
-    return {"resolution": arch.resolution, "exits": ",".join(map(str, arch.exit_positions)) or "-",
-            "table ms (test)": simulate(outputs["test"], thresholds, table.exit_costs(arch)).avg_macs,
-            "measured ms": ms, "test acc (ONNX) %": 100 * float(np.mean(logits.argmax(1) == y)),
-            "early %": 100 * float(np.mean(exits < arch.num_exits))}
+    out.mkdir(parents=True)
+    write_onnx_export(net, thresholds, data, out)
+    runner = OnnxEarlyExitNet(out, threads=1)
+    logits, exits, _ = runner(x)
+    return runner, {"resolution": arch.resolution, "exits": ",".join(map(str, arch.exit_positions)) or "-",
+                    "table ms (test)": simulate(outputs["test"], thresholds, table.exit_costs(arch)).avg_macs,
+                    "test acc (ONNX) %": 100 * float(np.mean(logits.argmax(1) == y)),
+                    "early %": 100 * float(np.mean(exits < arch.num_exits))}
+
+
+def interleaved_ms(runners: Sequence[Any], images: np.ndarray, warmup: int, passes: int) -> list[float]:
+    """Milliseconds per image of each runner (batch 1): the median of ``passes`` passes over the images,
+    the runners taking turns pass by pass, so a change of machine load reaches all of them alike."""
+    for run in runners:
+        for i in range(min(warmup, len(images))):
+            run(images[i:i + 1])
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(passes):
+        for k, run in enumerate(runners):
+            times[k].append(per_image_ms(run, images, 0, 1))
+    return [statistics.median(t) for t in times]
 
 
 def measure(ctx: Context, seeds: Sequence[int], num_samples: int, target_macs: float, tolerance: float,
@@ -107,29 +119,37 @@ def measure(ctx: Context, seeds: Sequence[int], num_samples: int, target_macs: f
     arms = {"ms": dict(cost="latency", latency_table=str(table_path(ctx)), target_ms=target_ms,
                        latency_backend=BACKEND),
             "MACs": {}}
-    runs, rows = {}, []
+    runs, rows, picks = {}, [], {}
     for seed in seeds:
         for arm, extra in arms.items():
             runs[arm, seed] = run_search(ctx, f"{arm.lower()}_seed{seed}", seed=seed, **budget, **extra)
-        stop_ray()  # the timing below runs alone
-        for arm in arms:
             trials = load_trials(runs[arm, seed].path)
-            chosen = (pick(trials, "avg_ms", target_ms, tolerance) if arm == "ms"
-                      else pick(trials, "avg_macs", target_macs, tolerance))
-            row: dict[str, Any] = {"seed": seed, "search": arm, "trials": len(trials)}
-            if chosen is not None:
-                timed = measure_pick(supernet, info, data, table, chosen, warmup, passes, images)
-                row.update({"val acc %": float(chosen["accuracy"]), "test acc %": float(chosen["test_accuracy"]),
-                            "avg MMACs (test)": float(chosen["test_avg_macs"]), **timed,
-                            "ms / target": timed["measured ms"] / target_ms})
-            rows.append(row)
-            print(f"  seed {seed} {arm}: " + ", ".join(f"{k} {fmt(v, 3) if isinstance(v, float) else v}"
-                                                       for k, v in row.items()), flush=True)
-    stop_ray()
-    return verdict(rows, runs, seeds, target_ms, target_macs, tolerance, num_samples, (a, b), table)
+            picks[arm, seed] = (pick(trials, "avg_ms", target_ms, tolerance) if arm == "ms"
+                                else pick(trials, "avg_macs", target_macs, tolerance))
+            rows.append({"seed": seed, "search": arm, "trials": len(trials)})
+    stop_ray()  # the timing below runs alone
+    x_test = data.x_test if images is None else data.x_test[:images]
+    with tempfile.TemporaryDirectory() as tmp:
+        runners, timed_rows = [], []
+        for row in rows:
+            chosen = picks[row["search"], row["seed"]]
+            if chosen is None:
+                continue
+            runner, figures = rebuild_pick(supernet, info, data, table, chosen, images,
+                                           Path(tmp) / f"{row['search']}_{row['seed']}")
+            row.update({"val acc %": float(chosen["accuracy"]), "test acc %": float(chosen["test_accuracy"]),
+                        "avg MMACs (test)": float(chosen["test_avg_macs"]), **figures})
+            runners.append(runner)
+            timed_rows.append(row)
+        for row, ms in zip(timed_rows, interleaved_ms(runners, x_test, warmup, passes)):
+            row.update({"measured ms": ms, "ms / target": ms / target_ms})
+    for row in rows:
+        print(f"  seed {row['seed']} {row['search']}: " + ", ".join(
+            f"{k} {fmt(v, 3) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
+    return verdict(rows, runs, seeds, target_ms, target_macs, tolerance, num_samples, passes, (a, b), table)
 
 
-def verdict(rows, runs, seeds, target_ms, target_macs, tolerance, num_samples, fit, table) -> Outcome:
+def verdict(rows, runs, seeds, target_ms, target_macs, tolerance, num_samples, passes, fit, table) -> Outcome:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
@@ -160,7 +180,9 @@ def verdict(rows, runs, seeds, target_ms, target_macs, tolerance, num_samples, f
         f"accuracy within ±{tolerance:.0%} of its own target (`avg_ms` or `avg_macs` on validation). The pick is "
         "rebuilt (inherited weights, BatchNorm recalibrated with its trial's settings, the thresholds its trial tuned), "
         "exported to ONNX and timed through the export's driver (`aebnas_onnx.py`, 1 thread), every test image "
-        "alone; `table ms (test)` is what the table predicts for those thresholds on test.", "",
+        f"alone: the median of {passes} passes over the test images, the picks taking turns pass by pass (a "
+        "change of machine load reaches all alike); `table ms (test)` is what the table predicts for those "
+        "thresholds on test.", "",
         md_table(rows, 2), "",
         f"Paired differences (MAC search − ms search) of the latency error: {closer:+.1f} ± {fmt(closer_sem, 1)} "
         f"points (s.e.); test accuracy (ms search − MAC search): {acc:+.1f} ± {fmt(acc_sem, 1)} points.", "",
