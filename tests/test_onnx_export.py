@@ -135,7 +135,8 @@ def test_predict_accepts_the_onnx_export(onnx_export, run, tmp_path, capsys):
     assert [r["confidence"] for r in rows] == pytest.approx([p.confidence for p in expected], abs=1e-4)
 
 
-def test_onnx_cli_export_and_errors(run, onnx_export, tmp_path, capsys):
+@pytest.mark.slow  # a second export of every graph (about 30 s); the fixture's export is checked by default
+def test_onnx_cli_export_retunes_for_a_target(run, tmp_path, capsys):
     run_dir, metrics = run
     out = tmp_path / "cli_onnx"
     code, text, err = _run_cli(capsys, "export", run_dir, "--format", "onnx", "--out", out,
@@ -144,6 +145,11 @@ def test_onnx_cli_export_and_errors(run, onnx_export, tmp_path, capsys):
     meta = json.loads((out / "model.json").read_text())
     assert meta["target_macs"] == pytest.approx(metrics["target_macs"] * 0.8)
     assert "exported" in text and "ONNX graphs" in text
+
+
+def test_onnx_cli_errors(run, onnx_export, tmp_path, capsys):
+    run_dir, _ = run
+    meta = onnx_export[1]
     # a file where the directory should go; a directory that is something else; not an export
     (tmp_path / "a_file").write_text("x")
     code, _, err = _run_cli(capsys, "export", run_dir, "--format", "onnx", "--out", tmp_path / "a_file")
