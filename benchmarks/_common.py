@@ -387,6 +387,13 @@ def load_trials(path: Path) -> pd.DataFrame:
     return trials_with_results(load_experiment(path).trials).copy()
 
 
+def trial_config(trial: Any) -> tuple[Any, Any]:
+    """(ArchConfig, TrialSettings) of a trial row, from the arch.json its trial wrote."""
+    from aebnas.settings import ARCH_FILE, parse_trial_config
+
+    return parse_trial_config(json.loads((Path(trial["trial_dir"]) / ARCH_FILE).read_text()))
+
+
 def arch_summary(flat: dict[str, Any] | None) -> str:
     """One line on a candidate: resolution, width, exit positions, static MMACs."""
     if not flat:

@@ -17,7 +17,6 @@ milliseconds per image and test accuracy.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -27,10 +26,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from _common import Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search, stop_ray
+from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search, stop_ray,
+                     trial_config)
 from latency_prediction import QUICK as TABLE_QUICK, SETTINGS as TABLE_SETTINGS
-from latency_prediction import inherited_network, per_image_ms, setup, table_path, write_onnx_export
-from spaces_compare import ahead, in_window
+from latency_prediction import inherited_network, per_image_ms, random_archs, setup, table_path, write_onnx_export
+from spaces_compare import ahead, validation_pick
 
 from aebnas.supernet import EMBEDDED_SUPERNET
 
@@ -48,26 +48,14 @@ BACKEND = "onnxruntime"
 def ms_for_macs(table, info, target_macs: float, archs: int, seed: int = 0) -> tuple[float, float, float]:
     """The ms at which the line MMACs = a + b · ms, fitted over every exit of ``archs`` random networks of
     the space, reaches ``target_macs``; returns (target_ms, a, b)."""
-    import random
-
-    from aebnas.config import random_arch
     from aebnas.cost import exit_costs
 
-    rng = random.Random(seed)
-    kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
     ms, macs = [], []
-    for _ in range(archs):
-        arch = random_arch(info.space, rng, **kw)
+    for arch in random_archs(info, archs, seed):
         ms.extend(table.exit_costs(arch).cumulative())
         macs.extend(exit_costs(arch).cumulative())
     b, a = np.polyfit(ms, macs, 1)
     return float((target_macs - a) / b), float(a), float(b)
-
-
-def pick(trials, column: str, target: float, tolerance: float):
-    """The most accurate trial on validation whose validation ``column`` is within the window."""
-    rows = trials[in_window(trials[column], target, tolerance) & trials["test_accuracy"].notna()]
-    return None if rows.empty else rows.sort_values("accuracy", ascending=False, kind="stable").iloc[0]
 
 
 def rebuild_pick(supernet, info, data, table, trial, images: int | None, out: Path):
@@ -75,9 +63,7 @@ def rebuild_pick(supernet, info, data, table, trial, images: int | None, out: Pa
     settings, the trial's thresholds), exported to ONNX into ``out``: (driver, figures on test)."""
     from aebnas.exit_policy import simulate
     from aebnas.onnx_runner import OnnxEarlyExitNet
-    from aebnas.settings import ARCH_FILE, parse_trial_config
-
-    arch, settings = parse_trial_config(json.loads((Path(trial["trial_dir"]) / ARCH_FILE).read_text()))
+    arch, settings = trial_config(trial)
     thresholds = [float(t) for t in trial["thresholds"]]
     net, outputs = inherited_network(supernet, info, data, arch, settings)
     net.eval().set_thresholds(thresholds)
@@ -124,8 +110,8 @@ def measure(ctx: Context, seeds: Sequence[int], num_samples: int, target_macs: f
         for arm, extra in arms.items():
             runs[arm, seed] = run_search(ctx, f"{arm.lower()}_seed{seed}", seed=seed, **budget, **extra)
             trials = load_trials(runs[arm, seed].path)
-            picks[arm, seed] = (pick(trials, "avg_ms", target_ms, tolerance) if arm == "ms"
-                                else pick(trials, "avg_macs", target_macs, tolerance))
+            picks[arm, seed] = (validation_pick(trials, target_ms, tolerance, "avg_ms") if arm == "ms"
+                                else validation_pick(trials, target_macs, tolerance))
             rows.append({"seed": seed, "search": arm, "trials": len(trials)})
     stop_ray()  # the timing below runs alone
     x_test = data.x_test if images is None else data.x_test[:images]

@@ -73,12 +73,13 @@ def inherited_network(supernet, info, data, arch, trial_settings=None):
         s = info.settings
         scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=s["batch_size"],
                         bn_batches=s["bn_recalibration_batches"], seed=s["seed"])
+        net = extract(supernet, arch)
     else:
         t = trial_settings
         scorer = Scorer(data, arch.resolution, torch.device("cpu"), batch_size=t.batch_size,
                         bn_batches=t.bn_recalibration_batches, seed=t.seed, eval_batch_size=t.eval_batch_size,
                         confidence=t.confidence)
-    net = extract(supernet, arch) if trial_settings is None else extract(supernet, arch, trial_settings.confidence)
+        net = extract(supernet, arch, t.confidence)
     return net, scorer(net, ("val", "test"))  # recalibrates net's BatchNorm in place, as a trial does
 
 
@@ -97,15 +98,19 @@ def dynamic_network(supernet, info, data, arch, target_fraction: float):
     return net.eval().set_thresholds(th), list(th), outputs["test"], macs
 
 
-def random_dynamic_networks(supernet, info, data, archs: int, seed: int, target_fraction: float):
-    """``archs`` random networks of the supernet's space as :func:`dynamic_network` makes them:
-    yields (index, arch, net, thresholds, test outputs, MAC costs)."""
+def random_archs(info, count: int, seed: int):
+    """``count`` random architectures of the supernet's space (width, classes, channels), seeded."""
     from aebnas.config import random_arch
 
     rng = random.Random(seed)
     kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
-    for i in range(archs):
-        arch = random_arch(info.space, rng, **kw)
+    return [random_arch(info.space, rng, **kw) for _ in range(count)]
+
+
+def random_dynamic_networks(supernet, info, data, archs: int, seed: int, target_fraction: float):
+    """``archs`` random networks of the supernet's space as :func:`dynamic_network` makes them:
+    yields (index, arch, net, thresholds, test outputs, MAC costs)."""
+    for i, arch in enumerate(random_archs(info, archs, seed)):
         yield (i, arch, *dynamic_network(supernet, info, data, arch, target_fraction))
 
 

@@ -41,10 +41,12 @@ def in_window(macs: pd.Series, target: float, tolerance: float) -> pd.Series:
     return (macs - target).abs() <= tolerance * target
 
 
-def validation_pick(trials: pd.DataFrame, target: float, tolerance: float) -> pd.Series | None:
+def validation_pick(trials: pd.DataFrame, target: float, tolerance: float, cost: str = "avg_macs"
+                    ) -> pd.Series | None:
     """The trial one would deploy, chosen without the test set: the best validation accuracy among
-    the trials with a test result (finished) whose validation average MACs is in the window."""
-    rows = trials[in_window(trials["avg_macs"], target, tolerance) & trials["test_accuracy"].notna()]
+    the trials with a test result (finished) whose validation average cost (``cost``: ``avg_macs``,
+    or ``avg_ms`` of a latency search) is in the window."""
+    rows = trials[in_window(trials[cost], target, tolerance) & trials["test_accuracy"].notna()]
     return None if rows.empty else rows.sort_values("accuracy", ascending=False, kind="stable").iloc[0]
 
 

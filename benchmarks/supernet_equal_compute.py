@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from _common import (Claim, Context, Outcome, arch_summary, load_trials, main, md_table, provenance_note,
-                     run_search, search_figures, start_ray, stop_ray)
+                     run_search, search_figures, start_ray, stop_ray, trial_config)
 from spaces_compare import in_window, validation_pick
 
 CLAIM = Claim(15, "supernet_equal_compute", "Supernet + search vs from-scratch search at equal compute",
@@ -85,7 +85,7 @@ def measure(ctx: Context, supernet_epochs: int, num_samples: int, scratch_epochs
             "picked test acc (%)": None if pick is None else float(pick["test_accuracy"]),
             "picked test MMACs": None if pick is None else float(pick["test_avg_macs"]),
             "test images leaving early (%)": None if pick is None else 100 * float(pick["test_early_exit"]),
-            "picked network": "–" if pick is None else arch_summary(_arch_of(pick))})
+            "picked network": "–" if pick is None else arch_summary(trial_config(pick)[0].to_flat())})
         print(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "arm"), flush=True)
     a, b = rows
     gain = (None if a["picked test acc (%)"] is None or b["picked test acc (%)"] is None
@@ -113,14 +113,6 @@ def measure(ctx: Context, supernet_epochs: int, num_samples: int, scratch_epochs
                "supernet_cpu_s": supernet_cpu, "supernet_history": history,
                "searches": search_figures([inherited, scratch])}
     return Outcome(measured, holds, figures, details)
-
-
-def _arch_of(trial: Any) -> dict[str, Any]:
-    """The flat architecture of a trial row, from the arch.json its trial wrote."""
-    from aebnas.settings import ARCH_FILE, parse_trial_config
-
-    config = json.loads((Path(trial["trial_dir"]) / ARCH_FILE).read_text())
-    return parse_trial_config(config)[0].to_flat()
 
 
 if __name__ == "__main__":
