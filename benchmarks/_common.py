@@ -107,7 +107,8 @@ def main(claim: Claim, measure: Callable[..., Outcome], settings: dict[str, Any]
                         help="tiny settings to check the script works; writes under results/benchmarks/quick/ only")
     if reusable:
         parser.add_argument("--reuse", action="store_true",
-                            help="re-analyse the searches already in results/benchmarks/ instead of running them; "
+                            help="re-analyse the searches already in results/benchmarks/ instead of running them "
+                                 "(one left unfinished by a killed run is run again); "
                                  f"refused unless the current {' and '.join(f'{d}/' for d in CODE_DIRS)} ran them "
                                  "with the same settings")
     parser.add_argument("--docs-dir", type=Path, help="write the result file here instead of docs/benchmarks/ "
@@ -251,8 +252,12 @@ def run_search(ctx: Context, name: str, **settings: Any) -> SearchRun:
     path = Path(experiment_path(exp))
     before = code_state()
     if ctx.reuse and path.is_dir():
-        record = _reusable_record(path, settings, before)
-        return SearchRun(path=path, wall_s=record["wall_s"], provenance=record, reused=True)
+        if (path / PROVENANCE_FILE).is_file():
+            record = _reusable_record(path, settings, before)
+            return SearchRun(path=path, wall_s=record["wall_s"], provenance=record, reused=True)
+        # No record: the search never finished (killed with the benchmark), so it runs again from the start;
+        # a benchmark killed half-way thus goes on with --reuse from its first unfinished search.
+        print(f"  {name}: unfinished in an earlier run (no {PROVENANCE_FILE}); searching again", flush=True)
     shutil.rmtree(path, ignore_errors=True)
     start_ray()
     started = time.time()
@@ -288,9 +293,6 @@ def _reusable_record(path: Path, settings: dict[str, Any], now: CodeState) -> di
     up to training noise)."""
     where = os.path.relpath(path, REPO)
     file = path / PROVENANCE_FILE
-    if not file.is_file():
-        raise SystemExit(f"--reuse refused: {where} has no {PROVENANCE_FILE}, so which code ran it is unknown "
-                         "(an older harness, or an unfinished search); run without --reuse")
     record = json.loads(file.read_text())
     problems = []
     if record.get("settings") != _settings_json(settings):
