@@ -214,9 +214,15 @@ class SurrogateSearch(Searcher):
         pairs = [(record.get("predicted", {}).get(k), v) for k, v in record["measured"].items() if v is not None]
         pairs = [(p, m) for p, m in pairs if p is not None]
         if len(pairs) >= 2:
-            record["batch_tau"] = kendall_tau([p for p, _ in pairs], [m for _, m in pairs])
-            self._log(f"aebnas: surrogate iteration {record['iteration']}: predictor {record['predictor']} ranked its "
-                      f"batch with τ {record['batch_tau']:.2f} ({len(pairs)} candidates)", record)
+            predicted, measured = [p for p, _ in pairs], [m for _, m in pairs]
+            record["batch_tau"] = tau = kendall_tau(predicted, measured)
+            head = f"aebnas: surrogate iteration {record['iteration']}: predictor {record['predictor']}"
+            if tau == tau:
+                self._log(f"{head} ranked its batch with τ {tau:.2f} ({len(pairs)} candidates)", record)
+            else:  # a piecewise-constant predictor (trees) often proposes a batch from one plateau
+                why = ("it predicted the same accuracy for all of them" if len(set(predicted)) == 1
+                       else "they all measured the same accuracy")
+                self._log(f"{head}: τ on its batch is undefined ({len(pairs)} candidates: {why})", record)
 
     def _is_live(self, key: str) -> bool:
         return any(_key(v) == key for _, v in self._live.values()) or any(_key(v) == key for _, v in self._queue)

@@ -110,6 +110,25 @@ def test_initial_design_then_surrogate_iterations(tmp_path):
     assert "ranked its batch with τ" in lines[-1]["message"]
 
 
+def test_a_batch_predicted_all_alike_says_why_it_has_no_tau(tmp_path):
+    """A tree ensemble is piecewise constant, so NSGA-II on it can propose a whole batch from one
+    plateau: τ on that batch is undefined, and the log says why (it used to print 'τ nan')."""
+    search, _ = _searcher(predictors=("trees",), log_dir=str(tmp_path))
+    for i in range(6):  # the initial design all measures alike, so the trees predict one value everywhere
+        search.suggest(f"t{i}")
+        search.on_trial_complete(f"t{i}", {"accuracy": 50.0, "avg_macs": 1.0, "epoch": 1, "epochs": 1})
+    for i in range(6, 10):
+        search.suggest(f"t{i}")
+    assert len(set(search.iterations[-1]["predicted"].values())) == 1
+    for i in range(6, 10):
+        search.on_trial_complete(f"t{i}", {"accuracy": 40.0 + i, "avg_macs": 1.0, "epoch": 1, "epochs": 1})
+    assert search.iterations[-1]["batch_tau"] != search.iterations[-1]["batch_tau"]  # NaN: undefined
+    last = json.loads((tmp_path / LOG_FILE).read_text().splitlines()[-1])
+    assert last["batch_tau"] is None
+    assert "τ on its batch is undefined (4 candidates: it predicted the same accuracy for all of them)" \
+        in last["message"]
+
+
 def test_state_round_trip_gives_the_same_next_proposals(tmp_path):
     a, _ = _searcher(seed=3)
     for i in range(6):
