@@ -3,7 +3,8 @@
 Resolution 32–72 (step 4), validation split of 5000 training images, target 17.0 MMACs
 (the authors' command), a supernet of the space trained first (60 epochs, on Ray Train; reused from the storage
 path when it is already there, resumed when it was interrupted), then every candidate
-inherits its weights and fine-tunes 5 epochs, ASHA on the fine-tuning epochs. The data comes from torchvision: pass
+inherits its weights and fine-tunes 5 epochs; the surrogate-assisted NSGA-II searcher proposes 100
+candidates in batches of 8, ASHA on the fine-tuning epochs. The data comes from torchvision: pass
 --download, or --data-dir pointing at a directory holding it in torchvision's layout
 (from https://www.cs.toronto.edu/~kriz/cifar.html (cifar-10-python.tar.gz)).
 Every setting has a flag: python tune_configs/cifar10.py --help
