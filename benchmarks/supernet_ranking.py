@@ -7,12 +7,13 @@ the validation accuracy of the final classifier (a) as inherited (0 fine-tuning 
 mean stand-alone accuracy, and the noise ceiling: τ between the two stand-alone seeds; the goal is
 judged at the longest training, whose ranking is the least noisy.
 Runs on CUDA when there is one (``device=auto``); on 2 CPU cores the stand-alone
-trainings take about 9 hours (about 25 s per epoch and network; an H200 does it all in 9 minutes), so every accuracy measured is kept in
+trainings take several hours (about 8–15 s per epoch and network, two at a time; an H200 does it all in 9 minutes), so every accuracy measured is kept in
 ``results/benchmarks/supernet_ranking/measured.json`` as soon as it is known, keyed by the network,
 the seed, the epochs, the device, and a hash of the supernet file and of the code that trains and scores
 (train, batches, data, config, settings, exit_policy, supernet, nn): a killed run started again measures
-only what is missing, and a change to that code measures everything again. On CUDA several trainings run at
-once in spawned processes (``jobs``: 0 = 8 on a GPU, 1 on a CPU), since one small network leaves a GPU idle.
+only what is missing, and a change to that code measures everything again. Several trainings run at
+once in spawned processes (``jobs``: 0 = up to 8 on a GPU, since one small network leaves a GPU idle; one per core,
+single-threaded, on a CPU).
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
     rng = random.Random(1)
     chosen = [smallest_arch(info.space, **kw), largest_arch(info.space, **kw)]
     chosen += [random_arch(info.space, rng, **kw) for _ in range(archs - 2)]
-    if jobs == 0:  # auto: one training at a time saturates a CPU; a GPU is launch-bound and takes several at once
-        jobs = min(8, max(1, (os.cpu_count() or 1) // 2)) if device.type == "cuda" else 1
+    cores = os.cpu_count() or 1
+    if jobs == 0:  # auto: a GPU is launch-bound and takes several trainings at once; on a CPU, one per core,
+        # single-threaded, trains these small networks faster than one training on every core (on 2 cores,
+        # 7.8 s against 11.2 s per network-epoch: a small network's operators parallelise poorly)
+        jobs = min(8, max(1, cores // 2)) if device.type == "cuda" else cores
+    threads = max(1, cores // jobs)
 
     store = ctx.scratch / "measured.json"
     measured = json.loads(store.read_text()) if store.is_file() else {}
@@ -83,12 +88,12 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
               f"seed {job[2]}: {accuracy:.1f}", flush=True)
 
     if jobs == 1:
-        _load_worker(str(device), batch_size)
+        _load_worker(str(device), batch_size, threads)
         for job in missing:
             keep(job, _train_and_score(*job))
     elif missing:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_load_worker, initargs=(str(device), batch_size)) as pool:
+                                 initializer=_load_worker, initargs=(str(device), batch_size, threads)) as pool:
             futures = {pool.submit(_train_and_score, *job): job for job in missing}
             for future in as_completed(futures):
                 keep(futures[future], future.result())
@@ -143,15 +148,15 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
 _WORKER: dict[str, Any] = {}
 
 
-def _load_worker(device: str, batch_size: int) -> None:
-    """Load the supernet and the data once per process (a pool worker, or the benchmark itself)."""
+def _load_worker(device: str, batch_size: int, threads: int) -> None:
+    """Load the supernet and the data once per process (a pool worker, or the benchmark itself); the
+    process uses ``threads`` torch threads (several trainings share the host's cores)."""
     import torch
 
     from aebnas.data import load_dataset
     from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
 
-    if device == "cuda":
-        torch.set_num_threads(2)  # several trainings share the host's cores
+    torch.set_num_threads(threads)
     supernet, info = load_supernet(EMBEDDED_SUPERNET, device)
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
     _WORKER.update(supernet=supernet, data=data, device=torch.device(device), batch_size=batch_size)
