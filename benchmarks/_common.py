@@ -180,6 +180,11 @@ def md_table(rows: Sequence[dict[str, Any]], digits: int = 2) -> str:
     return "\n".join(lines)
 
 
+def md_image(png: Path, alt: str) -> str:
+    """Markdown image of ``png`` for docs/benchmarks.md (the path relative to docs/)."""
+    return f"![{alt}]({os.path.relpath(png, DOCS_DIR.parent)})"
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -53,12 +53,12 @@ def measure(ctx: Context, seeds: Sequence[int], num_samples: int, epochs: int, t
             print(f"  {scheduler} seed {seed}: hypervolume {hv:.1f} in {cpu_s:.0f} CPU-s", flush=True)
     stop_ray()
     per_seed = pd.DataFrame(rows)
-    by = per_seed.pivot(index="seed", columns="scheduler", values="hv_per_cpu_hour")
+    by_seed = per_seed.pivot(index="seed", columns="scheduler")
+    by = by_seed["hv_per_cpu_hour"]
     diff, sem, is_ahead = ahead(by["moasha"], by["asha"])
-    by_work = per_seed.pivot(index="seed", columns="scheduler", values="hv per 100 MMAC-epochs")
-    work_diff, work_sem, work_ahead = ahead(by_work["moasha"], by_work["asha"])
-    by_hv = per_seed.pivot(index="seed", columns="scheduler", values="hv_val")
-    hv_diff, hv_sem, _ = ahead(by_hv["moasha"], by_hv["asha"])
+    work_diff, work_sem, work_ahead = ahead(by_seed["hv per 100 MMAC-epochs"]["moasha"],
+                                            by_seed["hv per 100 MMAC-epochs"]["asha"])
+    hv_diff, hv_sem, _ = ahead(by_seed["hv_val"]["moasha"], by_seed["hv_val"]["asha"])
     measured = (f"hypervolume per CPU-hour: MO-ASHA − ASHA {diff:+.0f} ± {fmt(sem, 0)} (s.e., {len(seeds)} seeds); "
                 f"means {by['moasha'].mean():.0f} vs {by['asha'].mean():.0f}; control, per 100 MMAC-epochs "
                 f"trained: {work_diff:+.1f} ± {fmt(work_sem, 1)}")
@@ -78,7 +78,8 @@ def measure(ctx: Context, seeds: Sequence[int], num_samples: int, epochs: int, t
         "the machine is shared), so a per-CPU-hour ratio from one pair of searches carries that noise.", "",
         provenance_note(list(runs.values()))])
     figures = {"per_seed": rows, "diff": diff, "sem": sem, "per_mmac_epoch_diff": work_diff,
-               "per_mmac_epoch_sem": work_sem, "hv_diff": hv_diff, "hv_sem": hv_sem, "searches": search_figures(runs.values())}
+               "per_mmac_epoch_sem": work_sem, "hv_diff": hv_diff, "hv_sem": hv_sem,
+               "searches": search_figures(runs.values())}
     return Outcome(measured, bool(is_ahead), figures, details)
 
 

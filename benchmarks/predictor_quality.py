@@ -11,7 +11,6 @@ would favour the predictor that built it.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from _common import DOCS_DIR, SCRATCH, Claim, Context, Outcome, load_trials, main, md_table
+from _common import SCRATCH, Claim, Context, Outcome, load_trials, main, md_image, md_table
 from searcher_efficiency import in_proposal_order
 
 CLAIM = Claim(17, "predictor_quality", "Accuracy predictors: Kendall τ on held-out candidates",
@@ -80,7 +79,7 @@ def measure(ctx: Context, seeds: Sequence[int], sizes: Sequence[int], held_out: 
     details = "\n".join([
         f"Random search's inherited candidates of claim 16 (seeds {tuple(seeds)}), in proposal order; the last "
         f"{held_out} of each seed are held out. Mean Kendall τ over seeds:", "", md_table(table, 2), "",
-        f"![τ of each predictor against the archive size]({os.path.relpath(png, DOCS_DIR.parent)})"])
+        md_image(png, "τ of each predictor against the archive size")])
     return Outcome(measured, None, {"rows": rows, "table": table, "plot": png}, details)
 
 

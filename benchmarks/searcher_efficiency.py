@@ -11,7 +11,6 @@ on validation within ±10% of the target among all of them.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from _common import (DOCS_DIR, Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, report_start,
-                     run_search, search_figures, stop_ray)
+from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_image, md_table, provenance_note,
+                     report_start, run_search, search_figures, stop_ray)
 from spaces_compare import ahead, reference_macs, validation_pick
 
 from aebnas.supernet import EMBEDDED_SUPERNET
@@ -45,11 +44,11 @@ def in_proposal_order(trials: pd.DataFrame) -> pd.DataFrame:
         ["started", "trial_id"], kind="stable").reset_index(drop=True)
 
 
-def curve(trials: pd.DataFrame, ref: tuple[float, float], points: Sequence[int]) -> list[float]:
-    """Validation hypervolume of the first k trials (proposal order) for each k of ``points``."""
+def curve(ordered: pd.DataFrame, ref: tuple[float, float], points: Sequence[int]) -> list[float]:
+    """Validation hypervolume of the first k trials for each k of ``points``; ``ordered``: the trials in
+    proposal order (:func:`in_proposal_order`)."""
     from analysis.pareto import hypervolume
 
-    ordered = in_proposal_order(trials)
     return [hypervolume(ordered["accuracy"][:k], ordered["avg_macs"][:k], ref) for k in points]
 
 
@@ -91,10 +90,11 @@ def measure(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], num_sa
     for seed in seeds:  # seeds outermost: a change of load hits every searcher alike
         for alg in searchers:
             runs[alg, seed] = run_search(ctx, f"{alg}_seed{seed}", search_alg=alg, seed=seed, **budget)
-            trials = found[alg, seed] = load_trials(runs[alg, seed].path)
-            curves[alg, seed] = curve(trials, ref, points)
-            fine[alg, seed] = curve(trials, ref, fine_points)
-            pick = validation_pick(trials, target_macs, tolerance)
+            trials = load_trials(runs[alg, seed].path)
+            ordered = found[alg, seed] = in_proposal_order(trials)  # reads every trial's result.json: once
+            curves[alg, seed] = curve(ordered, ref, points)
+            fine[alg, seed] = curve(ordered, ref, fine_points)
+            pick = validation_pick(trials, target_macs, tolerance)  # its tie-break follows the loaded order
             rows.append({"searcher": alg, "seed": seed, "trials": len(trials), "hv_final": curves[alg, seed][-1],
                          "pick_test_acc": None if pick is None else float(pick["test_accuracy"]),
                          "wall_s": runs[alg, seed].wall_s})
@@ -104,23 +104,21 @@ def measure(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], num_sa
     mean_curve = {alg: np.mean([curves[alg, s] for s in seeds], axis=0) for alg in searchers}
     random_final = float(mean_curve["random"][-1])
     reach = next((k for k, hv in zip(points, mean_curve["surrogate"]) if hv >= random_final), None)
-    final = per_seed.pivot(index="seed", columns="searcher", values="hv_final")
-    diff, sem, is_ahead = ahead(final["surrogate"], final["nsga2"])
-    holds = bool(reach is not None and reach <= num_samples / 3 and is_ahead)
     # Control: SurrogateSearch's initial design starts with the space's smallest and largest networks, which
     # the other searchers rarely draw, and a front's hypervolume rewards its ends. Give every searcher those
     # two points (as measured in the surrogate's search of the same seed: an inherited network scores the
     # same in any search) and compare again; and compare the validation-picked networks at the target.
     from analysis.pareto import hypervolume
 
-    extremes = {s: in_proposal_order(found["surrogate", s]).iloc[:2] for s in seeds}
+    extremes = {s: found["surrogate", s].iloc[:2] for s in seeds}
     per_seed["hv_with_extremes"] = [
         hypervolume(both["accuracy"], both["avg_macs"], ref)
         for both in (pd.concat([found[r["searcher"], r["seed"]], extremes[r["seed"]]]) for r in rows)]
-    final_x = per_seed.pivot(index="seed", columns="searcher", values="hv_with_extremes")
-    diff_x, sem_x, _ = ahead(final_x["surrogate"], final_x["nsga2"])
-    picks = per_seed.pivot(index="seed", columns="searcher", values="pick_test_acc")
-    diff_acc, sem_acc, _ = ahead(picks["surrogate"], picks["nsga2"])
+    by_seed = per_seed.pivot(index="seed", columns="searcher")
+    diff, sem, is_ahead = ahead(by_seed["hv_final"]["surrogate"], by_seed["hv_final"]["nsga2"])
+    holds = bool(reach is not None and reach <= num_samples / 3 and is_ahead)
+    diff_x, sem_x, _ = ahead(by_seed["hv_with_extremes"]["surrogate"], by_seed["hv_with_extremes"]["nsga2"])
+    diff_acc, sem_acc, _ = ahead(by_seed["pick_test_acc"]["surrogate"], by_seed["pick_test_acc"]["nsga2"])
     control = (f"with the space's smallest and largest networks added to every searcher's front, surrogate − "
                f"NSGA-II {diff_x:+.1f} ± {fmt(sem_x, 1)}; test accuracy of the validation pick at the target, "
                f"surrogate − NSGA-II {diff_acc:+.1f} ± {fmt(sem_acc, 1)} points")
@@ -153,7 +151,7 @@ def measure(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], num_sa
         + "; ".join(f"seed {sd}: " + ", ".join(f"{a:.1f}% at {m:.2f} MMACs" for a, m in
                                                 zip(e["accuracy"], e["avg_macs"])) for sd, e in extremes.items())
         + ".", "",
-        f"![Validation hypervolume against candidates evaluated, per searcher]({os.path.relpath(png, DOCS_DIR.parent)})",
+        md_image(png, "Validation hypervolume against candidates evaluated, per searcher"),
         "", provenance_note(list(runs.values()))])
     figures = {"per_seed": per_seed.to_dict("records"), "curves": {f"{a}/{s}": c for (a, s), c in curves.items()},
                "points": points, "plot": png, "reach": reach, "diff_vs_nsga2": diff, "sem": sem,

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from _common import (DOCS_DIR, Claim, Context, Outcome, fmt, load_trials, main, md_table, priority_note,
+from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_image, md_table, priority_note,
                      provenance_note, run_search, search_figures, stop_ray)
 
 CLAIM = Claim(1, "spaces_compare", "Searched branches vs fixed branches vs no exits",
@@ -177,7 +177,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
         md_table(margins, 2), "",
         "Per seed ('search time': wall seconds of `aebnas.experiment.run`, Ray already started):", "",
         md_table(run_rows, 2), "",
-        f"![Pareto plot of the three spaces]({os.path.relpath(png, DOCS_DIR.parent)})", "",
+        md_image(png, "Pareto plot of the three spaces"), "",
         "The plot shows every trial of every seed at its tuned thresholds (validation), one colour per space, "
         "with each space's front.",
     ])
