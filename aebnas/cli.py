@@ -107,13 +107,19 @@ def _add_retrain(p: argparse.ArgumentParser) -> None:
                        "at --target-macs")
     p.add_argument("--target-macs", type=float, help="target average MMACs for ranking and threshold tuning "
                    "(default: the experiment's)")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default: %(default)s; "
+                   "0 with --inherit or --supernet: score the inherited weights as they are)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--inherit", action="store_true", help="start from the weights of the supernet the trial "
+                       "inherited from, fine-tuned at the trial's finetune_lr (default: train from scratch)")
+    start.add_argument("--supernet", metavar="PATH", help="start from this supernet file's weights instead")
     p.add_argument("--out", help="run directory (default: EXPERIMENT_DIR/retrain_TRIAL); rerun to resume")
     p.add_argument("--data-dir", help="where the dataset is, if not where the search found it")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                    help="download the dataset with torchvision if missing (default: as the search)")
     p.add_argument("--batch-size", type=int, help="default: the trial's")
-    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: the trial's)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: the trial's lr; "
+                   "with --inherit or --supernet its finetune_lr)")
     p.add_argument("--seed", type=int, help="seed of initial weights and batch order (default: the trial's; "
                    "the train/val split is always the search's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 …")

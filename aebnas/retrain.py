@@ -1,8 +1,9 @@
-"""Retrain a trial of a search: longer, from scratch, on the search's own data split.
+"""Retrain a trial of a search: longer, on the search's own data split.
 
 ``retrain`` picks a trial of an experiment directory (by id, or the best validation score
-at a target, by the rule of ``aebnas.trials``), trains its architecture from scratch for
-more epochs with the same training loop and evaluation path as a trial
+at a target, by the rule of ``aebnas.trials``), trains its architecture for more epochs —
+from scratch, or (``inherit`` / ``supernet``) starting from a supernet's weights for it and
+fine-tuning them at ``finetune_lr`` — with the same training loop and evaluation path as a trial
 (``aebnas.train.CandidateTraining``: BatchNorm recalibrated on a seeded, shuffled sample of
 the training split before every evaluation), tunes the exit thresholds on the validation
 split and measures the test split with them. It is resumable: a checkpoint after every
@@ -39,10 +40,13 @@ from .config import ArchConfig
 from .cost import exit_costs
 from .data import Dataset
 from .exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, tune_thresholds
+from .nn import EarlyExitNet
+from .supernet import SupernetInfo, check_supernet
 from .trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, split_seed, trial_arch
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, resolved_config)
 from .train import CandidateTraining, load_checkpoint, select_device
+from .trainable import inherited_network
 
 
 # Trials train a few epochs; a from-scratch MobileNetV3 keeps improving well past that.
@@ -51,7 +55,7 @@ TRAIN_LOG_FILE = "train_log.csv"
 LOG_COLUMNS = ("epoch", "loss", "val_accuracy", "val_avg_macs", "val_final_accuracy", "lr", "seconds")
 # Settings that change the weights: a run directory resumes only with the same values.
 _TRAINING_KEYS = ("dataset", "epochs", "batch_size", "lr", "weight_decay", "momentum", "exit_weight",
-                  "label_smoothing", "bn_recalibration_batches", "seed")
+                  "label_smoothing", "bn_recalibration_batches", "seed", "supernet", "finetune_lr")
 
 Log = Callable[[str], None]
 
@@ -63,7 +67,13 @@ def _print(message: str) -> None:
 # ----------------------------------------------------------------- retrain
 @dataclass(frozen=True)
 class RetrainRequest:
-    """What ``aebnas retrain`` was asked; ``None`` means: as the trial / experiment had it."""
+    """What ``aebnas retrain`` was asked; ``None`` means: as the trial / experiment had it.
+
+    ``inherit``: start from the weights of the supernet the trial inherited from (its search's
+    ``supernet``) instead of from scratch; ``supernet``: start from this supernet file instead.
+    Either way the weights fine-tune at ``lr`` if given, else at the trial's ``finetune_lr``;
+    ``epochs=0`` then scores the inherited weights as they are.
+    """
 
     experiment_dir: str
     trial: str | None = None
@@ -77,6 +87,8 @@ class RetrainRequest:
     lr: float | None = None
     seed: int | None = None
     device: str = "auto"
+    inherit: bool = False
+    supernet: str | None = None
 
 
 def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
@@ -111,40 +123,72 @@ def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
         selected_by = f"--best at {target:g} MMACs (search score {ranking[0].score:.2f})"
 
     arch, trial_settings = trial_arch(trial, data)
-    overrides = {k: v for k, v in {"batch_size": req.batch_size, "lr": req.lr, "seed": req.seed}.items()
+    supernet = _supernet_of(req, trial.name, trial_settings)
+    lr = "finetune_lr" if supernet else "lr"  # inherited weights fine-tune at their own rate
+    overrides = {k: v for k, v in {"batch_size": req.batch_size, lr: req.lr, "seed": req.seed}.items()
                  if v is not None}
     try:
-        # Retraining trains from scratch: a supernet the trial inherited from is not used.
         settings = dataclasses.replace(trial_settings, epochs=req.epochs, target_macs=target,
-                                       device=req.device, supernet=None, **overrides)
+                                       device=req.device, supernet=supernet, **overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    model = None if supernet is None else _inherited_network(supernet, arch, settings.confidence, data, log)
     if req.out:
         run_dir = Path(req.out).expanduser()
     elif "://" in str(req.experiment_dir):  # exp.path is a local copy: keep the run where the user is
         run_dir = Path.cwd() / f"retrain_{trial.name}"
     else:
         run_dir = exp.path / f"retrain_{trial.name}"
-    log(f"retraining {trial.name} ({selected_by}) for {settings.epochs} epochs on {device} into {run_dir}")
-    run = _Run(run_dir, arch, settings, data, device, log)
+    start = "from scratch" if supernet is None else f"from the supernet's weights at lr {settings.finetune_lr:g}"
+    log(f"retraining {trial.name} ({selected_by}) {start} for {settings.epochs} epochs on {device} into {run_dir}")
+    run = _Run(run_dir, arch, settings, data, device, log, model)
     run.train()
     # A URI, not the temporary local copy read from it (gone with the next reboot).
     source = {"experiment": req.experiment_dir if "://" in str(req.experiment_dir) else str(exp.path.resolve()),
-              "trial": trial.name, "selected_by": selected_by,
+              "trial": trial.name, "selected_by": selected_by, "supernet": supernet,
               "search_metrics": {k: trial.last.get(k) for k in ("score", "accuracy", "avg_macs", "epoch",
                                                                "test_accuracy")} if trial.last else None}
     return run.finish(source)
+
+
+def _supernet_of(req: RetrainRequest, trial: str, trial_settings: TrialSettings) -> str | None:
+    """The supernet file whose weights the run starts from (None: from scratch)."""
+    if req.supernet is not None:
+        return req.supernet
+    if not req.inherit:
+        return None
+    if trial_settings.supernet is None:
+        raise UsageError(f"{trial} trained from scratch: its search had no supernet to inherit from; "
+                         "pass --supernet PATH to start from one")
+    return trial_settings.supernet
+
+
+def _inherited_network(path: str, arch: ArchConfig, confidence: str, data: Dataset, log: Log) -> EarlyExitNet:
+    """``arch`` holding the weights of the supernet file ``path``; UsageError saying why it cannot."""
+    try:
+        record = load_checkpoint(path) if Path(path).is_file() else None
+        if record is None:
+            raise ValueError("the file does not exist (pass --supernet PATH where it is now)")
+        info = SupernetInfo.from_record(record, path)
+        # The same checks a search makes: width, classes, no validation/test image trained on, and the
+        # candidate's resolution and every block and branch inside the supernet's space.
+        check_supernet(info, needs={"resolutions": [arch.resolution]}, width_mult=arch.width_mult, data=data)
+        model = inherited_network(record, arch, confidence)
+    except ValueError as exc:
+        raise UsageError(f"supernet {path}: {exc}") from None
+    log(f"starting from {path} ({info.describe()})")
+    return model
 
 
 class _Run:
     """One retraining run in ``run_dir``; resumes from ``checkpoint.pt`` when it is there."""
 
     def __init__(self, run_dir: Path, arch: ArchConfig, settings: TrialSettings, data: Dataset,
-                 device: torch.device, log: Log) -> None:
+                 device: torch.device, log: Log, model: EarlyExitNet | None = None) -> None:
         self.dir, self.arch, self.settings, self.data, self.log = run_dir, arch, settings, data, log
         self.costs = exit_costs(arch)
         self.config = resolved_config(arch, settings)
-        self.training = CandidateTraining(arch, settings, data, device)
+        self.training = CandidateTraining(arch, settings, data, device, model=model)
         self.history: list[dict[str, float]] = []
 
     # -- checkpoints

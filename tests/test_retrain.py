@@ -289,6 +289,8 @@ def test_retrain_errors_name_the_problem(experiment, run, tmp_path, capsys):
     out_dir, _, _ = run
     code, _, err = _run_cli(capsys, "retrain", path, "--trial", trial, "--epochs", 5, "--out", out_dir)
     assert code == 2 and "holds another run (epochs: 3 there, 5 now)" in err
+    code, _, err = _run_cli(capsys, "retrain", path, "--trial", trial, "--inherit")
+    assert code == 2 and f"{trial} trained from scratch: its search had no supernet to inherit from" in err
     uri = f"file://{tmp_path / 'nowhere'}"
     code, _, err = _run_cli(capsys, "retrain", uri, "--trial", trial)
     assert code == 2 and f"experiment directory {uri} does not exist" in err

@@ -305,6 +305,98 @@ def test_search_refuses_a_supernet_trained_on_its_validation_images(ray_local, t
     assert not (tmp_path / "inherit").exists() or not list((tmp_path / "inherit").glob("trial_*"))
 
 
+# ------------------------------------------------------------------ retraining from the supernet
+
+
+@pytest.fixture(scope="module")
+def inherited_trial(ray_local, trained, small_npz, tmp_path_factory):
+    """A search whose candidates scored their inherited weights (epoch 0), and one of its trials."""
+    from aebnas.experiment import run
+    from aebnas.trials import read_experiment_dir
+
+    storage = tmp_path_factory.mktemp("inherited")
+    results = run(_search(storage, small_npz, trained[2], num_samples=2, name="picked"))
+    assert not results.errors
+    return storage / "picked", read_experiment_dir(storage / "picked").trials[0]
+
+
+def test_retrain_inherit_with_0_epochs_is_the_trial_itself(inherited_trial, trained):
+    """`retrain --inherit --epochs 0` scores the weights the trial inherited, as the trial did:
+    the same outputs, thresholds and reported numbers, and model.pt holds the supernet's slices."""
+    from aebnas.exit_policy import load_exit_outputs
+    from aebnas.retrain import RetrainRequest, retrain
+    from aebnas.settings import parse_trial_config
+    from aebnas.trainable import inherited_network
+
+    path, trial = inherited_trial
+    out = path.parent / "r0"
+    lines: list[str] = []
+    metrics = retrain(RetrainRequest(str(path), trial=trial.name, epochs=0, inherit=True, out=str(out)),
+                      log=lines.append)
+    assert metrics["source"]["supernet"] == str(trained[2]) and metrics["epochs"] == 0
+    assert any(line.startswith(f"starting from {trained[2]} (supernet of") for line in lines), lines
+    searched, _ = load_exit_outputs(trial.path / "exit_outputs.npz")
+    retrained, _ = load_exit_outputs(out / "exit_outputs.npz")
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(retrained[split].prediction, searched[split].prediction)
+        np.testing.assert_allclose(retrained[split].confidence, searched[split].confidence, rtol=1e-5, atol=1e-6)
+    assert metrics["thresholds"] == trial.last["thresholds"]
+    assert metrics["val"]["accuracy"] == pytest.approx(trial.last["accuracy"], abs=1e-9)
+    assert metrics["test"]["accuracy"] == pytest.approx(trial.last["test_accuracy"], abs=1e-9)
+    arch, _ = parse_trial_config(trial.config)
+    inherited = inherited_network(load_checkpoint(trained[2]), arch, "margin").state_dict()
+    weights = load_checkpoint(out / "model.pt")
+    for name, value in inherited.items():
+        if "running" not in name and name != "thresholds" and value.is_floating_point():  # BN stats: recalibrated
+            torch.testing.assert_close(weights[name], value, msg=name)
+
+
+def test_retrain_inherit_fine_tunes_at_the_given_rate_and_resumes_only_alike(inherited_trial, trained, capsys):
+    from aebnas.cli import main
+    from aebnas.settings import parse_trial_config
+
+    path, trial = inherited_trial
+    out = path.parent / "r1"
+    assert main(["retrain", str(path), "--trial", trial.name, "--inherit", "--epochs", "1", "--lr", "0.005",
+                 "--out", str(out)]) == 0
+    assert "from the supernet's weights at lr 0.005 for 1 epochs" in capsys.readouterr().out
+    _, settings = parse_trial_config(json.loads((out / "arch.json").read_text()))
+    _, trial_settings = parse_trial_config(trial.config)
+    # --lr sets the fine-tuning rate of inherited weights; the from-scratch rate stays the trial's
+    assert (settings.supernet, settings.finetune_lr, settings.lr) == (str(trained[2]), 0.005, trial_settings.lr)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    # The fine-tuned weights moved away from the inherited ones.
+    arch, _ = parse_trial_config(trial.config)
+    from aebnas.trainable import inherited_network
+
+    inherited = inherited_network(load_checkpoint(trained[2]), arch, "margin").state_dict()
+    weights = load_checkpoint(out / "model.pt")
+    moved = [name for name, value in inherited.items() if value.is_floating_point() and "running" not in name
+             and name != "thresholds" and not torch.equal(weights[name], value)]
+    assert "head.0.0.weight" in moved and len(moved) > len(inherited) // 3
+    # The same run directory resumes only the same run: here one from scratch is refused.
+    assert main(["retrain", str(path), "--trial", trial.name, "--epochs", "1", "--out", str(out)]) == 2
+    assert f"holds another run (finetune_lr: 0.005 there, {trial_settings.finetune_lr!r} now, supernet: " \
+           f"'{trained[2]}' there, None now)" in capsys.readouterr().err
+
+
+def test_retrain_refuses_a_supernet_it_cannot_start_from(inherited_trial, tmp_path, capsys):
+    from aebnas.cli import main
+
+    path, trial = inherited_trial
+    argv = ["retrain", str(path), "--trial", trial.name, "--out", str(tmp_path / "run")]
+    assert main([*argv, "--supernet", str(tmp_path / "none.pt")]) == 2
+    assert f"supernet {tmp_path / 'none.pt'}: the file does not exist" in capsys.readouterr().err
+    not_one = sorted(trial.path.glob("checkpoint_*/checkpoint.pt"))[-1]
+    assert main([*argv, "--supernet", str(not_one)]) == 2
+    assert "is not an aebnas supernet file" in capsys.readouterr().err
+    assert main([*argv, "--epochs", "0"]) == 2  # 0 epochs from scratch: nothing to score
+    assert "epochs=0 scores inherited weights only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --inherit and --supernet exclude each other
+        main([*argv, "--inherit", "--supernet", str(not_one)])
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ Ray Train: 2 workers, kill, resume
 
 
