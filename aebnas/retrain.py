@@ -124,8 +124,8 @@ def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
 
     arch, trial_settings = trial_arch(trial, data)
     supernet = _supernet_of(req, trial.name, trial_settings)
-    lr = "finetune_lr" if supernet else "lr"  # inherited weights fine-tune at their own rate
-    overrides = {k: v for k, v in {"batch_size": req.batch_size, lr: req.lr, "seed": req.seed}.items()
+    lr_key = "finetune_lr" if supernet else "lr"  # inherited weights fine-tune at their own rate
+    overrides = {k: v for k, v in {"batch_size": req.batch_size, lr_key: req.lr, "seed": req.seed}.items()
                  if v is not None}
     try:
         settings = dataclasses.replace(trial_settings, epochs=req.epochs, target_macs=target,
@@ -166,9 +166,9 @@ def _supernet_of(req: RetrainRequest, trial: str, trial_settings: TrialSettings)
 def _inherited_network(path: str, arch: ArchConfig, confidence: str, data: Dataset, log: Log) -> EarlyExitNet:
     """``arch`` holding the weights of the supernet file ``path``; UsageError saying why it cannot."""
     try:
-        record = load_checkpoint(path) if Path(path).is_file() else None
-        if record is None:
+        if not Path(path).is_file():
             raise ValueError("the file does not exist (pass --supernet PATH where it is now)")
+        record = load_checkpoint(path)
         info = SupernetInfo.from_record(record, path)
         # The same checks a search makes: width, classes, no validation/test image trained on, and the
         # candidate's resolution and every block and branch inside the supernet's space.
