@@ -17,11 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import ArchConfig, is_arch_key
+from .errors import ExperimentError, UsageError
 from .settings import SETTING_KEYS, int_list
-
-
-class UsageError(Exception):
-    """Bad input from the command line: printed as one message, exit code 2."""
 
 
 def read_arch_json(path: str | Path) -> ArchConfig:
@@ -233,7 +230,6 @@ def _cmd_supernet(args: argparse.Namespace) -> int:
 
 
 def _supernet_train(args: argparse.Namespace) -> int:
-    from .settings import ExperimentError
     from .supernet import SupernetSettings
     from .supernet_train import SupernetRequest, train_supernet
 
@@ -325,7 +321,6 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 def _cmd_latency(args: argparse.Namespace) -> int:
     from .latency import ProfileRequest, profile
     from .supernet_train import space_values_of
-    from .settings import ExperimentError
 
     try:
         space = space_values_of({"resolutions": tuple(args.resolutions)} if args.resolutions else {})

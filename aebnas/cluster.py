@@ -15,7 +15,7 @@ from typing import Any
 import ray
 from ray.exceptions import AuthenticationError
 
-from .settings import ExperimentError
+from .errors import ExperimentError
 
 
 def check_address_reachable(address: str, timeout: float = 5.0) -> None:

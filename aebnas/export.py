@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UsageError
+from .errors import UsageError
 from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
 from .nn import EarlyExitNet, torch_confidence
 from .onnx_runner import OnnxEarlyExitNet

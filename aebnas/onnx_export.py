@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UsageError
+from .errors import UsageError
 from .export import _log_export, _plan, _print
 from .nn import EarlyExitNet, torch_confidence
 from .onnx_runner import FORMAT, META_FILE

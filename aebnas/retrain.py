@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
 from .config import ArchConfig
 from .cost import exit_costs
 from .data import Dataset

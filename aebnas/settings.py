@@ -32,10 +32,6 @@ PAPER_LAMBDA = 0.1
 CONFIDENCE_MEASURES = ("margin", "max_prob", "entropy")
 
 
-class ExperimentError(ValueError):
-    """A setting of the experiment is wrong; raised before any trial starts."""
-
-
 @dataclass(frozen=True)
 class TrainSettings:
     """Optimisation of one candidate (defaults measured on the CIFAR-10 subset).

@@ -28,7 +28,8 @@ import torch
 
 from .config import PAPER_SPACE, SpaceValues
 from .data import Dataset, load_dataset
-from .settings import CHECKPOINT_FILE, ExperimentError
+from .errors import ExperimentError
+from .settings import CHECKPOINT_FILE
 from .supernet import (SUPERNET_FILE, SupernetSettings, SupernetTraining, load_supernet, read_supernet_info,
                        save_supernet)
 from .train import load_checkpoint, select_device

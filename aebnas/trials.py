@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
 from .config import ArchConfig
 from .cost import exit_costs
 from .batches import BatchLoader

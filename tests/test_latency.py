@@ -231,7 +231,7 @@ def test_analysis_plots_accuracy_against_milliseconds(latency_search, tmp_path):
 
 def test_latency_search_refuses_a_table_that_does_not_cover_the_space(small_npz, tmp_path, tiny_table):
     from aebnas.experiment import run
-    from aebnas.settings import ExperimentError
+    from aebnas.errors import ExperimentError
     from conftest import tiny_experiment
 
     wrong_res = tiny_experiment(tmp_path / "r", small_npz, cost="latency", latency_table=str(tiny_table),

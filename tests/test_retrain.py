@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aebnas.cli import UsageError, main
+from aebnas.cli import main
+from aebnas.errors import UsageError
 from aebnas.cost import exit_costs
 from aebnas.batches import BatchLoader
 from aebnas.data import load_dataset

@@ -283,7 +283,7 @@ def test_search_fine_tunes_inherited_weights(ray_local, trained, small_npz, tmp_
 
 def test_search_refuses_a_supernet_that_does_not_fit(trained, small_npz, tmp_path):
     from aebnas.experiment import run
-    from aebnas.settings import ExperimentError
+    from aebnas.errors import ExperimentError
 
     path = trained[2]
     with pytest.raises(ExperimentError, match=r"kernels \[7\] are not in the supernet's \[3, 5\]"):
@@ -298,7 +298,7 @@ def test_search_refuses_a_supernet_that_does_not_fit(trained, small_npz, tmp_pat
 
 def test_search_refuses_a_supernet_trained_on_its_validation_images(ray_local, trained, small_npz, tmp_path):
     from aebnas.experiment import run
-    from aebnas.settings import ExperimentError
+    from aebnas.errors import ExperimentError
 
     with pytest.raises(ExperimentError, match="validation/test images"):
         run(_search(tmp_path, small_npz, trained[2], seed=1))  # seed 1: another train/val split
