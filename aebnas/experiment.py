@@ -26,7 +26,8 @@ from .cluster import check_address_reachable, check_trial_fits, connect_ray, des
 from .data import DatasetNotFoundError, load_dataset
 from .latency import LatencyTable, covering_archs, read_table, space_pieces
 from .moasha import MOASHA
-from .settings import (EXPERIMENT_FILE, LATENCY_BACKENDS, ExperimentError, TrialSettings, int_list,
+from .errors import ExperimentError
+from .settings import (EXPERIMENT_FILE, LATENCY_BACKENDS, TrialSettings, int_list,
                        parse_trial_config)
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from .supernet import SUPERNET_FILE, SupernetInfo, SupernetSettings, check_supernet, read_supernet_info
@@ -136,11 +137,14 @@ class Experiment(TrialSettings):
             raise bad("time_budget_s", "must be > 0 seconds (or None: no time limit)")
         if self.search_alg in ("tpe", "nsga2"):
             try:
-                import optuna  # noqa: F401
+                import optuna
             except ImportError:
                 raise ExperimentError(
                     f"search_alg={self.search_alg!r} needs Optuna, which is not installed: "
                     "pip install 'aebnas[optuna]' (or pip install optuna)") from None
+            from .optuna_search import check_optuna_version
+
+            check_optuna_version(optuna.__version__)
         if self.search_alg == "surrogate":
             try:
                 require_pymoo()
@@ -349,19 +353,13 @@ def make_search_alg(exp: Experiment, param_space: dict[str, Any], path: str | No
                                    log_dir=log_dir)
         # batch=True: an iteration starts once the previous batch is back, so it learns from all of it.
         return ConcurrencyLimiter(searcher, max_concurrent=exp.max_concurrent or exp.surrogate_batch, batch=True)
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
     from search_spaces.encoding import define_by_run
+
+    from .optuna_search import optuna_search
 
     # Define-by-run: Optuna sees only the choices a candidate uses (no blocks beyond its depth, no
     # modules of a missing exit), so TPE and NSGA-II do not learn from values that change nothing.
-    space = define_by_run(param_space)
-    if exp.search_alg == "tpe":
-        return OptunaSearch(space=space, metric="score", mode="max", sampler=optuna.samplers.TPESampler(seed=exp.seed))
-    # NSGA-II optimises accuracy and average MACs together (the paper's two objectives).
-    return OptunaSearch(space=space, metric=["accuracy", "avg_macs"], mode=["max", "min"],
-                        sampler=optuna.samplers.NSGAIISampler(seed=exp.seed))
+    return optuna_search(exp.search_alg, define_by_run(param_space), exp.seed)
 
 
 def tuner_param_space(exp: Experiment, param_space: dict[str, Any]) -> dict[str, Any]:
