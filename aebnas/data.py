@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .npz import nhwc_to_nchw, read_npz_dataset
+
 DATASET_NAMES = ("cifar10-subset", "cifar10", "cifar100", "svhn")
 """Names ``load_dataset`` knows; any path ending in ``.npz`` is accepted too."""
 
@@ -42,7 +44,6 @@ _TORCHVISION_LAYOUT = {
     "cifar100": "DATA_DIR/cifar-100-python/ (cifar-100-python.tar.gz extracted)",
     "svhn": "DATA_DIR/train_32x32.mat + DATA_DIR/test_32x32.mat",
 }
-_NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 SPLITS = ("train", "val", "test")
 """Names of a Dataset's splits (:meth:`Dataset.split`, :meth:`BatchLoader.for_split`)."""
 
@@ -251,9 +252,9 @@ def _from_torchvision(
     test = _open_torchvision(cls, name, root, download, train=False)
     return _build(
         name,
-        _nhwc_to_nchw(train.data),
+        nhwc_to_nchw(train.data),
         np.asarray(train.targets, dtype=np.int64),
-        _nhwc_to_nchw(test.data),
+        nhwc_to_nchw(test.data),
         np.asarray(test.targets, dtype=np.int64),
         list(train.classes),
         hflip=True,
@@ -309,10 +310,6 @@ def _not_found_message(cls, name: str, root: pathlib.Path, download: bool, err: 
     )
 
 
-def _nhwc_to_nchw(images: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-
-
 # --------------------------------------------------------------------------- .npz files
 
 
@@ -333,120 +330,8 @@ def _find_npz(name: str, data_dir: str | os.PathLike | None) -> pathlib.Path:
 
 
 def _from_npz(path: pathlib.Path, name: str, val_size: int | None, seed: int) -> Dataset:
-    arrays = _read_npz(path)
-    x_full = _npz_images(path, "x_train", arrays["x_train"])
-    x_test = _npz_images(path, "x_test", arrays["x_test"])
-    if x_full.shape[1:] != x_test.shape[1:]:
-        raise ValueError(
-            f"{path}: x_test images have shape (C, H, W)={tuple(x_test.shape[1:])} but "
-            f"x_train images have {tuple(x_full.shape[1:])}; expected the same shape"
-        )
-    y_full = _npz_labels(path, "y_train", arrays["y_train"], len(x_full))
-    y_test = _npz_labels(path, "y_test", arrays["y_test"], len(x_test))
-    if "classes" in arrays:
-        classes = _npz_classes(path, arrays["classes"])
-    else:
-        classes = _classes_from_labels(path, y_full, y_test)
-    for key, y in (("y_train", y_full), ("y_test", y_test)):
-        if int(y.max()) >= len(classes):
-            raise ValueError(
-                f"{path}: {key} has label {int(y.max())} but 'classes' lists "
-                f"{len(classes)} names; expected labels in 0..{len(classes) - 1}"
-            )
+    x_full, y_full, x_test, y_test, classes = read_npz_dataset(path)
     return _build(name, x_full, y_full, x_test, y_test, classes, True, val_size, seed)
-
-
-def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as err:  # np.load raises several types for a file that is not .npz
-        raise ValueError(f"{path}: cannot be read as an .npz archive ({err})") from err
-    with archive:
-        if not hasattr(archive, "files"):
-            raise ValueError(f"{path}: holds a single array; expected an .npz archive with keys {_NPZ_REQUIRED}")
-        missing = [k for k in _NPZ_REQUIRED if k not in archive.files]
-        if missing:
-            raise ValueError(
-                f"{path}: missing key(s) {', '.join(missing)}; found {sorted(archive.files)}; "
-                f"expected {', '.join(_NPZ_REQUIRED)} (and optionally classes)"
-            )
-        arrays = {}
-        for key in (*_NPZ_REQUIRED, "classes"):
-            if key not in archive.files:
-                continue
-            try:
-                arrays[key] = archive[key]
-            except ValueError as err:  # object arrays need pickle, which is never allowed here
-                raise ValueError(
-                    f"{path}: key {key} holds Python objects ({err}); expected a plain numpy array"
-                ) from err
-        return arrays
-
-
-def _npz_images(path: pathlib.Path, key: str, x: np.ndarray) -> np.ndarray:
-    """Validate images stored as NHWC (C in {1, 3}) or NHW; return NCHW uint8."""
-    if x.dtype != np.uint8:
-        if not np.issubdtype(x.dtype, np.integer):
-            raise ValueError(f"{path}: {key} has dtype {x.dtype}; expected uint8 pixels (0..255)")
-        if x.size and (x.min() < 0 or x.max() > 255):
-            raise ValueError(
-                f"{path}: {key} has dtype {x.dtype} with values in {x.min()}..{x.max()}; "
-                "expected uint8 pixels (0..255)"
-            )
-        x = x.astype(np.uint8)
-    if x.ndim == 3:
-        x = x[..., None]
-    elif x.ndim != 4 or x.shape[-1] not in (1, 3):
-        hint = " (it looks like NCHW; store NHWC)" if x.ndim == 4 and x.shape[1] in (1, 3) else ""
-        raise ValueError(
-            f"{path}: {key} has shape {x.shape}{hint}; expected (N, H, W, C) with C in (1, 3) "
-            "or (N, H, W) for grayscale"
-        )
-    if len(x) == 0:
-        raise ValueError(f"{path}: {key} has no images; expected at least one")
-    return _nhwc_to_nchw(x)
-
-
-def _npz_labels(path: pathlib.Path, key: str, y: np.ndarray, n_images: int) -> np.ndarray:
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{path}: {key} has dtype {y.dtype}; expected integer class labels")
-    if y.ndim != 1:
-        raise ValueError(f"{path}: {key} has shape {y.shape}; expected 1-D (N,)")
-    x_key = "x" + key[1:]
-    if len(y) != n_images:
-        raise ValueError(f"{path}: {key} has {len(y)} labels but {x_key} has {n_images} images; expected equal")
-    if y.min() < 0:
-        raise ValueError(f"{path}: {key} has negative label {y.min()}; expected labels >= 0")
-    return y.astype(np.int64)
-
-
-def _classes_from_labels(path: pathlib.Path, y_train: np.ndarray, y_test: np.ndarray) -> list[str]:
-    """Class names "0".."K-1" for a file without a classes key; every id must occur in y_train.
-
-    Without names, every id up to the largest label becomes a class: an id no training
-    image has is almost always a labelling mistake (1-based labels, a class dropped), and
-    it would add a class the network can never learn.
-    """
-    top = int(max(y_train.max(), y_test.max()))
-    unused = np.flatnonzero(np.bincount(y_train, minlength=top + 1) == 0)
-    if len(unused):
-        shown = ", ".join(str(i) for i in unused[:10]) + (f", … ({len(unused)} ids)" if len(unused) > 10 else "")
-        hint = "The labels look 1-based: subtract 1. " if unused.tolist() == [0] else ""
-        raise ValueError(
-            f"{path}: y_train never uses label(s) {shown} of 0..{top}; without a 'classes' key every id "
-            f"in 0..{top} becomes a class. {hint}Renumber the labels to 0..K-1, or add a 'classes' key "
-            "naming every class (then a class may be absent from the training split)"
-        )
-    return [str(i) for i in range(top + 1)]
-
-
-def _npz_classes(path: pathlib.Path, classes: np.ndarray) -> list[str]:
-    if classes.ndim != 1 or classes.dtype.kind not in "US" or len(classes) == 0:
-        raise ValueError(
-            f"{path}: classes has dtype {classes.dtype} and shape {classes.shape}; "
-            "expected a non-empty 1-D array of class names (strings)"
-        )
-    return [c.decode() if isinstance(c, bytes) else str(c) for c in classes.tolist()]
 
 
 def _as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
