@@ -18,9 +18,11 @@ BatchNorm recalibration; evaluation uses every image, so its order does not matt
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import pathlib
+import shutil
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -30,19 +32,24 @@ import torch
 
 from .npz import nhwc_to_nchw, read_npz_dataset
 
-DATASET_NAMES = ("cifar10-subset", "cifar10", "cifar100", "svhn")
+DATASET_NAMES = ("cifar10-subset", "cifar10", "cifar100", "svhn", "fashion-mnist")
 """Names ``load_dataset`` knows; any path ending in ``.npz`` is accepted too."""
 
-DEFAULT_VAL_SIZE = {"cifar10": 5000, "cifar100": 5000, "svhn": 7325, "cifar10-subset": 500}
+DEFAULT_VAL_SIZE = {"cifar10": 5000, "cifar100": 5000, "svhn": 7325, "cifar10-subset": 500, "fashion-mnist": 6000}
 """Validation images taken out of the training set; .npz files get 10% of train (at least 1)."""
 
 DEFAULT_DATA_DIR = pathlib.Path("~/.cache/aebnas/data")
+
+FASHION_MNIST_SYSTEM_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's package ``dataset-fashion-mnist`` installs the four idx ``.gz`` files."""
 
 # Where torchvision expects each dataset's files under DATA_DIR.
 _TORCHVISION_LAYOUT = {
     "cifar10": "DATA_DIR/cifar-10-batches-py/ (cifar-10-python.tar.gz extracted)",
     "cifar100": "DATA_DIR/cifar-100-python/ (cifar-100-python.tar.gz extracted)",
     "svhn": "DATA_DIR/train_32x32.mat + DATA_DIR/test_32x32.mat",
+    "fashion-mnist": "DATA_DIR/FashionMNIST/raw/ (the four idx files, extracted), or DATA_DIR holding the "
+                     "four idx .gz files as Debian's package lays them out",
 }
 SPLITS = ("train", "val", "test")
 """Names of a Dataset's splits (:meth:`Dataset.split`, :meth:`BatchLoader.for_split`)."""
@@ -133,9 +140,12 @@ def load_dataset(
     """Load a dataset into memory and split a validation set off its training set.
 
     ``name`` is one of :data:`DATASET_NAMES` or a path ending in ``.npz``.
-    ``cifar10``, ``cifar100`` and ``svhn`` are read with torchvision from ``data_dir``
-    (default ``~/.cache/aebnas/data``) in torchvision's layout, downloaded there first when
-    ``download`` is true. ``cifar10-subset`` is the embedded file
+    ``cifar10``, ``cifar100``, ``svhn`` and ``fashion-mnist`` are read with torchvision from
+    ``data_dir`` (default ``~/.cache/aebnas/data``) in torchvision's layout, downloaded there
+    first when ``download`` is true. For ``fashion-mnist``, ``data_dir`` may also hold the four
+    idx ``.gz`` files as they are distributed (Debian's ``dataset-fashion-mnist`` package puts
+    them in :data:`FASHION_MNIST_SYSTEM_DIR`, which is also looked in when ``data_dir`` is not
+    given): they are extracted once into torchvision's layout. ``cifar10-subset`` is the embedded file
     (:func:`embedded_dataset_path`) and ignores ``data_dir`` and ``download``. An ``.npz``
     file needs keys ``x_train``, ``y_train``, ``x_test``, ``y_test`` (optional
     ``classes``), images uint8 NHWC or NHW, labels 0-based class ids; without ``classes``
@@ -150,7 +160,7 @@ def load_dataset(
     """
     if name == "cifar10-subset":
         return _from_npz(embedded_dataset_path(), name, val_size, seed)
-    if name in ("cifar10", "cifar100", "svhn"):
+    if name in DATASET_NAMES[1:]:
         root = pathlib.Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
         return _from_torchvision(name, root, download, val_size, seed)
     if str(name).lower().endswith(".npz"):
@@ -247,6 +257,12 @@ def _from_torchvision(
             val_size=val_size,
             seed=seed,
         )
+    if name == "fashion-mnist":
+        root = _fashion_mnist_layout(root, download)
+        train = _open_torchvision(tvd.FashionMNIST, name, root, download, train=True)
+        test = _open_torchvision(tvd.FashionMNIST, name, root, download, train=False)
+        return _build(name, train.data.numpy()[:, None], train.targets.numpy(), test.data.numpy()[:, None],
+                      test.targets.numpy(), list(train.classes), hflip=True, val_size=val_size, seed=seed)
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     train = _open_torchvision(cls, name, root, download, train=True)
     test = _open_torchvision(cls, name, root, download, train=False)
@@ -276,8 +292,40 @@ def _open_torchvision(cls, name: str, root: pathlib.Path, download: bool, **spli
         raise DatasetNotFoundError(_not_found_message(cls, name, root, download, err)) from err
 
 
+def _fashion_mnist_layout(root: pathlib.Path, download: bool) -> pathlib.Path:
+    """The directory to give torchvision's ``FashionMNIST``: ``root`` when it holds the dataset in
+    torchvision's layout (or a download goes there); else, where ``root`` (or, for the default
+    ``root``, Debian's :data:`FASHION_MNIST_SYSTEM_DIR`) holds the four idx ``.gz`` files as
+    distributed, the default data directory with them extracted there once (never into the
+    directory they came from, which may be a system one)."""
+    from torchvision.datasets import FashionMNIST
+
+    names = [name.removesuffix(".gz") for name, _ in FashionMNIST.resources]
+    if download or all((root / "FashionMNIST" / "raw" / n).is_file() for n in names):
+        return root
+    target = DEFAULT_DATA_DIR.expanduser()
+    folders = [root] + ([FASHION_MNIST_SYSTEM_DIR] if root == target else [])
+    source = next((f for f in folders if all((f / f"{n}.gz").is_file() for n in names)), None)
+    if source is None:
+        return root  # torchvision reports what is missing (_not_found_message)
+    raw = target / "FashionMNIST" / "raw"
+    if all((raw / n).is_file() for n in names):
+        return target  # extracted before
+    raw.mkdir(parents=True, exist_ok=True)
+    print(f"aebnas: extracting Fashion-MNIST's idx files from {source} into {raw} (once)", flush=True)
+    for n in names:
+        # Into a temporary name first: an interrupted extraction never looks complete.
+        part = raw / f"{n}.part"
+        with gzip.open(source / f"{n}.gz", "rb") as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        part.replace(raw / n)
+    return target
+
+
 def _expected_files(cls, root: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     """(path, md5) of every file torchvision checks for ``cls`` under ``root``."""
+    if hasattr(cls, "resources"):  # FashionMNIST: the extracted raw files (torchvision checks no md5)
+        return [(root / cls.__name__ / "raw" / n.removesuffix(".gz"), None) for n, _ in cls.resources]
     if hasattr(cls, "split_list"):  # SVHN
         return [(root / cls.split_list[s][1], cls.split_list[s][2]) for s in ("train", "test")]
     folder = root / cls.base_folder
@@ -294,11 +342,21 @@ def _not_found_message(cls, name: str, root: pathlib.Path, download: bool, err: 
         return "ok" if check_integrity(str(path), md5) else "present, but its md5 checksum differs"
 
     looked_at = "\n".join(f"  {p} ({status(p, md5)})" for p, md5 in _expected_files(cls, root))
-    urls = [cls.split_list[s][0] for s in ("train", "test")] if hasattr(cls, "split_list") else [cls.url]
+    if hasattr(cls, "resources"):  # FashionMNIST
+        urls = [cls.mirrors[0] + "…"]
+        looked_at += "".join(f"\n  {folder / n} ({status(folder / n, None)})"
+                             for folder in dict.fromkeys((root, FASHION_MNIST_SYSTEM_DIR)) for n, _ in cls.resources)
+    elif hasattr(cls, "split_list"):  # SVHN
+        urls = [cls.split_list[s][0] for s in ("train", "test")]
+    else:
+        urls = [cls.url]
     by_hand = (
         f"put the files from {' and '.join(urls)} in torchvision's layout, "
         f"{_TORCHVISION_LAYOUT[name]}, and pass --data-dir DATA_DIR (data_dir=DATA_DIR)"
     )
+    if name == "fashion-mnist":
+        by_hand += (f"; on Debian or Ubuntu, apt-get install dataset-fashion-mnist puts them in "
+                    f"{FASHION_MNIST_SYSTEM_DIR}, found there without --data-dir")
     if download:
         return (
             f"downloading dataset {name!r} into {root} failed ({type(err).__name__}: {err}). "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision.datasets as tvd
 
 from aebnas.batches import BatchLoader, calibration_loader
+import aebnas.data as data_module
 from aebnas.data import DATASET_NAMES, Dataset, DatasetNotFoundError, embedded_dataset_path, load_dataset
 
 
@@ -581,3 +582,55 @@ def test_calibration_sample_size(class_sorted):
                          ({"batch_size": 0}, "batch_size=0")):
         with pytest.raises(ValueError, match=message):
             _calibration(class_sorted, **bad)
+
+
+# ------------------------------------------------------------------ Fashion-MNIST (real files)
+needs_fashion_mnist = pytest.mark.skipif(
+    not all((data_module.FASHION_MNIST_SYSTEM_DIR / f"{n}.gz").is_file()
+            for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                      "t10k-labels-idx1-ubyte")),
+    reason=f"Fashion-MNIST's idx files are not in {data_module.FASHION_MNIST_SYSTEM_DIR}: "
+           "apt-get install dataset-fashion-mnist (.ci/run does)")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_from_the_files_as_distributed(tmp_path, monkeypatch, capsys):
+    """A directory holding the four idx .gz files (Debian's layout) is read with torchvision's
+    FashionMNIST: extracted once into the default data directory, never into the source."""
+    source = tmp_path / "debian"
+    source.mkdir()
+    for gz in data_module.FASHION_MNIST_SYSTEM_DIR.glob("*.gz"):
+        (source / gz.name).symlink_to(gz)
+    monkeypatch.setattr(data_module, "DEFAULT_DATA_DIR", tmp_path / "cache")
+    data = load_dataset("fashion-mnist", data_dir=source, seed=3)
+    assert "extracting Fashion-MNIST" in capsys.readouterr().out
+    assert data.summary() == "fashion-mnist: 54000 train / 6000 val / 10000 test, 10 classes, images 1x28x28"
+    assert data.classes == FASHION_CLASSES and data.in_channels == 1 and data.x_train.dtype == np.uint8
+    # The real dataset: 6,000 training and 1,000 test images of every class.
+    assert np.bincount(np.concatenate([data.y_train, data.y_val])).tolist() == [6000] * 10
+    assert np.bincount(data.y_test).tolist() == [1000] * 10
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in source.glob("*.gz"))
+    again = load_dataset("fashion-mnist", data_dir=source, seed=3)
+    assert "extracting" not in capsys.readouterr().out  # extracted once
+    assert np.array_equal(again.x_val, data.x_val) and np.array_equal(again.y_train, data.y_train)
+    # The extracted copy is torchvision's layout: it can be the data directory itself.
+    direct = load_dataset("fashion-mnist", data_dir=tmp_path / "cache", seed=3)
+    assert np.array_equal(direct.x_test, data.x_test)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_is_found_where_debian_installs_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "DEFAULT_DATA_DIR", tmp_path / "cache")
+    data = load_dataset("fashion-mnist", val_size=100)
+    assert len(data.y_val) == 100 and len(data.y_train) == 59900 and data.classes == FASHION_CLASSES
+
+
+def test_fashion_mnist_missing_names_both_ways_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "DEFAULT_DATA_DIR", tmp_path / "cache")
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
+    message = str(err.value)
+    assert "--download" in message and "apt-get install dataset-fashion-mnist" in message
+    assert str(tmp_path / "empty" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") + " (missing)" in message
