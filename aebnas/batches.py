@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset, _as_tensor
+from .preprocess import Preprocess
 
 def _require_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -43,7 +44,7 @@ class BatchLoader:
     defaults to True when there is more than one batch. ``train=False``: every sample in
     order, no augmentation. Images are scaled to [0, 1], normalised with ``mean``/``std``
     (per channel) and resized bilinearly to ``resolution`` when it differs from the native
-    size. ``x`` and ``y`` are numpy arrays (read-only ones too) or tensors; on CPU a numpy
+    size (:class:`aebnas.preprocess.Preprocess`). ``x`` and ``y`` are numpy arrays (read-only ones too) or tensors; on CPU a numpy
     array is wrapped, not copied. The uint8 images move to ``device`` once, here; random
     draws for an epoch move once per epoch.
     """
@@ -94,10 +95,9 @@ class BatchLoader:
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean={mean} and std={std} must have one value per channel ({channels})")
-        if min(std) <= 0:
-            raise ValueError(f"std={std} must be > 0 in every channel")
-
         self.device = torch.device(device)
+        self.preprocess = Preprocess(mean, std, resolution, device=self.device)
+
         self.x = _as_tensor(x).to(self.device)
         self.y = _as_tensor(y).to(self.device, dtype=torch.int64)
         self.batch_size = batch_size
@@ -110,11 +110,6 @@ class BatchLoader:
         self._shard_size = len(x) // world  # every worker gets as many images (and batches)
         self.drop_last = (train and self._shard_size > batch_size) if drop_last is None else drop_last
         self.epoch = 0
-        # (x / 255 - mean) / std as one multiply-add.
-        std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
 
     @classmethod
     def for_split(
@@ -193,16 +188,7 @@ class BatchLoader:
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last: convolutions run about 1.6x faster on CPU (oneDNN) and use tensor
         # cores' preferred layout on GPU; the values are the same.
-        x = resize(x.float() * self._scale + self._shift, self.resolution)
-        return x.contiguous(memory_format=torch.channels_last)
-
-
-def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """A batch of normalised images resized bilinearly to ``resolution`` (unchanged if it has that size)."""
-    if x.shape[-2:] == (resolution, resolution):
-        return x
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False)
-    return x.contiguous(memory_format=torch.channels_last)
+        return self.preprocess(x).contiguous(memory_format=torch.channels_last)
 
 
 def calibration_loader(

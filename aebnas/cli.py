@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from search_spaces import SPACES
+
 from .config import ArchConfig, is_arch_key
 from .errors import ExperimentError, UsageError
-from .settings import SETTING_KEYS, int_list
+from .settings import LATENCY_BACKENDS, SETTING_KEYS, int_list
 
 
 def read_arch_json(path: str | Path) -> ArchConfig:
@@ -52,7 +54,7 @@ def arch_info(arch: ArchConfig) -> dict[str, Any]:
         "exits": [{"exit": j, "position": e.position, "depth": e.depth, "macs": float(cum[j]),
                    "branch_macs": float(costs.branch[j])} for j, e in enumerate(arch.exits)],
         "final_macs": float(cum[-1]),
-        "static_macs": costs.static_macs,
+        "static_macs": costs.static_cost,
         "segments_macs": segment_macs(arch),
         "params": param_count(arch),
         "resolution": arch.resolution,
@@ -83,13 +85,15 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search(p: argparse.ArgumentParser) -> None:
-    from .experiment import Experiment, add_arguments
+    from .experiment import Experiment
+    from .flags import add_arguments
 
     add_arguments(p, Experiment())
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .experiment import Experiment, experiment_from_args, run_cli
+    from .experiment import Experiment
+    from .flags import experiment_from_args, run_cli
 
     return run_cli(experiment_from_args(args, Experiment()))
 
@@ -193,7 +197,7 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
                    "(default: the dataset's default)")
     t.add_argument("--seed", type=int, default=0, help="seed of the data split (the searches' --seed) and of "
                    "training (default: %(default)s)")
-    t.add_argument("--space", default="aebnas", choices=("aebnas", "fixed_exits", "static"),
+    t.add_argument("--space", default="aebnas", choices=tuple(SPACES),
                    help="the space it is for; the three share their value sets, so one supernet serves all "
                    "three (default: %(default)s)")
     t.add_argument("--resolutions", type=int_list, help="comma-separated input resolutions to cover "
@@ -268,9 +272,8 @@ def _supernet_eval(args: argparse.Namespace) -> int:
                                                in_channels=info.in_channels)
     data = load_dataset(info.dataset, data_dir=args.data_dir, val_size=info.val_size, seed=info.split_seed)
     device = select_device("auto")
-    settings = info.settings
-    scorer = Scorer(data, arch.resolution, device, batch_size=settings["batch_size"],
-                    bn_batches=settings["bn_recalibration_batches"], seed=settings["seed"])
+    # Evaluation batches of 512 whatever the supernet's eval_batch_size, as this command always scored.
+    scorer = Scorer.from_settings(data, arch.resolution, device, info.settings, eval_batch_size=512)
     try:
         outputs = score_subnet(supernet.to(device), arch, scorer, args.split)
     except ValueError as exc:
@@ -300,7 +303,7 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
                        "every exit branch choice, the stem and the head, on this machine, with ONNX Runtime and "
                        "PyTorch: medians after warm-up. The table feeds --cost latency.")
     t.add_argument("--out", required=True, help="JSON table to write (rerun the same command to resume)")
-    t.add_argument("--space", default="aebnas", choices=("aebnas", "fixed_exits", "static"),
+    t.add_argument("--space", default="aebnas", choices=tuple(SPACES),
                    help="the space it is for; the three share their value sets (default: %(default)s)")
     t.add_argument("--resolutions", type=int_list, help="comma-separated input resolutions (default: the paper's "
                    "32…72)")
@@ -309,8 +312,8 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
     t.add_argument("--in-channels", type=int, default=3, help="image channels (default: %(default)s)")
     t.add_argument("--threads", type=int, default=1, help="intra-op threads (default: %(default)s)")
     t.add_argument("--batch", type=int, default=1, help="batch size (default: %(default)s)")
-    t.add_argument("--backends", default="onnxruntime,torch",
-                   help="comma-separated: onnxruntime, torch (default: %(default)s)")
+    t.add_argument("--backends", default=",".join(LATENCY_BACKENDS),
+                   help=f"comma-separated: {', '.join(LATENCY_BACKENDS)} (default: %(default)s)")
     t.add_argument("--warmup", type=int, default=10, help="untimed runs per piece (default: %(default)s)")
     t.add_argument("--repeats", type=int, default=30, help="timed runs per piece; the median is kept "
                    "(default: %(default)s)")
@@ -319,7 +322,7 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
-    from .latency import ProfileRequest, profile
+    from .latency_profile import ProfileRequest, profile
     from .supernet_train import space_values_of
 
     try:

@@ -2,8 +2,13 @@
 
 Ray Tune hands each trial a flat dict of plain values (``stage2_depth``,
 ``exit1_m2_channels``, ``resolution`` …). :meth:`ArchConfig.from_flat` is the only parser
-of that dict and :meth:`ArchConfig.to_flat` its inverse; ``aebnas.nn`` only turns an
-``ArchConfig`` into layers (as torchvision's ``InvertedResidualConfig`` rows do).
+of that dict and :meth:`ArchConfig.to_flat` its inverse.
+
+The whole network is data, as torchvision's ``InvertedResidualConfig`` rows: an
+``ArchConfig`` gives a :class:`StemRow`, a :class:`BlockRow` per inverted residual, an
+:class:`ExitRow` per exit branch and a :class:`HeadRow`, with every width and stride worked
+out; ``aebnas.nn`` only turns rows into layers. The allowed values of each choice live in
+``aebnas.space_values``.
 
 Flat keys (``s`` = stage 1…5, ``b`` = block 0…depth-1, ``i`` = exit position 1…4)::
 
@@ -29,8 +34,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from .space_values import EXIT_POSITIONS, LIMITS, PAPER_SPACE, Allowed, SpaceValues
+
 NUM_STAGES = 5
-EXIT_POSITIONS = (1, 2, 3, 4)
 # Once-for-All MobileNetV3 macro-architecture (see docs/design.md).
 STEM_CHANNELS = 16
 FIRST_BLOCK_CHANNELS = 16
@@ -40,79 +46,7 @@ STAGE_USE_SE = (False, True, False, True, True)
 STAGE_ACTIVATION = ("relu", "relu", "hswish", "hswish", "hswish")
 HEAD_EXPAND_CHANNELS = 960
 HEAD_FEATURE_CHANNELS = 1280
-
-
-class Allowed:
-    """A set of allowed values with a readable description for error messages."""
-
-    def __init__(self, values: Iterable[Any] | None = None, *, low: float | None = None,
-                 high: float | None = None, integer: bool = True) -> None:
-        self.values = tuple(values) if values is not None else None
-        self.low, self.high, self.integer = low, high, integer
-
-    def __contains__(self, value: Any) -> bool:
-        if isinstance(value, bool):
-            return False
-        if self.values is not None:
-            return value in self.values
-        if self.integer and not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            return False
-        if not isinstance(value, (int, float)):
-            return False
-        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-
-    def describe(self) -> str:
-        if self.values is not None:
-            return f"is not one of {self.values}"
-        kind = "an integer" if self.integer else "a number"
-        return f"is not {kind} in [{self.low}, {self.high}]"
-
-
-@dataclass(frozen=True)
-class SpaceValues:
-    """Allowed value sets of every architectural choice.
-
-    The defaults are the AEBNAS paper's search space; ``search_spaces`` builds Ray Tune
-    samplers from an instance, and :data:`LIMITS` is what the code can build at all.
-    """
-
-    depths: tuple[int, ...] = (2, 3, 4)
-    kernels: tuple[int, ...] = (3, 5, 7)
-    expansions: tuple[int, ...] = (3, 4, 6)
-    resolutions: tuple[int, ...] = tuple(range(32, 73, 4))
-    exit_positions: tuple[int, ...] = EXIT_POSITIONS
-    exit_m1_channels: tuple[int, ...] = (8, 10)
-    exit_m2_channels: tuple[int, ...] = (0, 8, 10)
-    exit_kernels: tuple[int, ...] = (3, 5)
-    exit_expansions: tuple[int, ...] = (1, 2)
-    exit_pools: tuple[int, ...] = (0, 1)
-
-    def __post_init__(self) -> None:
-        # Each value set must itself be buildable; catching it here names the field.
-        for name, allowed in _LIMIT_SETS.items():
-            values = getattr(self, name)
-            if not values:
-                raise ValueError(f"SpaceValues.{name} is empty")
-            for v in values:
-                if v not in allowed:
-                    raise ValueError(f"SpaceValues.{name} contains {v!r}, which {allowed.describe()}")
-
-
-# What the code can build (odd kernels keep 'same' padding; tested resolutions 28…96).
-_LIMIT_SETS: dict[str, Allowed] = {
-    "depths": Allowed(low=1, high=8),
-    "kernels": Allowed((1, 3, 5, 7, 9)),
-    "expansions": Allowed(low=1, high=8),
-    "resolutions": Allowed(low=28, high=96),
-    "exit_positions": Allowed(EXIT_POSITIONS),
-    "exit_m1_channels": Allowed(low=1, high=1024),
-    "exit_m2_channels": Allowed(low=0, high=1024),
-    "exit_kernels": Allowed((1, 3, 5, 7, 9)),
-    "exit_expansions": Allowed(low=1, high=8),
-    "exit_pools": Allowed((0, 1)),
-}
-
-PAPER_SPACE = SpaceValues()
+EXIT_ACTIVATION = "hswish"
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -183,6 +117,41 @@ class ExitConfig:
 
 
 @dataclass(frozen=True)
+class StemRow:
+    """The stem convolution: k×k, stride 2, BatchNorm, activation (torchvision's ``firstconv``)."""
+
+    in_channels: int
+    out_channels: int
+    kernel: int = 3
+    stride: int = 2
+    activation: str = "hswish"
+
+
+@dataclass(frozen=True)
+class ExitRow:
+    """An exit branch as the network builds it: its modules on the output of stage ``position``
+    (``in_channels`` channels), then global pooling and a linear classifier."""
+
+    position: int
+    in_channels: int
+    modules: tuple[ExitModuleConfig, ...]
+    num_classes: int
+    activation: str = EXIT_ACTIVATION  # of every conv of every module
+
+
+@dataclass(frozen=True)
+class HeadRow:
+    """The final classifier: 1×1 expand conv (BN, activation) → global pool → 1×1 feature conv
+    (no BN, activation) → linear."""
+
+    in_channels: int
+    expand_channels: int
+    feature_channels: int
+    num_classes: int
+    activation: str = "hswish"
+
+
+@dataclass(frozen=True)
 class ArchConfig:
     """A complete early-exit network: backbone stages, exits (sorted by position), input."""
 
@@ -211,27 +180,19 @@ class ArchConfig:
 
     # ------------------------------------------------------------------ rows
     @property
-    def stem_channels(self) -> int:
-        """Output channels of the stem convolution."""
-        return make_divisible(STEM_CHANNELS * self.width_mult)
-
-    @property
     def stage_channels(self) -> tuple[int, ...]:
         """Output channels of stage 1…5 (also the input channels of the exit after it)."""
         return tuple(make_divisible(c * self.width_mult) for c in STAGE_CHANNELS)
 
-    @property
-    def head_channels(self) -> tuple[int, int]:
-        """(expand, feature) channels of the head."""
-        # Once-for-All keeps the 1280-wide feature mix unless the width grows.
-        feature = make_divisible(HEAD_FEATURE_CHANNELS * self.width_mult) if self.width_mult > 1.0 \
-            else HEAD_FEATURE_CHANNELS
-        return make_divisible(HEAD_EXPAND_CHANNELS * self.width_mult), feature
+    def stem_row(self) -> StemRow:
+        """The stem convolution (the first block after it is ``block_rows()[0]``)."""
+        return StemRow(self.in_channels, make_divisible(STEM_CHANNELS * self.width_mult))
 
     def block_rows(self) -> tuple[BlockRow, ...]:
         """Every inverted-residual block in order: the first block (stage 0), then each stage's."""
+        stem = self.stem_row().out_channels
         first = make_divisible(FIRST_BLOCK_CHANNELS * self.width_mult)
-        rows = [BlockRow(0, self.stem_channels, first, 3, 1, 1, False, "relu")]
+        rows = [BlockRow(0, stem, first, 3, 1, 1, False, "relu")]
         channels = first
         for s, (stage, out) in enumerate(zip(self.stages, self.stage_channels)):
             for b, block in enumerate(stage.blocks):
@@ -239,6 +200,19 @@ class ArchConfig:
                                      STAGE_STRIDES[s] if b == 0 else 1, STAGE_USE_SE[s], STAGE_ACTIVATION[s]))
                 channels = out
         return tuple(rows)
+
+    def exit_rows(self) -> tuple[ExitRow, ...]:
+        """Every exit branch in position order, on the output of the stage it follows."""
+        return tuple(ExitRow(e.position, self.stage_channels[e.position - 1], e.modules, self.num_classes)
+                     for e in self.exits)
+
+    def head_row(self) -> HeadRow:
+        """The final classifier after stage 5."""
+        # Once-for-All keeps the 1280-wide feature mix unless the width grows.
+        feature = make_divisible(HEAD_FEATURE_CHANNELS * self.width_mult) if self.width_mult > 1.0 \
+            else HEAD_FEATURE_CHANNELS
+        return HeadRow(self.stage_channels[-1], make_divisible(HEAD_EXPAND_CHANNELS * self.width_mult), feature,
+                       self.num_classes)
 
     # ------------------------------------------------------------------ flat dicts
     @classmethod
@@ -304,7 +278,7 @@ def arch_keys(max_depth: int = 8) -> frozenset[str]:
     return frozenset(keys)
 
 
-_ARCH_KEYS = arch_keys(int(_LIMIT_SETS["depths"].high))
+_ARCH_KEYS = arch_keys(int(LIMITS["depths"].high))
 
 
 def is_arch_key(key: str) -> bool:
@@ -317,9 +291,9 @@ class _FlatParser:
             raise TypeError(f"ArchConfig.from_flat needs a dict, got {type(flat).__name__}")
         self.flat = dict(flat)
         if allowed is None:
-            self.sets = _LIMIT_SETS
+            self.sets = LIMITS
         else:
-            self.sets = {name: Allowed(getattr(allowed, name)) for name in _LIMIT_SETS}
+            self.sets = {name: Allowed(getattr(allowed, name)) for name in LIMITS}
 
     def value(self, key: str, set_name: str, default: Any = dataclasses.MISSING) -> int:
         if key not in self.flat:
@@ -480,7 +454,10 @@ def random_arch(space: SpaceValues, rng: random.Random, *, min_exits: int = 1, *
 
 
 __all__ = [
-    "random_arch", "Allowed", "SpaceValues", "BlockRow", "make_divisible", "PAPER_SPACE", "BlockConfig", "StageConfig", "ExitModuleConfig",
-    "ExitConfig", "ArchConfig", "arch_keys", "is_arch_key", "uniform_arch", "smallest_arch",
-    "largest_arch", "NUM_STAGES", "EXIT_POSITIONS",
+    "ArchConfig", "StageConfig", "BlockConfig", "ExitConfig", "ExitModuleConfig",  # what is searched
+    "StemRow", "BlockRow", "ExitRow", "HeadRow",  # what is built
+    "make_divisible", "arch_keys", "is_arch_key", "uniform_arch", "smallest_arch", "largest_arch", "random_arch",
+    "NUM_STAGES", "EXIT_POSITIONS", "EXIT_ACTIVATION",
+    # Re-exported from aebnas.space_values, where they live.
+    "Allowed", "SpaceValues", "PAPER_SPACE", "LIMITS",
 ]

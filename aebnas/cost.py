@@ -9,26 +9,30 @@ of the total, and counting them depends on how a framework fuses them.
 
 Segments: ``stem`` (stem conv + first block), ``stage1``…``stage5``, ``exit{p}`` (the
 branch after stage p) and ``head``. The cost ``C_i`` of exit i (docs/design.md): backbone up to
-exit i + every *active* branch before it + its own branch; final: whole backbone + head +
+exit i + every *active* branch at or before it (its own included); final: whole backbone + head +
 every active branch. An exit is active when it exists and its threshold is < 1.0.
-The arithmetic on these pieces (``ExitCosts``) is numpy and lives in ``aebnas.exit_policy``.
+
+Two ways measure the segments, one rule assembles them (:func:`costs_from_segments`):
+:func:`exit_costs` counts each segment of the built network with ptflops, :class:`PieceCosts`
+sums cached pieces (blocks, exit modules) in any unit. The arithmetic from pieces to ``C_i``
+(``ExitCosts.cumulative``) is numpy and lives in ``aebnas.exit_policy``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from ptflops import get_model_complexity_info
 from torch import nn
 
-from .config import NUM_STAGES, ArchConfig, ExitConfig
-from .exit_policy import ExitCosts
+from .config import NUM_STAGES, ArchConfig, ExitRow
+from .exit_policy import MMACS, ExitCosts
 from .nn import EarlyExitNet
-from .nn.blocks import ConvBNAct, InvertedResidual
+from .nn.blocks import InvertedResidual, build_head, build_stem
 from .nn.exits import ExitModule
 
 PTFLOPS_BACKEND = "aten"
@@ -71,13 +75,23 @@ def _segment_macs(arch: ArchConfig) -> dict[str, float]:
     return out
 
 
+def costs_from_segments(arch: ArchConfig, stem: float, stages: Sequence[float], branches: Sequence[float],
+                        head: float, unit: str) -> ExitCosts:
+    """The :class:`ExitCosts` (in ``unit``) of ``arch`` from the costs of its segments.
+
+    ``stages``: stage 1…5; ``branches``: each exit in position order. The backbone entry of
+    exit i is the stem and the stages up to its position; the final's adds the head.
+    """
+    stage_cum = np.cumsum([stem] + list(stages))
+    backbone = [stage_cum[p] for p in arch.exit_positions] + [stage_cum[-1] + head]
+    return ExitCosts(backbone=np.array(backbone), branch=np.array(branches), unit=unit)
+
+
 def exit_costs(arch: ArchConfig) -> ExitCosts:
-    """The :class:`ExitCosts` of ``arch`` from its segment MMACs."""
+    """The :class:`ExitCosts` of ``arch`` in MMACs, from ptflops on each segment of the built network."""
     seg = segment_macs(arch)
-    stage_cum = np.cumsum([seg["stem"]] + [seg[f"stage{s}"] for s in range(1, NUM_STAGES + 1)])
-    backbone = [stage_cum[p] for p in arch.exit_positions] + [stage_cum[-1] + seg["head"]]
-    branch = [seg[f"exit{p}"] for p in arch.exit_positions]
-    return ExitCosts(backbone=np.array(backbone), branch=np.array(branch))
+    return costs_from_segments(arch, seg["stem"], [seg[f"stage{s}"] for s in range(1, NUM_STAGES + 1)],
+                               [seg[f"exit{p}"] for p in arch.exit_positions], seg["head"], MMACS)
 
 
 class PieceCosts:
@@ -89,58 +103,63 @@ class PieceCosts:
     space has a few hundred blocks and branches in all, so after the first proposals a cost is
     a dictionary look-up. ``misses`` counts the measurements made.
 
-    ``measure(key, build, input_shape)`` gives a piece's cost (default: ptflops MMACs of
-    ``build()``); :mod:`aebnas.latency` passes one that reads milliseconds from a latency
-    table, or records the pieces a space has, with the same walk over a network.
+    ``measure(key, build, input_shape)`` gives a piece's cost in ``unit`` (default: ptflops
+    MMACs of ``build()``); :mod:`aebnas.latency` passes one that reads milliseconds from a
+    latency table (``unit="ms"``), or records the pieces a space has, with the same walk over a
+    network. A key names a piece in a latency table on disk: keys must not change.
     """
 
-    def __init__(self, measure: Callable[[tuple, Callable[[], nn.Module], tuple[int, ...]], float] | None = None
-                 ) -> None:
-        self._macs: dict[tuple, float] = {}
+    def __init__(self, measure: Callable[[tuple, Callable[[], nn.Module], tuple[int, ...]], float] | None = None,
+                 unit: str = MMACS) -> None:
+        self._costs: dict[tuple, float] = {}
         self._measure = measure or _ptflops_macs  # a module-level function: searchers pickle their PieceCosts
+        self.unit = unit
         self.misses = 0
 
+    def __setstate__(self, state: dict) -> None:
+        # Searcher checkpoints pickled before the cost fields said their unit hold ``_macs``, no unit.
+        state.setdefault("_costs", state.pop("_macs", {}))
+        state.setdefault("unit", MMACS)
+        self.__dict__.update(state)
+
     def _count(self, key: tuple, build: Callable[[], nn.Module], shape: tuple[int, ...]) -> float:
-        if key not in self._macs:
-            self._macs[key] = self._measure(key, build, shape)
+        if key not in self._costs:
+            self._costs[key] = self._measure(key, build, shape)
             self.misses += 1
-        return self._macs[key]
+        return self._costs[key]
 
     def exit_costs(self, arch: ArchConfig) -> ExitCosts:
-        """The :class:`ExitCosts` of ``arch`` in the measure's unit: by default MMACs, the same as
-        ``exit_costs(arch)`` (equal to float rounding)."""
-        rows = arch.block_rows()
+        """The :class:`ExitCosts` of ``arch`` in ``self.unit``: by default MMACs, the same as
+        ``exit_costs(arch)`` (equal to float rounding: the sums run over pieces, not segments)."""
+        stem_row, rows, head_row = arch.stem_row(), arch.block_rows(), arch.head_row()
         h = arch.resolution
-        stem = self._count(("stem", arch.in_channels, arch.stem_channels, rows[0], h), lambda: nn.Sequential(
-            ConvBNAct(arch.in_channels, arch.stem_channels, 3, stride=2, activation="hswish"),
-            InvertedResidual.from_row(rows[0])), (arch.in_channels, h, h))
-        h = _strided(h, 2)
-        stage_macs = [0.0] * NUM_STAGES
-        branch_in: dict[int, tuple[int, int]] = {}
+        stem = self._count(("stem", stem_row.in_channels, stem_row.out_channels, rows[0], h),
+                           lambda: build_stem(stem_row, rows[0]), (stem_row.in_channels, h, h))
+        h = _strided(h, stem_row.stride)
+        stage_costs = [0.0] * NUM_STAGES
+        size_after: dict[int, int] = {}  # spatial size after each stage
         for row in rows[1:]:
-            stage_macs[row.stage - 1] += self._count(("block", row, h), lambda r=row: InvertedResidual.from_row(r),
-                                                     (row.in_channels, h, h))
+            stage_costs[row.stage - 1] += self._count(("block", row, h), lambda r=row: InvertedResidual.from_row(r),
+                                                      (row.in_channels, h, h))
             h = _strided(h, row.stride)
-            branch_in[row.stage] = (row.out_channels, h)
-        stage_cum = np.cumsum([stem] + stage_macs)
-        branch = [self._branch(*branch_in[ex.position], ex, arch.num_classes) for ex in arch.exits]
-        expand, feature = arch.head_channels
-        channels, size = branch_in[NUM_STAGES]
-        head = self._count(("head", channels, expand, feature, arch.num_classes, size),
-                           lambda: EarlyExitNet(arch).head, (channels, size, size))
-        backbone = [stage_cum[p] for p in arch.exit_positions] + [stage_cum[-1] + head]
-        return ExitCosts(backbone=np.array(backbone), branch=np.array(branch))
+            size_after[row.stage] = h
+        branches = [self._branch(row, size_after[row.position]) for row in arch.exit_rows()]
+        size = size_after[NUM_STAGES]
+        head = self._count(("head", head_row.in_channels, head_row.expand_channels, head_row.feature_channels,
+                            head_row.num_classes, size),
+                           lambda: build_head(head_row), (head_row.in_channels, size, size))
+        return costs_from_segments(arch, stem, stage_costs, branches, head, self.unit)
 
-
-    def _branch(self, channels: int, size: int, ex: ExitConfig, num_classes: int) -> float:
+    def _branch(self, row: ExitRow, size: int) -> float:
         """An exit branch as its modules (each at its input size) and its classifier."""
         total = 0.0
-        for cfg in ex.modules:
-            total += self._count(("exit module", channels, cfg, size), lambda c=channels, m=cfg: ExitModule(c, m),
-                                 (channels, size, size))
+        channels = row.in_channels
+        for cfg in row.modules:
+            total += self._count(("exit module", channels, cfg, size),
+                                 lambda c=channels, m=cfg: ExitModule(c, m, row.activation), (channels, size, size))
             channels, size = cfg.channels, -(-size // 2) if cfg.pool else size  # ceil_mode pooling
-        return total + self._count(("exit classifier", channels, num_classes),
-                                   lambda: nn.Sequential(nn.Flatten(1), nn.Linear(channels, num_classes)),
+        return total + self._count(("exit classifier", channels, row.num_classes),
+                                   lambda: nn.Sequential(nn.Flatten(1), nn.Linear(channels, row.num_classes)),
                                    (channels, 1, 1))
 
 

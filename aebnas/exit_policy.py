@@ -5,7 +5,10 @@ for every sample of a split, :class:`ExitOutputs`), so thresholds are tuned and 
 simulated without running a network; trials and ``analysis`` share this code.
 
 Conventions: exits are indexed 0…E-1 in position order and E is the final classifier;
-accuracies are in %, utilizations are fractions, costs are MMACs.
+accuracies are in %, utilizations are fractions. Costs are in the unit of the
+:class:`ExitCosts` they come from (``ExitCosts.unit``): MMACs (``aebnas.cost``) or
+milliseconds (``aebnas.latency``); fields and arguments are named ``cost``/``target``, never
+``macs``, so a millisecond is never stored under a MACs name.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
+# The one threshold check, shared with TorchScript (EarlyExitNet.infer compiles it) and the
+# standalone ONNX driver, which may import neither torch nor aebnas: so it lives there.
+from .onnx_runner import validate_thresholds
+from .files import atomic_write
 from .settings import PAPER_GRID, PAPER_LAMBDA
 
 # The authors round any tuned threshold above 0.95 to 1.0 (exit off).
@@ -27,27 +34,20 @@ ROUND_TO_ONE_ABOVE = 0.95
 _CHUNK_ELEMENTS = 8_000_000
 
 
-def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
-    """Thresholds as a list of floats, one per existing exit; raises ValueError otherwise."""
-    th = [float(t) for t in thresholds]
-    if len(th) != num_exits:
-        raise ValueError(f"thresholds has {len(th)} values but the network has {num_exits} exits")
-    for j, t in enumerate(th):
-        if not 0.0 <= t <= 1.0 or math.isnan(t):
-            raise ValueError(f"thresholds[{j}]={t} is not in [0, 1] (1.0 disables the exit)")
-    return th
+MMACS, MS = "MMACs", "ms"  # the units an ExitCosts can be in
 
 
 @dataclass
 class ExitCosts:
-    """Per-exit cost pieces in MMACs; ``cumulative`` turns them into ``C_i``.
+    """Per-exit cost pieces in ``unit``; ``cumulative`` turns them into ``C_i``.
 
     backbone: (E+1,) stem + stages up to each exit's position; the last entry is the whole
-    backbone plus the head. branch: (E,) each exit branch.
+    backbone plus the head. branch: (E,) each exit branch. unit: ``MMACS`` or ``MS``.
     """
 
     backbone: np.ndarray
     branch: np.ndarray
+    unit: str = MMACS
 
     def __post_init__(self) -> None:
         self.backbone = np.asarray(self.backbone, dtype=np.float64)
@@ -55,18 +55,24 @@ class ExitCosts:
         if self.backbone.shape != (self.branch.shape[0] + 1,):
             raise ValueError(f"backbone {self.backbone.shape} must have one more entry than branch "
                              f"{self.branch.shape}")
+        if self.unit not in (MMACS, MS):
+            raise ValueError(f"unit={self.unit!r} is not one of {(MMACS, MS)}")
 
     @property
     def num_exits(self) -> int:
         return self.branch.shape[0]
 
     @property
-    def static_macs(self) -> float:
-        """MMACs of the network without any exit (backbone + head)."""
+    def static_cost(self) -> float:
+        """Cost (``unit``) of the network without any exit (backbone + head)."""
         return float(self.backbone[-1])
 
     def cumulative(self, active: np.ndarray | None = None) -> np.ndarray:
-        """``C_i`` (MMACs) for each exit and the final, shape (..., E+1), given active (..., E)."""
+        """``C_i`` (``unit``) for each exit and the final, shape (..., E+1), given active (..., E).
+
+        The one rule: backbone up to exit i + every active branch at or before i (its own
+        branch counts even when inactive: ``C_i`` is what leaving there costs); the final pays
+        the whole backbone, the head and every active branch."""
         e = self.num_exits
         act = np.ones(e, dtype=bool) if active is None else np.asarray(active, dtype=bool)
         if act.shape[-1:] != (e,):
@@ -79,7 +85,7 @@ class ExitCosts:
         return out
 
     def expected(self, utilization: np.ndarray, active: np.ndarray | None = None) -> float:
-        """Expected MMACs per sample: Σ u_i · C_i."""
+        """Expected cost per sample (``unit``): Σ u_i · C_i."""
         return float(np.asarray(utilization) @ self.cumulative(active))
 
 
@@ -120,15 +126,16 @@ class ExitOutputs:
 
 @dataclass
 class SimResult:
-    """What a set of thresholds does on a split."""
+    """What a set of thresholds does on a split; costs in ``unit`` (that of the ExitCosts simulated)."""
 
     thresholds: list[float]
     accuracy: float             # %
-    avg_macs: float             # MMACs per sample
+    avg_cost: float             # per sample
     utilization: np.ndarray     # (E+1,) fraction of samples leaving at each exit
-    costs: np.ndarray           # (E+1,) C_i in MMACs with these thresholds
+    costs: np.ndarray           # (E+1,) C_i with these thresholds
     taken_accuracy: np.ndarray  # (E+1,) % correct among samples leaving there (nan if none)
     exit_index: np.ndarray      # (N,) exit taken by each sample
+    unit: str = MMACS
 
 
 def _as_confidence_dtype(thresholds: np.ndarray) -> np.ndarray:
@@ -152,7 +159,7 @@ def exit_index(outputs: ExitOutputs, thresholds: Sequence[float]) -> np.ndarray:
 
 
 def simulate(outputs: ExitOutputs, thresholds: Sequence[float], costs: ExitCosts) -> SimResult:
-    """Accuracy, utilization and average MMACs of ``thresholds`` on cached outputs."""
+    """Accuracy, utilization and average cost (``costs.unit``) of ``thresholds`` on cached outputs."""
     th = validate_thresholds(thresholds, outputs.num_exits)
     _check_costs(outputs, costs)
     idx = exit_index(outputs, th)
@@ -165,15 +172,15 @@ def simulate(outputs: ExitOutputs, thresholds: Sequence[float], costs: ExitCosts
         taken_acc = np.where(counts > 0, 100.0 * per_exit_right / counts, np.nan)
     c = costs.cumulative(np.asarray(th) < 1.0)
     return SimResult(thresholds=th, accuracy=100.0 * float(taken_correct.mean()) if n else 0.0,
-                     avg_macs=float(util @ c), utilization=util, costs=c,
-                     taken_accuracy=taken_acc, exit_index=idx)
+                     avg_cost=float(util @ c), utilization=util, costs=c,
+                     taken_accuracy=taken_acc, exit_index=idx, unit=costs.unit)
 
 
 def simulate_many(outputs: ExitOutputs, threshold_vectors: np.ndarray,
                   costs: ExitCosts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorized :func:`simulate` for K threshold vectors (K, E).
 
-    Returns (accuracy % (K,), average MMACs (K,), utilization (K, E+1)).
+    Returns (accuracy % (K,), average cost in ``costs.unit`` (K,), utilization (K, E+1)).
     """
     _check_costs(outputs, costs)
     tv = np.asarray(threshold_vectors, dtype=np.float64)
@@ -254,12 +261,12 @@ def _exit_counts_by_sample(outputs: ExitOutputs, tv: np.ndarray) -> tuple[np.nda
     return counts, right
 
 
-def threshold_score(accuracy: np.ndarray | float, avg_macs: np.ndarray | float, target_macs: float,
+def threshold_score(accuracy: np.ndarray | float, avg_cost: np.ndarray | float, target: float,
                     lam: float = PAPER_LAMBDA) -> np.ndarray | float:
-    """The paper's score: accuracy% − λ·100·|avg_MACs − target| / target."""
-    if target_macs <= 0:
-        raise ValueError(f"target_macs={target_macs} must be > 0 (MMACs)")
-    return accuracy - lam * 100.0 * np.abs(np.asarray(avg_macs) - target_macs) / target_macs
+    """The paper's score: accuracy% − λ·100·|avg_cost − target| / target (cost and target in one unit)."""
+    if target <= 0:
+        raise ValueError(f"target={target} must be > 0 (in the costs' unit)")
+    return accuracy - lam * 100.0 * np.abs(np.asarray(avg_cost) - target) / target
 
 
 def threshold_grid(num_exits: int, grid: Sequence[float] = PAPER_GRID) -> np.ndarray:
@@ -280,20 +287,20 @@ class TuneResult:
     result: SimResult
 
 
-def tune_thresholds(outputs: ExitOutputs, costs: ExitCosts, target_macs: float,
+def tune_thresholds(outputs: ExitOutputs, costs: ExitCosts, target: float,
                     grid: Sequence[float] = PAPER_GRID, lam: float = PAPER_LAMBDA,
-                    budget_macs: float | None = None) -> TuneResult:
-    """Best thresholds on the grid by the paper's score for ``target_macs`` (MMACs).
+                    budget: float | None = None) -> TuneResult:
+    """Best thresholds on the grid by the paper's score for an average cost of ``target`` (``costs.unit``).
 
-    Ties go to the first vector in ``itertools.product`` order. With ``budget_macs``,
-    vectors whose average MMACs exceed the budget are excluded (if none fits, the
-    cheapest vector is returned).
+    Ties go to the first vector in ``itertools.product`` order. With ``budget`` (``costs.unit``),
+    vectors whose average cost exceeds the budget are excluded (if none fits, the cheapest
+    vector is returned).
     """
     vectors = threshold_grid(outputs.num_exits, grid)
     acc, avg, _ = simulate_many(outputs, vectors, costs)
-    scores = np.asarray(threshold_score(acc, avg, target_macs, lam), dtype=np.float64)
-    if budget_macs is not None:
-        fits = avg <= budget_macs + 1e-9
+    scores = np.asarray(threshold_score(acc, avg, target, lam), dtype=np.float64)
+    if budget is not None:
+        fits = avg <= budget + 1e-9
         scores = np.where(fits, scores, -np.inf) if fits.any() else np.where(avg == avg.min(), scores, -np.inf)
     best = int(np.argmax(scores))
     th = [float(t) for t in vectors[best]]
@@ -303,8 +310,9 @@ def tune_thresholds(outputs: ExitOutputs, costs: ExitCosts, target_macs: float,
 @dataclass
 class OracleResult:
     accuracy: float          # % (a sample is right if any exit is right)
-    avg_macs: float          # MMACs
+    avg_cost: float          # per sample, in ``unit``
     utilization: np.ndarray  # (E+1,)
+    unit: str = MMACS
 
 
 def oracle(outputs: ExitOutputs, costs: ExitCosts) -> OracleResult:
@@ -316,7 +324,7 @@ def oracle(outputs: ExitOutputs, costs: ExitCosts) -> OracleResult:
     c = costs.cumulative(np.ones(e, dtype=bool))
     util = np.bincount(idx, minlength=e + 1) / max(outputs.num_samples, 1)
     return OracleResult(accuracy=100.0 * float(correct.any(axis=0).mean()),
-                        avg_macs=float(util @ c), utilization=util)
+                        avg_cost=float(util @ c), utilization=util, unit=costs.unit)
 
 
 def _check_costs(outputs: ExitOutputs, costs: ExitCosts) -> None:
@@ -326,7 +334,9 @@ def _check_costs(outputs: ExitOutputs, costs: ExitCosts) -> None:
 
 # ----------------------------------------------------------------- saved artifacts
 def save_exit_outputs(path: str | Path, splits: dict[str, ExitOutputs], costs: ExitCosts) -> None:
-    """Write ``exit_outputs.npz``: per split ``{split}_confidence/_prediction/_labels`` plus the costs."""
+    """Write ``exit_outputs.npz``: per split ``{split}_confidence/_prediction/_labels`` plus the costs (MMACs)."""
+    if costs.unit != MMACS:  # the file's keys say MACs; readers take them as such
+        raise ValueError(f"exit_outputs.npz holds costs in {MMACS}, got {costs.unit}")
     arrays: dict[str, np.ndarray] = {
         "backbone_macs": costs.backbone, "branch_macs": costs.branch,
         "costs_all_active": costs.cumulative(np.ones(costs.num_exits, dtype=bool)),
@@ -336,9 +346,7 @@ def save_exit_outputs(path: str | Path, splits: dict[str, ExitOutputs], costs: E
         arrays[f"{split}_prediction"] = out.prediction
         arrays[f"{split}_labels"] = out.labels
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)  # atomic: a crash never leaves half a file
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), tmp_suffix=".tmp.npz")
 
 
 def load_exit_outputs(path: str | Path) -> tuple[dict[str, ExitOutputs], ExitCosts]:

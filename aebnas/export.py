@@ -20,13 +20,13 @@ from typing import Any, Callable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
 from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
 from .nn import EarlyExitNet, torch_confidence
 from .onnx_runner import OnnxEarlyExitNet
+from .preprocess import Preprocess
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, parse_trial_config)
 from .train import load_checkpoint
@@ -63,29 +63,9 @@ class DeployedEarlyExitNet(nn.Module):
         self.in_channels, self.resolution = arch.in_channels, arch.resolution
         self.exit_positions = list(arch.exit_positions)
         self.classes, self.mean, self.std = list(classes), [float(m) for m in mean], [float(s) for s in std]
-        # The same arithmetic as BatchLoader: x·scale + shift, scale = 1/(255·std) for uint8.
-        std_t = torch.tensor(self.std).view(1, -1, 1, 1)
-        mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
-        self.register_buffer("scale_uint8", 1.0 / (255.0 * std_t))
-        self.register_buffer("scale", 1.0 / std_t)
-        self.register_buffer("shift", -mean_t / std_t)
+        # The same rule as training batches: normalise (uint8 or float), resize to the trained resolution.
+        self.preprocess = Preprocess(self.mean, self.std, self.resolution)
         self.eval()
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalise and resize to the trained resolution (bilinear, as in training)."""
-        if images.dim() != 4 or images.shape[1] != self.in_channels:
-            raise ValueError("images must have shape (N, " + str(self.in_channels) + ", H, W), got "
-                             + str(images.shape))
-        if images.dtype == torch.uint8:
-            x = images.float() * self.scale_uint8 + self.shift
-        elif images.is_floating_point():
-            x = images.float() * self.scale + self.shift
-        else:
-            raise ValueError("images must be float in [0, 1] or uint8, got " + str(images.dtype))
-        if x.shape[2] != self.resolution or x.shape[3] != self.resolution:
-            x = F.interpolate(x, size=[self.resolution, self.resolution], mode="bilinear",
-                              align_corners=False, antialias=False)
-        return x
 
     @torch.jit.export
     def exit_confidence(self, logits: torch.Tensor) -> torch.Tensor:
@@ -170,8 +150,8 @@ def _plan(run_dir: str | Path, target_macs: float | None,
         "exits": [{"index": j, "position": p, "threshold": th[j], "active": th[j] < 1.0,
                    "macs": exit_macs[j]} for j, p in enumerate(arch.exit_positions)]
         + [{"index": arch.num_exits, "position": "final", "macs": exit_macs[-1]}],
-        "static_macs": run.costs.static_macs,
-        "test": {"accuracy": test.accuracy, "avg_macs": test.avg_macs,
+        "static_macs": run.costs.static_cost,
+        "test": {"accuracy": test.accuracy, "avg_macs": test.avg_cost,
                  "utilization": [float(u) for u in test.utilization]},
         "architecture": arch.to_flat(),
         "run_dir": str(Path(run_dir).resolve()),
@@ -198,7 +178,7 @@ def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = 
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta, indent=1)
-    with _torchscript():
+    with quiet_torchscript():
         scripted = torch.jit.script(module)
         scripted.save(str(out), _extra_files={"model.json": text})
     out.with_suffix(".json").write_text(text)
@@ -207,7 +187,7 @@ def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = 
 
 
 @contextmanager
-def _torchscript() -> Iterator[None]:
+def quiet_torchscript() -> Iterator[None]:
     """Silence torch.jit's deprecation notice: TorchScript is still the format that keeps
     data-dependent control flow and loads without the Python code (torch.export would
     need every exit rewritten with torch.cond)."""
@@ -243,7 +223,7 @@ def load_deployed(path: str | Path) -> torch.jit.ScriptModule:
     if not p.is_file():
         raise UsageError(f"model file {p} does not exist (write one with `aebnas export RUN_DIR --out {p}`)")
     try:
-        with _torchscript():
+        with quiet_torchscript():
             module = torch.jit.load(str(p), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"{p} is not a TorchScript file ({str(exc).splitlines()[0]})") from None

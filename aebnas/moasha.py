@@ -27,21 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from .pareto import non_dominated_fronts
+
 DEFAULT_OBJECTIVES = (("accuracy", "max"), ("avg_macs", "min"))
-
-
-def non_dominated_fronts(F: np.ndarray) -> list[np.ndarray]:
-    """Indices of the rows of ``F`` (objectives, minimised) by non-dominated front, best first."""
-    F = np.asarray(F, dtype=float)
-    dominates = np.all(F[:, None] <= F[None], axis=2) & np.any(F[:, None] < F[None], axis=2)
-    count = dominates.sum(axis=0)  # how many rows dominate each row
-    fronts, left = [], np.ones(len(F), dtype=bool)
-    while left.any():
-        front = np.flatnonzero(left & (count == 0))
-        fronts.append(front)
-        left[front] = False
-        count = count - dominates[front].sum(axis=0)
-    return fronts
 
 
 def epsilon_net_order(F: np.ndarray) -> np.ndarray:
@@ -156,4 +144,4 @@ class MOASHA(FIFOScheduler):
             self.__dict__.update(pickle.load(f))
 
 
-__all__ = ["MOASHA", "pareto_ranks", "non_dominated_fronts", "epsilon_net_order", "DEFAULT_OBJECTIVES"]
+__all__ = ["MOASHA", "pareto_ranks", "epsilon_net_order", "DEFAULT_OBJECTIVES"]

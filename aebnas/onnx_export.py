@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, List, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
 from .export import _log_export, _plan, _print
 from .nn import EarlyExitNet, torch_confidence
 from .onnx_runner import FORMAT, META_FILE
+from .preprocess import Preprocess
 
 RUNNER_FILE = "aebnas_onnx.py"
 OPSET = 18
@@ -57,19 +57,13 @@ class OnnxGraph(nn.Module):
                  preprocess: tuple[Sequence[float], Sequence[float], int] | None = None) -> None:
         super().__init__()
         self.body, self.confidence = body, confidence
-        self.resolution = None
-        if preprocess is not None:
-            mean, std, self.resolution = preprocess
-            std_t = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
-            mean_t = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
-            self.register_buffer("scale", 1.0 / std_t)
-            self.register_buffer("shift", -mean_t / std_t)
+        # The training rule on float input; a traced graph cannot branch on the input size, so it
+        # always resizes (the identity at the trained size).
+        self.preprocess = None if preprocess is None else Preprocess(*preprocess, always_resize=True)
 
     def forward(self, x: torch.Tensor) -> Any:
-        if self.resolution is not None:
-            # As DeployedEarlyExitNet.preprocess; a resize to the same size is the identity.
-            x = F.interpolate(x * self.scale + self.shift, size=[self.resolution, self.resolution],
-                              mode="bilinear", align_corners=False, antialias=False)
+        if self.preprocess is not None:
+            x = self.preprocess(x)
         x = self.body(x)
         if self.confidence is None:
             return x

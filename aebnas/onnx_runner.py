@@ -26,12 +26,29 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 import numpy as np
 
 FORMAT = "aebnas ONNX early-exit network"
 META_FILE = "model.json"
+
+
+def validate_thresholds(thresholds: List[float], num_exits: int) -> List[float]:
+    """Thresholds as a list of floats (any sequence of numbers from Python), one per exit, each in
+    [0, 1] (1.0 disables the exit); raises ValueError naming the first bad one otherwise.
+
+    The one check of thresholds: ``aebnas.exit_policy`` and the exported TorchScript model
+    (``EarlyExitNet.infer`` compiles it, so it is written in TorchScript's subset) use this one,
+    which lives here because this file must run with numpy and onnxruntime alone.
+    """
+    th = [float(t) for t in thresholds]
+    if len(th) != num_exits:
+        raise ValueError(f"thresholds has {len(th)} values but the network has {num_exits} exits")
+    for j, t in enumerate(th):
+        if not 0.0 <= t <= 1.0:  # NaN fails too
+            raise ValueError(f"thresholds[{j}]={t} is not in [0, 1] (1.0 disables the exit)")
+    return th
 
 
 class OnnxEarlyExitNet:
@@ -82,16 +99,13 @@ class OnnxEarlyExitNet:
 
     @thresholds.setter
     def thresholds(self, values: Sequence[float]) -> None:
-        th = [float(v) for v in values]
-        if len(th) != len(self.exit_positions):
-            raise ValueError(f"{len(th)} thresholds for a network with {len(self.exit_positions)} exits")
-        bad = [v for v in th if not 0.0 <= v <= 1.0]
-        if bad:
-            raise ValueError(f"thresholds {bad} are not in [0, 1] (1.0 disables an exit)")
-        self._thresholds = th
+        self._thresholds = validate_thresholds(list(values), len(self.exit_positions))
 
     def preprocess_input(self, images: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) uint8 in 0..255 or float in [0, 1] → float32 in [0, 1] (the first graph normalises)."""
+        """(N, C, H, W) uint8 in 0..255 or float in [0, 1] → float32 in [0, 1].
+
+        The rest of the input rule (normalise, resize: ``aebnas/preprocess.py``) is inside segment_0;
+        only this dtype step lives here, in numpy, so the driver needs no torch."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1] != self.in_channels:
             raise ValueError(f"images must have shape (N, {self.in_channels}, H, W), got {images.shape}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +39,13 @@ from .config import ArchConfig
 from .cost import exit_costs
 from .data import Dataset
 from .exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, tune_thresholds
+from .files import atomic_write
 from .nn import EarlyExitNet
-from .supernet import SupernetInfo, check_supernet
+from .supernet import SupernetInfo, check_supernet, inherited_network
 from .trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, split_seed, trial_arch
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, resolved_config)
 from .train import CandidateTraining, load_checkpoint, select_device
-from .trainable import inherited_network
 
 
 # Trials train a few epochs; a from-scratch MobileNetV3 keeps improving well past that.
@@ -217,8 +216,8 @@ class _Run:
 
     def _checkpoint(self) -> None:
         state = {**self.training.state_dict(), "history": self.history, "config": self.config}
-        _atomic(self.dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
-        _atomic(self.dir / TRAIN_LOG_FILE, lambda tmp: _write_log(tmp, self.history))
+        atomic_write(self.dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        atomic_write(self.dir / TRAIN_LOG_FILE, lambda tmp: _write_log(tmp, self.history))
 
     # -- training
     def train(self) -> None:
@@ -235,7 +234,7 @@ class _Run:
             epoch = self.training.epoch
             self.history.append({
                 "epoch": epoch, "loss": stats["loss"], "val_accuracy": tuned.result.accuracy,
-                "val_avg_macs": tuned.result.avg_macs, "val_final_accuracy": float(val.exit_accuracy()[-1]),
+                "val_avg_macs": tuned.result.avg_cost, "val_final_accuracy": float(val.exit_accuracy()[-1]),
                 "lr": stats["lr"], "seconds": time.perf_counter() - t0})
             self._checkpoint()
             eta = (time.perf_counter() - started) / (epoch - first) * (epochs - epoch)
@@ -258,7 +257,7 @@ class _Run:
         test = simulate(outputs["test"], tuned.thresholds, self.costs)
         model = self.training.model.set_thresholds(tuned.thresholds)
         # metrics.json last: its presence says the other files are complete.
-        _atomic(self.dir / MODEL_FILE, lambda tmp: torch.save(model.state_dict(), tmp))
+        atomic_write(self.dir / MODEL_FILE, lambda tmp: torch.save(model.state_dict(), tmp))
         save_exit_outputs(self.dir / EXIT_OUTPUTS_FILE, outputs, self.costs)
         _write_json(self.dir / THRESHOLDS_FILE, {
             "thresholds": tuned.thresholds, "exit_positions": list(self.arch.exit_positions),
@@ -270,7 +269,7 @@ class _Run:
             "test": _split_metrics(outputs["test"], test),
             "val": {**_split_metrics(outputs["val"], tuned.result), "score": tuned.score},
             "exits": _exit_table(self.arch, tuned.result, test, outputs["test"]),
-            "static_macs": self.costs.static_macs, "epochs": self.training.epoch,
+            "static_macs": self.costs.static_cost, "epochs": self.training.epoch,
             "train_seconds": sum(r["seconds"] for r in self.history),
             "data": {"dataset": d.name, "classes": list(d.classes), "mean": list(d.mean), "std": list(d.std),
                      "in_channels": d.in_channels, "image_size": list(d.x_train.shape[2:]),
@@ -283,7 +282,7 @@ class _Run:
 
 
 def _split_metrics(outputs: ExitOutputs, sim: SimResult) -> dict[str, Any]:
-    return {"accuracy": sim.accuracy, "avg_macs": sim.avg_macs,
+    return {"accuracy": sim.accuracy, "avg_macs": sim.avg_cost,
             "final_accuracy": float(outputs.exit_accuracy()[-1]),
             "utilization": [float(u) for u in sim.utilization]}
 
@@ -329,15 +328,8 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
         writer.writerows(history)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file, so an interruption never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, value: Any) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
 
 
 def _duration(seconds: float) -> str:

@@ -3,7 +3,8 @@
 ``TrainSettings`` is how a candidate is optimised; ``TrialSettings`` adds what a trial
 needs around it (data, target, threshold tuning, device). ``aebnas.experiment.Experiment``
 extends ``TrialSettings`` with the search's own settings, so every setting has one
-declaration, one default and one check. A trial receives ``TrialSettings.to_dict()`` in
+declaration, one default and one check; one with a command-line flag is declared with
+``setting(default, help, …)`` (a :class:`Flag`), from which :mod:`aebnas.flags` makes it. A trial receives ``TrialSettings.to_dict()`` in
 its flat config next to the architecture keys; ``SETTING_KEYS`` names them.
 """
 
@@ -13,7 +14,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import ArchConfig, is_arch_key
 
@@ -30,6 +31,47 @@ METRICS_FILE = "metrics.json"         # retrain: written last, so its presence s
 PAPER_GRID: tuple[float, ...] = tuple(round(0.1 + 0.15 * k, 2) for k in range(7))
 PAPER_LAMBDA = 0.1
 CONFIDENCE_MEASURES = ("margin", "max_prob", "entropy")
+DEFAULT_CONFIDENCE = "margin"  # the paper's score margin
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting is given on the command line; :mod:`aebnas.flags` makes the flag from it.
+
+    ``help`` may name ``{choices}``: they are listed there ("a, b or c"), so a choice is named
+    in one place. argparse accepts only ``choices`` unless ``parser_checks`` is False (then the
+    setting's own check refuses a bad value, naming it). ``type`` parses the text (default: the
+    field's annotation, int, float or str; a bool gives ``--x / --no-x``). ``none_means`` is
+    shown as the default when the default is None.
+    """
+
+    help: str
+    choices: tuple[str, ...] = ()
+    parser_checks: bool = True
+    type: Callable[[str], Any] | None = None
+    action: str | None = None
+    name: str | None = None  # the flag; default: --field-name
+    show_default: bool = True
+    none_means: str | None = None
+
+    def help_text(self) -> str:
+        """The help with ``{choices}`` filled in."""
+        return self.help.format(choices=listed(self.choices))
+
+
+def setting(default: Any, help: str, **flag: Any) -> Any:
+    """A dataclass field with ``default`` that has a command-line flag (keywords: :class:`Flag`'s)."""
+    return dataclasses.field(default=default, metadata={"flag": Flag(help, **flag)})
+
+
+def listed(names: tuple[str, ...]) -> str:
+    """``("a", "b", "c")`` as ``"a, b or c"``."""
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else ""
+
+
+def none_or_text(text: str) -> str | None:
+    """A command-line value where ``none`` (or nothing) means None, e.g. ``--supernet none``."""
+    return None if text.strip().lower() in ("", "none") else text
 
 
 @dataclass(frozen=True)
@@ -44,15 +86,16 @@ class TrainSettings:
     autocast on CUDA (ignored on CPU).
     """
 
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
+    epochs: int = setting(5, "training epochs per trial (with --supernet: fine-tuning epochs, 0 = inherited weights "
+                          "as they are)")
+    batch_size: int = setting(128, "training batch size")
+    lr: float = setting(0.1, "peak learning rate of the one-cycle schedule")
     weight_decay: float = 5e-5
     momentum: float = 0.9
     exit_weight: float = 1.0
     label_smoothing: float = 0.0
     bn_recalibration_batches: int = 10
-    amp: bool = False
+    amp: bool = setting(False, "mixed precision on CUDA (ignored on CPU)")
 
     def __post_init__(self) -> None:
         self.check()
@@ -93,18 +136,22 @@ class TrialSettings(TrainSettings):
     the trial is given, ``latency_backend`` figures) instead of ``target_macs``.
     """
 
-    dataset: str = "cifar10-subset"
-    target_macs: float = 17.0
-    seed: int = 0
-    confidence: str = "margin"
+    dataset: str = setting("cifar10-subset", "cifar10, cifar100, svhn, cifar10-subset (embedded) or the path of an "
+                           ".npz file")
+    target_macs: float = setting(17.0, "target average MMACs")
+    seed: int = setting(0, "seed of the search, the trials and (unless --split-seed) the data split")
+    confidence: str = DEFAULT_CONFIDENCE
     score_lambda: float = PAPER_LAMBDA
     threshold_grid: tuple[float, ...] = PAPER_GRID
     eval_batch_size: int = 512
     device: str = "auto"
-    supernet: str | None = None
-    finetune_lr: float = 0.01
-    target_ms: float | None = None  # set: the cost is measured latency (a latency table), thresholds tuned for it
-    latency_backend: str = "onnxruntime"
+    supernet: str | None = setting(None, "supernet file (aebnas supernet train) the candidates inherit their weights "
+                                   "from; 'none': they train from scratch", type=none_or_text)
+    finetune_lr: float = setting(0.01, "peak learning rate of fine-tuning inherited weights")
+    # set: the cost is measured latency (a latency table), thresholds tuned for it
+    target_ms: float | None = setting(None, "cost latency: target average latency per image in milliseconds")
+    latency_backend: str = setting("onnxruntime", "cost latency: the table's figures to use: {choices}",
+                                   choices=LATENCY_BACKENDS)
 
     def check(self) -> None:
         super().check()

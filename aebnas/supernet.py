@@ -43,14 +43,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batches import BatchLoader, resize
+from .batches import BatchLoader
 from .config import ArchConfig, SpaceValues, largest_arch, random_arch, smallest_arch
 from .data import Dataset
 from .exit_policy import ExitOutputs
+from .files import atomic_write
 from .nn import ElasticEarlyExitNet, EarlyExitNet, extract
-from .settings import TrainSettings
-from .train import (NonFiniteLossError, Scorer, autocast, load_checkpoint, load_optimisation_state, make_optimizer,
-                    make_scheduler, multi_exit_loss, optimisation_state)
+from .preprocess import resize
+from .settings import DEFAULT_CONFIDENCE, TrainSettings
+from .train import (NonFiniteLossError, Scorer, autocast, grad_scaler, load_checkpoint, load_optimisation_state,
+                    make_optimizer, make_scheduler, multi_exit_loss, optimisation_state)
 
 SUPERNET_FILE = "supernet.pt"
 EMBEDDED_SUPERNET = Path(__file__).resolve().parent / "_data" / "supernet_cifar10-subset_w0.75.pt"
@@ -97,7 +99,15 @@ class SupernetSettings(TrainSettings):
         return int(round(self.warmup_fraction * self.epochs))
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as the supernet file and checkpoint store them (plain values)."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SupernetSettings":
+        """Settings read back from :meth:`to_dict` (a supernet file of any version: a field it lacks takes
+        today's default, a key this aebnas does not know is ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def distillation_loss(outputs: list[torch.Tensor], teacher: torch.Tensor, exit_weight: float) -> torch.Tensor:
@@ -135,7 +145,7 @@ class SupernetInfo:
     classes: list[str]
     dataset: str
     train_digests: np.ndarray
-    settings: dict[str, Any]
+    settings: SupernetSettings
     epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
     val_size: int | None = None    # the dataset split it was trained on: reload it with these
@@ -159,7 +169,7 @@ class SupernetInfo:
                 "width_mult": self.width_mult, "num_classes": self.num_classes, "in_channels": self.in_channels,
                 "classes": list(self.classes), "dataset": self.dataset,
                 "train_digests": torch.from_numpy(np.asarray(self.train_digests, dtype=np.int64)),
-                "settings": self.settings, "epochs": self.epochs, "history": self.history,
+                "settings": self.settings.to_dict(), "epochs": self.epochs, "history": self.history,
                 "val_size": self.val_size, "split_seed": self.split_seed}
 
     @classmethod
@@ -173,7 +183,7 @@ class SupernetInfo:
                    width_mult=float(record["width_mult"]), num_classes=int(record["num_classes"]),
                    in_channels=int(record["in_channels"]), classes=list(record["classes"]),
                    dataset=str(record["dataset"]), train_digests=record["train_digests"].numpy(),
-                   settings=dict(record["settings"]), epochs=int(record["epochs"]),
+                   settings=SupernetSettings.from_dict(record["settings"]), epochs=int(record["epochs"]),
                    history=list(record.get("history", [])), val_size=record.get("val_size"),
                    split_seed=int(record.get("split_seed", 0)))
 
@@ -189,10 +199,7 @@ def save_supernet(path: str | Path, model: ElasticEarlyExitNet, info: SupernetIn
     state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
              for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**info.to_record(), "model": state}, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save({**info.to_record(), "model": state}, tmp))
 
 
 def _read_record(path: str | Path) -> tuple[dict[str, Any], SupernetInfo]:
@@ -220,6 +227,13 @@ def supernet_from_state(state: dict[str, torch.Tensor], info: SupernetInfo,
     model = ElasticEarlyExitNet(info.space, info.width_mult, info.num_classes, info.in_channels)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval()
+
+
+def inherited_network(record: Mapping[str, Any], arch: ArchConfig, confidence: str) -> EarlyExitNet:
+    """The candidate ``arch`` holding its weights from a supernet file's record (``load_checkpoint``):
+    what a trial with a supernet and ``aebnas retrain --inherit`` start from (eval mode, float32, CPU)."""
+    info = SupernetInfo.from_record(dict(record), "the supernet")
+    return extract(supernet_from_state(record["model"], info), arch, confidence)
 
 
 def check_supernet(info: SupernetInfo, *, needs: Mapping[str, Iterable[Any]], width_mult: float,
@@ -297,8 +311,7 @@ class SupernetTraining:
             device=device, seed=settings.seed, shard=(rank, world_size))
         self.optimizer = make_optimizer(self.model, settings)
         self.scheduler = make_scheduler(self.optimizer, settings, len(self.train_batches))
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=settings.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.scaler = grad_scaler(settings.amp, device)
         self.arch_kwargs = {"width_mult": self.width_mult, "num_classes": data.num_classes,
                             "in_channels": data.in_channels}
         self.largest = largest_arch(space, **self.arch_kwargs)
@@ -371,10 +384,7 @@ class SupernetTraining:
     def scorer(self, resolution: int) -> Scorer:
         """The scoring path of every candidate, at ``resolution`` (cached)."""
         if resolution not in self._scorers:
-            s = self.settings
-            self._scorers[resolution] = Scorer(self.data, resolution, self.device, batch_size=s.batch_size,
-                                               bn_batches=s.bn_recalibration_batches, seed=s.seed,
-                                               eval_batch_size=s.eval_batch_size)
+            self._scorers[resolution] = Scorer.from_settings(self.data, resolution, self.device, self.settings)
         return self._scorers[resolution]
 
     def evaluate(self, arch: ArchConfig, split: str = "val") -> ExitOutputs:
@@ -388,7 +398,7 @@ class SupernetTraining:
         return SupernetInfo(space=self.space, width_mult=self.width_mult, num_classes=self.data.num_classes,
                             in_channels=self.data.in_channels, classes=list(self.data.classes),
                             dataset=self.dataset_name, train_digests=self._train_digests,
-                            settings=self.settings.to_dict(), epochs=self.epoch, history=list(self.history),
+                            settings=self.settings, epochs=self.epoch, history=list(self.history),
                             val_size=len(self.data.y_val), split_seed=self.split_seed)
 
     def state_dict(self) -> dict[str, Any]:
@@ -402,7 +412,7 @@ class SupernetTraining:
 
 
 def score_subnet(supernet: ElasticEarlyExitNet, arch: ArchConfig, scorer: Scorer, split: str = "val",
-                 confidence: str = "margin") -> ExitOutputs:
+                 confidence: str = DEFAULT_CONFIDENCE) -> ExitOutputs:
     """Extract ``arch``, recalibrate its BatchNorm and return every exit's outputs on ``split``.
 
     The supernet itself is left untouched (the statistics are recomputed on the copy).
@@ -412,5 +422,5 @@ def score_subnet(supernet: ElasticEarlyExitNet, arch: ArchConfig, scorer: Scorer
 
 
 __all__ = ["SupernetSettings", "SupernetTraining", "SupernetInfo", "save_supernet", "load_supernet",
-           "read_supernet_info", "supernet_from_state", "check_supernet", "score_subnet", "distillation_loss",
+           "read_supernet_info", "supernet_from_state", "inherited_network", "check_supernet", "score_subnet", "distillation_loss",
            "image_digests", "SUPERNET_FILE", "EMBEDDED_SUPERNET"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from search_spaces import SPACES
 
 from .config import PAPER_SPACE, SpaceValues
 from .data import Dataset, load_dataset
@@ -35,7 +36,6 @@ from .supernet import (SUPERNET_FILE, SupernetSettings, SupernetTraining, load_s
 from .train import load_checkpoint, select_device
 
 REQUEST_FILE = "supernet_request.json"
-SPACE_NAMES = ("aebnas", "fixed_exits", "static")  # search_spaces.SPACES, named here so --workers 0 needs no Ray
 RUN_NAME = "train"
 
 
@@ -83,8 +83,8 @@ class SupernetRequest:
             raise ExperimentError(f"workers={self.workers!r} must be an integer ≥ 0 (0: in this process, no Ray)")
         if not self.cpus_per_worker > 0:
             raise ExperimentError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
-        if self.space_name not in SPACE_NAMES:
-            raise ExperimentError(f"space={self.space_name!r} is not one of {SPACE_NAMES}")
+        if self.space_name not in SPACES:
+            raise ExperimentError(f"space={self.space_name!r} is not one of {tuple(SPACES)}")
         if self.width_mult <= 0:
             raise ExperimentError(f"width_mult={self.width_mult!r} must be > 0")
         self.space  # noqa: B018 (raises on a bad value set)

@@ -37,10 +37,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from ray.tune.search import Searcher
+from search_spaces.encoding import Encoding
 
 from .config import ArchConfig
 from .cost import PieceCosts
-from .moasha import non_dominated_fronts
+from .pareto import non_dominated_fronts
 from .predictors import PREDICTORS, choose_predictor, kendall_tau
 from .settings import PAPER_LAMBDA
 
@@ -171,8 +172,6 @@ class SurrogateSearch(Searcher):
 
     # ------------------------------------------------------------ proposing
     def _set_space(self, param_space: Mapping[str, Any]) -> None:
-        from search_spaces.encoding import Encoding
-
         self._encoding = Encoding(param_space)
 
     def _propose(self) -> None:
@@ -255,8 +254,8 @@ class SurrogateSearch(Searcher):
     def maep(self, arch: ArchConfig) -> float:
         """MAEP (%) of the nearest average MACs the thresholds can reach (module docstring, step 3)."""
         costs = self._costs.exit_costs(arch)
-        low = float(costs.cumulative()[0]) if costs.num_exits else costs.static_macs
-        high = costs.static_macs
+        low = float(costs.cumulative()[0]) if costs.num_exits else costs.static_cost
+        high = costs.static_cost
         reachable = min(max(self.target_macs, min(low, high)), high)
         return 100.0 * abs(reachable - self.target_macs) / self.target_macs
 

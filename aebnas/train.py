@@ -14,7 +14,7 @@ import pickle
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .batches import BatchLoader, calibration_loader
 from .data import Dataset
 from .exit_policy import ExitOutputs
 from .nn import EarlyExitNet, torch_confidence
-from .settings import TrainSettings, TrialSettings
+from .settings import DEFAULT_CONFIDENCE, TrainSettings, TrialSettings
 
 
 class NonFiniteLossError(RuntimeError):
@@ -168,7 +168,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             confidence: str = "margin") -> ExitOutputs:
+             confidence: str = DEFAULT_CONFIDENCE) -> ExitOutputs:
     """Every exit's confidence and prediction on every sample of a split (E+1, N arrays)."""
     model.eval()
     confs, preds, labels = [], [], []
@@ -205,6 +205,26 @@ def load_optimisation_state(run: Any, state: dict[str, Any]) -> None:
     run.epoch = int(state["epoch"])
 
 
+def grad_scaler(amp: bool, device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler of a training run: active only for float16 autocast (``amp`` on a CUDA device without
+    bfloat16; :func:`autocast` picks bfloat16 where it can, which needs no scaling), a no-op otherwise."""
+    return torch.amp.GradScaler(
+        "cuda", enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+
+
+class ScoringSettings(Protocol):
+    """What :meth:`Scorer.from_settings` reads (``TrialSettings`` and ``SupernetSettings`` have it)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def bn_recalibration_batches(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def eval_batch_size(self) -> int: ...
+
+
 class Scorer:
     """How every network is scored: BatchNorm recalibrated, then every exit's outputs on a split.
 
@@ -215,13 +235,25 @@ class Scorer:
     """
 
     def __init__(self, data: Dataset, resolution: int, device: torch.device, *, batch_size: int,
-                 bn_batches: int, seed: int, eval_batch_size: int = 512, confidence: str = "margin") -> None:
+                 bn_batches: int, seed: int, eval_batch_size: int = 512,
+                 confidence: str = DEFAULT_CONFIDENCE) -> None:
         self.bn_batches, self.confidence = bn_batches, confidence
         self.calibration = calibration_loader(data, resolution=resolution, batch_size=batch_size,
                                               num_batches=bn_batches, seed=seed, device=device)
         self.eval_batches = {split: BatchLoader.for_split(data, split, batch_size=eval_batch_size,
                                                           resolution=resolution, train=False, device=device)
                              for split in EVAL_SPLITS}
+
+    @classmethod
+    def from_settings(cls, data: Dataset, resolution: int, device: torch.device, settings: ScoringSettings, *,
+                      confidence: str = DEFAULT_CONFIDENCE, eval_batch_size: int | None = None) -> "Scorer":
+        """The scorer of a run with ``settings`` (a trial's ``TrialSettings``, a supernet's
+        ``SupernetSettings``): calibration sample and batches from its batch_size, bn_recalibration_batches
+        and seed; evaluation batches of its eval_batch_size unless ``eval_batch_size`` is given."""
+        return cls(data, resolution, device, batch_size=settings.batch_size,
+                   bn_batches=settings.bn_recalibration_batches, seed=settings.seed,
+                   eval_batch_size=settings.eval_batch_size if eval_batch_size is None else eval_batch_size,
+                   confidence=confidence)
 
     def __call__(self, model: nn.Module, splits: Sequence[str] = EVAL_SPLITS) -> dict[str, ExitOutputs]:
         unknown = [s for s in splits if s not in self.eval_batches]
@@ -259,13 +291,10 @@ class CandidateTraining:
         self.train_batches = BatchLoader.for_split(data, "train", batch_size=settings.batch_size,
                                                    resolution=arch.resolution, train=True, device=device,
                                                    seed=settings.seed)
-        self.scorer = Scorer(data, arch.resolution, device, batch_size=settings.batch_size,
-                             bn_batches=settings.bn_recalibration_batches, seed=settings.seed,
-                             eval_batch_size=settings.eval_batch_size, confidence=settings.confidence)
+        self.scorer = Scorer.from_settings(data, arch.resolution, device, settings, confidence=settings.confidence)
         self.optimizer = make_optimizer(self.model, self.train_settings)
         self.scheduler = make_scheduler(self.optimizer, self.train_settings, len(self.train_batches))
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=settings.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.scaler = grad_scaler(settings.amp, device)
         self.epoch = 0
 
     def train_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> dict[str, float]:

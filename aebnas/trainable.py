@@ -30,11 +30,10 @@ from .exit_policy import ExitCosts, ExitOutputs, SimResult, oracle, save_exit_ou
 from .latency import LatencyTable, latency_metrics
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
-from .nn import EarlyExitNet, extract
-from .supernet import SupernetInfo, supernet_from_state
+from .supernet import inherited_network
+from .trials import FAILURE_FILE, permanent_failure
 from .train import CandidateTraining, NonFiniteLossError, load_checkpoint, select_device
 
-FAILURE_FILE = "failure.json"
 
 
 class TrialError(RuntimeError):
@@ -55,7 +54,7 @@ class CandidateFailure(TrialError):
 def epoch_metrics(arch: ArchConfig, val: ExitOutputs, sim: SimResult, score: float,
                   static_macs: float) -> dict[str, Any]:
     """The contract metrics of one epoch (validation split, tuned thresholds)."""
-    m: dict[str, Any] = {"score": score, "accuracy": sim.accuracy, "avg_macs": sim.avg_macs,
+    m: dict[str, Any] = {"score": score, "accuracy": sim.accuracy, "avg_macs": sim.avg_cost,
                          "final_accuracy": float(val.exit_accuracy()[-1]), "static_macs": static_macs}
     acc = val.exit_accuracy()
     for j, pos in enumerate(arch.exit_positions):
@@ -106,15 +105,6 @@ def _fail(trial_dir: Path, message: str) -> CandidateFailure:
         except OSError:  # the local record still stops retries on this node
             pass
     return CandidateFailure(message)
-
-
-def permanent_failure(text: str | bytes) -> str | None:
-    """The message of a permanent failure record (aebnas 0.1 also recorded out-of-memory: retried now)."""
-    try:
-        record = json.loads(text)
-    except ValueError:
-        return None
-    return record["error"] if isinstance(record, dict) and record.get("permanent") else None
 
 
 def _previous_failure(trial_dir: Path) -> str | None:
@@ -172,12 +162,6 @@ def _threads_for_trial() -> int:
     except Exception:  # outside Ray: fall back to one thread per trial
         cpus = 1
     return max(1, int(cpus))
-
-
-def inherited_network(supernet: dict[str, Any], arch: ArchConfig, confidence: str) -> EarlyExitNet:
-    """The candidate ``arch`` holding its weights from a supernet file's record (``load_checkpoint``)."""
-    info = SupernetInfo.from_record(supernet, "the supernet")
-    return extract(supernet_from_state(supernet["model"], info), arch, confidence)
 
 
 def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, Any] | None = None,
@@ -244,9 +228,9 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
                                     settings.score_lambda)
             val = simulate(outputs["val"], tuned.thresholds, costs)
         run.model.set_thresholds(tuned.thresholds)
-        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], val, tuned.score, costs.static_macs)
+        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], val, tuned.score, costs.static_cost)
         if ms_costs is not None:
-            metrics.update(latency_metrics(arch, tuned.result), static_ms=ms_costs.static_macs,
+            metrics.update(latency_metrics(arch, tuned.result), static_ms=ms_costs.static_cost,
                            target_ms=settings.target_ms)
         orc = oracle(outputs["val"], costs)
         if "loss" in stats:
@@ -254,13 +238,13 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
         metrics.update({"epoch": epoch, "epochs": settings.epochs, "inherited": supernet is not None,
                         "train_seconds": stats["seconds"], "eval_seconds": time.perf_counter() - t_eval,
                         "images_per_s": stats["images_per_s"], "oracle_accuracy": orc.accuracy,
-                        "oracle_macs": orc.avg_macs, "target_macs": settings.target_macs,
+                        "oracle_macs": orc.avg_cost, "target_macs": settings.target_macs,
                         "peak_rss_mb": _peak_rss_mb(), **node})
         if epoch == settings.epochs:
             test = simulate(outputs["test"], tuned.thresholds, costs)
             if ms_costs is not None:
                 metrics.update(latency_metrics(arch, simulate(outputs["test"], tuned.thresholds, ms_costs), "test_"))
-            metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_macs,
+            metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_cost,
                             "test_early_exit": 1.0 - float(test.utilization[-1]),
                             "test_final_accuracy": float(outputs["test"].exit_accuracy()[-1])})
         save_exit_outputs(trial_dir / EXIT_OUTPUTS_FILE, outputs, costs)

@@ -35,6 +35,18 @@ from .train import evaluate, load_checkpoint
 
 T = TypeVar("T")
 
+FAILURE_FILE = "failure.json"  # in a trial's directory: a deterministic failure, not retried
+
+
+def permanent_failure(text: str | bytes) -> str | None:
+    """The message of a permanent failure record (``FAILURE_FILE``'s text), None if it is none (aebnas 0.1
+    also recorded out-of-memory failures: those are retried now)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record["error"] if isinstance(record, dict) and record.get("permanent") else None
+
 _TIER = {"finished": 0, "errored": 2}  # every other status (stopped, running, pending): 1
 
 

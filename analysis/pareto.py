@@ -2,7 +2,7 @@
 
 A point dominates another when its accuracy is ≥ and its MACs are ≤, one of them
 strictly; the front is the set of points no other point dominates (equal points are all
-kept). The 2-D hypervolume is the area, in %·MMACs, of the region of the
+kept; dominance itself is :mod:`aebnas.pareto`'s). The 2-D hypervolume is the area, in %·MMACs, of the region of the
 (MMACs, accuracy %) plane that the points dominate and that dominates the reference
 point ``(ref_accuracy %, ref_macs MMACs)``: bigger is better. Points with accuracy ≤
 ``ref_accuracy`` or MACs ≥ ``ref_macs`` add nothing.
@@ -21,26 +21,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from aebnas.pareto import pareto_mask
+
 DEFAULT_REFERENCE_MACS_FACTOR = 1.1
-
-
-def pareto_mask(accuracy: Sequence[float], macs: Sequence[float]) -> np.ndarray:
-    """Boolean mask of the non-dominated points (NaN points are never on the front)."""
-    acc, cost = np.asarray(accuracy, dtype=float), np.asarray(macs, dtype=float)
-    if acc.shape != cost.shape or acc.ndim != 1:
-        raise ValueError(f"accuracy {acc.shape} and macs {cost.shape} must be 1-D of the same length")
-    valid = ~(np.isnan(acc) | np.isnan(cost))
-    mask = np.zeros(acc.shape, dtype=bool)
-    idx = np.flatnonzero(valid)
-    # Cheapest first, the most accurate first among equal MACs: a point is on the front iff
-    # its accuracy beats every point before it, or ties the best at the very same MACs.
-    order = idx[np.lexsort((-acc[idx], cost[idx]))]
-    best_acc, best_cost = -np.inf, np.nan
-    for i in order:
-        if acc[i] > best_acc or (acc[i] == best_acc and cost[i] == best_cost):
-            mask[i] = True
-            best_acc, best_cost = acc[i], cost[i]
-    return mask
 
 
 def pareto_front(frame: pd.DataFrame, accuracy: str = "accuracy", macs: str = "avg_macs") -> pd.DataFrame:
@@ -81,3 +64,6 @@ def parse_reference(text: str) -> tuple[float, float]:
     if ref is None or not all(np.isfinite(ref)):
         raise ValueError(f"reference point {text!r} is not ACC,MACS (accuracy %, MMACs), e.g. 0,20")
     return ref
+
+
+__all__ = ["pareto_mask", "pareto_front", "default_reference", "hypervolume", "parse_reference"]

@@ -53,7 +53,7 @@ def retune(outputs: dict[str, ExitOutputs], costs: ExitCosts, target_macs: float
            budget_macs: float | None = None, grid: Sequence[float] = PAPER_GRID,
            lam: float = PAPER_LAMBDA) -> Retuned:
     """Tune on ``outputs["val"]`` for ``target_macs`` (MMACs; at most ``budget_macs`` if given), report on test."""
-    tuned = tune_thresholds(outputs["val"], costs, target_macs, grid, lam, budget_macs=budget_macs)
+    tuned = tune_thresholds(outputs["val"], costs, target_macs, grid, lam, budget=budget_macs)
     test = simulate(outputs["test"], tuned.thresholds, costs) if "test" in outputs else None
     return Retuned(thresholds=tuned.thresholds, score=tuned.score, val=tuned.result, test=test)
 
@@ -111,9 +111,9 @@ def retune_trials(trials: pd.DataFrame, target_macs: float | None = None, *, bud
                    lam=_trial_lambda(row, lam))
         out = {"experiment": row["experiment"], "trial_id": row["trial_id"], "source": "posthoc",
                "target_macs": target, "budget_macs": budget_macs, "thresholds": r.thresholds, "score": r.score,
-               "accuracy": r.val.accuracy, "avg_macs": r.val.avg_macs,
+               "accuracy": r.val.accuracy, "avg_macs": r.val.avg_cost,
                "test_accuracy": r.test.accuracy if r.test else np.nan,
-               "test_avg_macs": r.test.avg_macs if r.test else np.nan}
+               "test_avg_macs": r.test.avg_cost if r.test else np.nan}
         for name, util, cost, acc in zip(_exit_names(row, costs.num_exits) + ["final"], r.val.utilization,
                                          r.val.costs, r.val.taken_accuracy):
             out.update({f"{name}_util": float(util), f"{name}_macs": float(cost), f"{name}_taken_accuracy": float(acc)})
@@ -174,9 +174,9 @@ def oracle_bounds(trials: pd.DataFrame, progress: Progress | None = None) -> pd.
         val = oracle(outputs["val"], costs)
         test = oracle(outputs["test"], costs) if "test" in outputs else None
         rows.append({"experiment": row["experiment"], "trial_id": row["trial_id"],
-                     "oracle_accuracy": val.accuracy, "oracle_macs": val.avg_macs,
+                     "oracle_accuracy": val.accuracy, "oracle_macs": val.avg_cost,
                      "test_oracle_accuracy": test.accuracy if test else np.nan,
-                     "test_oracle_macs": test.avg_macs if test else np.nan})
+                     "test_oracle_macs": test.avg_cost if test else np.nan})
     return pd.DataFrame(rows, columns=["experiment", "trial_id", "oracle_accuracy", "oracle_macs",
                                        "test_oracle_accuracy", "test_oracle_macs"])
 

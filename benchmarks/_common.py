@@ -90,7 +90,7 @@ def machine() -> dict[str, Any]:
     except ImportError:  # a GPU machine may have torch but not Ray: scripts that need no Ray still run
         ray_version = None
 
-    from aebnas.latency import cpu_model
+    from aebnas.latency_profile import cpu_model
 
     cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -234,7 +234,7 @@ def _git(*args: str) -> str | None:
 
 @dataclass(frozen=True)
 class SearchRun:
-    """One search of a benchmark: its experiment directory, the wall seconds of ``aebnas.experiment.run``
+    """One search of a benchmark: its experiment directory, the wall seconds of ``aebnas.tuner.run``
     (measured when it ran) and its provenance record; ``reused``: re-analysed, not run now."""
 
     path: Path
@@ -249,9 +249,10 @@ class SearchRun:
 
 
 def run_search(ctx: Context, name: str, **settings: Any) -> SearchRun:
-    """One search with ``aebnas.experiment.run`` into ``ctx.scratch/name`` (replaced if there), Ray
+    """One search with ``aebnas.tuner.run`` into ``ctx.scratch/name`` (replaced if there), Ray
     already started; with ``ctx.reuse`` the one already there, if the current code ran it."""
-    from aebnas.experiment import Experiment, experiment_path, run
+    from aebnas.experiment import Experiment, experiment_path
+    from aebnas.tuner import run
 
     exp = Experiment(storage_path=str(ctx.scratch), name=name, verbose=0, **settings)
     path = Path(experiment_path(exp))
@@ -410,4 +411,4 @@ def arch_summary(flat: dict[str, Any] | None) -> str:
 
     arch = ArchConfig.from_flat(flat)
     return (f"resolution {arch.resolution}, width {arch.width_mult}, exits after stages {arch.exit_positions}, "
-            f"{exit_costs(arch).static_macs:.2f} MMACs static")
+            f"{exit_costs(arch).static_cost:.2f} MMACs static")

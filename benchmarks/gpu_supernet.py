@@ -62,8 +62,7 @@ def measure(ctx: Context, epochs: int, width_mult: float, resolutions: str, cand
     scorers: dict[int, Scorer] = {}
     rows, t_score = [], time.perf_counter()
     for arch in archs:
-        scorer = scorers.setdefault(arch.resolution, Scorer(data, arch.resolution, dev,
-                                                            batch_size=128, bn_batches=10, seed=0))
+        scorer = scorers.setdefault(arch.resolution, Scorer.from_settings(data, arch.resolution, dev, info.settings))
         acc = score_subnet(supernet, arch, scorer, "val").exit_accuracy()
         rows.append({"resolution": arch.resolution, "exits": arch.num_exits, "final_val_acc": float(acc[-1]),
                      "best_exit_val_acc": float(acc[:-1].max()) if arch.num_exits else None})

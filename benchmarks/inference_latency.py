@@ -89,7 +89,7 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
     # Re-tuned on validation (the trial's saved outputs, same weights) for a deeper cut, so that exits
     # are really taken: on this small, briefly trained subset the search's own thresholds rarely exit.
     outputs, _ = load_outputs(trial["exit_outputs"])
-    budget = target_fraction * costs.static_macs
+    budget = target_fraction * costs.static_cost
     tuned = retune(outputs, costs, budget, budget_macs=budget, grid=grid)
     thresholds = tuned.thresholds
     off = [1.0] * arch.num_exits
@@ -115,7 +115,7 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
                     for k in (run if rep % 2 == 0 else reversed(list(run))):
                         times[k] += time_passes(run[k], 1)
             mac_dyn = float(c_tuned[exit_idx].mean())
-            mac_speedup = costs.static_macs / mac_dyn
+            mac_speedup = costs.static_cost / mac_dyn
             t_dyn, t_full = median(times["dynamic"]) / n, median(times["final exit"]) / n
             speedup = t_full / t_dyn
             rows.append({"threads": n_threads, "batch": bs, "images": n,
@@ -140,7 +140,7 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
         f"{tuple(grid)}) under a budget of {target_fraction:.0%} of its static MACs (the cheapest vector when "
         f"none fits): {thresholds}, "
         f"{100 * (1 - tuned.val.utilization[-1]):.1f}% of validation images out early, validation accuracy "
-        f"{tuned.val.accuracy:.1f}% at {tuned.val.avg_macs:.3f} MMACs (static {costs.static_macs:.3f}).", "",
+        f"{tuned.val.accuracy:.1f}% at {tuned.val.avg_cost:.3f} MMACs (static {costs.static_cost:.3f}).", "",
         "Timed: `EarlyExitNet.infer` under `torch.inference_mode()` on the first test images (preprocessed "
         "beforehand), with the tuned thresholds ('dynamic') and with every threshold 1.0 ('final exit': the same "
         "network, no branch computed, the static MACs). Per configuration: "

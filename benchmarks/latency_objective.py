@@ -28,9 +28,9 @@ import torch
 
 from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search, stop_ray,
                      trial_config)
-from latency_prediction import QUICK as TABLE_QUICK, SETTINGS as TABLE_SETTINGS
-from latency_prediction import inherited_network, per_image_ms, random_archs, setup, table_path, write_onnx_export
-from spaces_compare import ahead, validation_pick
+from _latency import (TABLE_QUICK, TABLE_SETTINGS, inherited_network, per_image_ms, random_archs, setup, table_path,
+                      write_onnx_export)
+from _picks import ahead, validation_pick
 
 from aebnas.supernet import EMBEDDED_SUPERNET
 
@@ -73,7 +73,7 @@ def rebuild_pick(supernet, info, data, table, trial, images: int | None, out: Pa
     runner = OnnxEarlyExitNet(out, threads=1)
     logits, exits, _ = runner(x)
     return runner, {"resolution": arch.resolution, "exits": ",".join(map(str, arch.exit_positions)) or "-",
-                    "table ms (test)": simulate(outputs["test"], thresholds, table.exit_costs(arch)).avg_macs,
+                    "table ms (test)": simulate(outputs["test"], thresholds, table.exit_costs(arch)).avg_cost,
                     "test acc (ONNX) %": 100 * float(np.mean(logits.argmax(1) == y)),
                     "early %": 100 * float(np.mean(exits < arch.num_exits))}
 

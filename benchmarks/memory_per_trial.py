@@ -153,7 +153,8 @@ def run_mode(ctx: Context, mode: str, data: Any, dataset_path: Path, val_size: i
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from aebnas.experiment import Experiment, make_search_alg
+    from aebnas.experiment import Experiment
+    from aebnas.tuner import make_search_alg
     from aebnas.trainable import train_candidate
 
     name = MODE_NAMES[mode]

@@ -18,7 +18,7 @@ import pandas as pd
 
 from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search,
                      search_figures, stop_ray)
-from spaces_compare import ahead, reference_macs
+from _picks import ahead, reference_macs
 
 from aebnas.supernet import EMBEDDED_SUPERNET
 

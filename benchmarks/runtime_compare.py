@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from _common import Claim, Context, Outcome, main, md_table
-from latency_prediction import per_image_ms, random_dynamic_networks, write_onnx_export
+from _latency import per_image_ms, random_dynamic_networks, write_onnx_export
 
 CLAIM = Claim(20, "runtime_compare", "ONNX Runtime vs PyTorch eager vs TorchScript",
               "figures: per-image latency of the same dynamic network in each runtime, batch 1 and 64 "
@@ -49,7 +49,7 @@ def per_image_ms_batched(fn: Callable[[np.ndarray], Any], images: np.ndarray, ba
 def measure(ctx: Context, archs: int, target_fraction: float, threads: tuple[int, ...],
             batch_sizes: tuple[int, ...], warmup: int, passes: int, images: int | None, seed: int) -> Outcome:
     from aebnas.data import load_dataset
-    from aebnas.export import DeployedEarlyExitNet, _torchscript
+    from aebnas.export import DeployedEarlyExitNet, quiet_torchscript
     from aebnas.onnx_runner import OnnxEarlyExitNet
     from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
 
@@ -59,7 +59,7 @@ def measure(ctx: Context, archs: int, target_fraction: float, threads: tuple[int
     rows: list[dict[str, Any]] = []
     for i, arch, net, th, _, macs in random_dynamic_networks(supernet, info, data, archs, seed, target_fraction):
         module = DeployedEarlyExitNet(net, th, data.mean, data.std, data.classes).eval()
-        with _torchscript():
+        with quiet_torchscript():
             scripted = torch.jit.script(module)
         with tempfile.TemporaryDirectory() as tmp:
             write_onnx_export(net, th, data, Path(tmp))
@@ -74,7 +74,7 @@ def measure(ctx: Context, archs: int, target_fraction: float, threads: tuple[int
                 for batch in batch_sizes:
                     ms = {name: per_image_ms_batched(fn, x_test, batch, warmup, passes)
                           for name, fn in runtimes.items()}
-                    row = {"arch": i, "resolution": arch.resolution, "MMACs static": macs.static_macs,
+                    row = {"arch": i, "resolution": arch.resolution, "MMACs static": macs.static_cost,
                            "early %": 100 * float(np.mean(torch_exits.numpy() < arch.num_exits)),
                            "threads": n_threads, "batch": batch,
                            **{f"{k} ms": v for k, v in ms.items()},

@@ -10,7 +10,6 @@ on validation within ±10% of the target among all of them.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_image, md_table, provenance_note,
-                     report_start, run_search, search_figures, stop_ray)
-from spaces_compare import ahead, reference_macs, validation_pick
+                     run_search, search_figures, stop_ray)
+from _picks import ahead, in_proposal_order, reference_macs, validation_pick
 
 from aebnas.supernet import EMBEDDED_SUPERNET
 
@@ -31,17 +30,6 @@ CLAIM = Claim(16, "searcher_efficiency", "Sample efficiency of the searchers",
 SETTINGS = dict(searchers=("random", "tpe", "nsga2", "surrogate"), seeds=(0, 1, 2), num_samples=200, step=25,
                 target_macs=5.0, tolerance=0.10, width_mult=0.75, resolutions=(32, 36, 40), batch_size=64)
 QUICK = dict(SETTINGS, seeds=(0, 1), num_samples=20, step=10)
-
-
-def in_proposal_order(trials: pd.DataFrame) -> pd.DataFrame:
-    """The trials in the order they started (Optuna's and the surrogate's trial ids are not counters):
-    the first report's timestamp minus its duration, from each trial's result.json."""
-    def started(trial_dir: str) -> float:
-        with open(Path(trial_dir) / "result.json") as f:
-            return report_start(json.loads(f.readline()))
-
-    return trials.assign(started=[started(d) for d in trials["trial_dir"]]).sort_values(
-        ["started", "trial_id"], kind="stable").reset_index(drop=True)
 
 
 def curve(ordered: pd.DataFrame, ref: tuple[float, float], points: Sequence[int]) -> list[float]:

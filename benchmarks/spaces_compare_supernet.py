@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 
 from _common import Claim, main
-from spaces_compare import measure_search_spaces
+from _spaces import measure_search_spaces
+from search_spaces import SPACES
 
 from aebnas.supernet import EMBEDDED_SUPERNET
 
@@ -19,7 +20,7 @@ CLAIM = Claim(12, "spaces_compare_supernet", "Searched vs fixed branches vs no e
               "aebnas ahead of fixed_exits and static on test hypervolume and on the test accuracy of the trial "
               "picked on validation within ±10% of the target, by more than one standard error of the paired "
               "differences (3 seeds, 100 inherited candidates per space and seed)")
-SETTINGS = dict(spaces=("aebnas", "fixed_exits", "static"), seeds=(0, 1, 2), target_macs=5.0, tolerance=0.10,
+SETTINGS = dict(spaces=tuple(SPACES), seeds=(0, 1, 2), target_macs=5.0, tolerance=0.10,
                 width_mult=0.75, resolutions=(32, 36, 40), epochs=0, num_samples=100, scheduler="fifo", batch_size=64,
                 supernet=str(EMBEDDED_SUPERNET), split_seed=0, figure="spaces_compare_supernet_pareto")
 QUICK = dict(SETTINGS, seeds=(0, 1), num_samples=3)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from _common import (Claim, Context, Outcome, arch_summary, load_trials, main, md_table, provenance_note,
                      run_search, search_figures, start_ray, stop_ray, trial_config)
-from spaces_compare import in_window, validation_pick
+from _picks import in_window, validation_pick
 
 CLAIM = Claim(15, "supernet_equal_compute", "Supernet + search vs from-scratch search at equal compute",
               "at the same seconds on the same cores (the supernet's training counts), the validation-picked network "

@@ -67,7 +67,7 @@ def measure_threshold_speed(ctx: Context, num_samples: int, accuracies: Sequence
     outputs = synthetic_exit_outputs(num_samples, accuracies, 10, seed)
     # Real per-exit costs: a mid-size network of the paper's space with an exit after stages 1–4.
     costs = exit_costs(uniform_arch(3, 5, 4, exits=tuple(range(1, exits + 1)), resolution=48))
-    target = target_fraction * costs.static_macs
+    target = target_fraction * costs.static_cost
     fast_times, walk_times, loop, loop_time = [], [], None, None
     for rep in range(repeats):  # alternated, the loop once in the middle: load changes hit all alike
         if rep == repeats // 2:

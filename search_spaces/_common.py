@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray import tune
-
 from aebnas.config import NUM_STAGES, PAPER_SPACE, SpaceValues
 
 
@@ -20,6 +18,10 @@ def space_values(base: SpaceValues = PAPER_SPACE, **changes: Any) -> SpaceValues
 
 def choice(values: tuple) -> Any:
     """A categorical sampler, or the plain value when there is nothing to choose."""
+    # Ray is loaded when a space is built, not when ``SPACES`` is imported: the space names are
+    # read by commands that run without Ray (``aebnas supernet train --workers 0``, ``--help``).
+    from ray import tune
+
     return values[0] if len(values) == 1 else tune.choice(list(values))
 
 

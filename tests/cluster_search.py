@@ -85,7 +85,8 @@ def main(spec_path: str, out_path: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from aebnas.experiment import Experiment, experiment_path, run
+    from aebnas.experiment import Experiment, experiment_path
+    from aebnas.tuner import run
 
     spec = json.loads(Path(spec_path).read_text())
     exp = Experiment(**spec["experiment"])

@@ -53,7 +53,8 @@ def tiny_experiment(storage: Path, data: Path, **changes):
 @pytest.fixture(scope="session")
 def tiny_search(ray_local, small_npz, tmp_path_factory):
     """A finished real Ray Tune search (4 trials × 2 epochs); returns (experiment path, ResultGrid, Experiment)."""
-    from aebnas.experiment import experiment_path, run
+    from aebnas.experiment import experiment_path
+    from aebnas.tuner import run
 
     exp = tiny_experiment(tmp_path_factory.mktemp("results"), small_npz)
     results = run(exp)

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from aebnas.config import is_arch_key
-from aebnas.experiment import EXPERIMENT_FILE, write_experiment_settings
+from aebnas.settings import EXPERIMENT_FILE
+from aebnas.storage import write_experiment_settings
 from analysis.results import (NotAnExperimentError, count_failures, dedupe_epochs, first_error_line,
                               load_experiment, load_experiments, trial_status)
 
@@ -188,7 +189,8 @@ def test_labels_from_files_when_the_state_is_missing(tiny_search, tmp_path):
 PARTIAL_DRIVER = """
 import sys
 import ray
-from aebnas.experiment import Experiment, run
+from aebnas.experiment import Experiment
+from aebnas.tuner import run
 # One CPU: trials run one at a time, and Ray Tune creates all four at the start (a searcher's
 # max_concurrent=1 would create each only when the one before ends, so the last could be missing).
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

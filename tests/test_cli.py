@@ -42,7 +42,7 @@ def test_info_prints_costs_and_params(tmp_path, capsys, name):
         assert row == [str(j + 1), f"stage{e.position}", str(e.depth), f"{c[j]:.3f}", f"{costs.branch[j]:.3f}"]
     final = [line.split() for line in lines if line.startswith(" final")]
     assert final == [["final", "head", f"{c[-1]:.3f}"]]
-    assert lines[-1] == f"static network (no exits): {costs.static_macs:.3f} MMACs"
+    assert lines[-1] == f"static network (no exits): {costs.static_cost:.3f} MMACs"
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -59,7 +59,7 @@ def test_info_json_equals_the_cost_module(tmp_path, capsys, name):
     assert [(e["exit"], e["position"], e["depth"]) for e in info["exits"]] == \
         [(j, e.position, e.depth) for j, e in enumerate(arch.exits)]
     assert info["final_macs"] == pytest.approx(c[-1], rel=1e-12)
-    assert info["static_macs"] == pytest.approx(costs.static_macs, rel=1e-12)
+    assert info["static_macs"] == pytest.approx(costs.static_cost, rel=1e-12)
     assert info["segments_macs"] == pytest.approx(segment_macs(arch), rel=1e-12)
     assert info["params"] == param_count(arch)
     assert (info["resolution"], info["num_classes"]) == (arch.resolution, arch.num_classes)
@@ -73,7 +73,7 @@ def test_info_console_script(tmp_path):
     proc = subprocess.run([exe, "info", str(path), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    assert info["static_macs"] == pytest.approx(exit_costs(arch).static_macs, rel=1e-12)
+    assert info["static_macs"] == pytest.approx(exit_costs(arch).static_cost, rel=1e-12)
     assert info["params"] == param_count(arch)
 
 

@@ -351,3 +351,30 @@ def test_custom_space_restricts_parsing():
     assert _error(_flat(exits=(1,)), space) == "exit1_enabled=True but position 1 is not one of (2, 4)"
     assert smallest_arch(space).exit_positions == (2,)
     assert largest_arch(space).exit_positions == (2, 4)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def test_rows_describe_stem_exits_and_head_by_hand():
+    """Width 0.5, 100 classes, grey input: every width of the built network is in a row."""
+    mod = config.ExitModuleConfig(channels=8, kernel=3, expansion=2, pool=1)
+    arch = config.uniform_arch(2, 3, 3, exits=(1, 3), exit_module=mod, width_mult=0.5, num_classes=100,
+                               in_channels=1)
+    assert arch.stem_row() == config.StemRow(in_channels=1, out_channels=8, kernel=3, stride=2, activation="hswish")
+    assert arch.block_rows()[0].in_channels == 8
+    # exits sit on the output of their stage: 24·0.5 → 16 (make_divisible keeps ≥ 90%), 80·0.5 → 40
+    assert arch.exit_rows() == (config.ExitRow(1, 16, (mod,), 100, "hswish"),
+                                config.ExitRow(3, 40, (mod,), 100, "hswish"))
+    # head: 960·0.5 = 480; the 1280 feature mix only grows with the width
+    assert arch.head_row() == config.HeadRow(in_channels=80, expand_channels=480, feature_channels=1280,
+                                             num_classes=100, activation="hswish")
+    wide = config.uniform_arch(2, 3, 3, width_mult=1.25)
+    assert (wide.head_row().expand_channels, wide.head_row().feature_channels) == (1200, 1600)
+
+
+def test_space_values_live_in_their_own_module():
+    from aebnas import space_values
+
+    assert config.SpaceValues is space_values.SpaceValues and config.PAPER_SPACE is space_values.PAPER_SPACE
+    assert config.EXIT_POSITIONS == space_values.EXIT_POSITIONS == (1, 2, 3, 4)

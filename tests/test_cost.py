@@ -66,7 +66,7 @@ def test_whole_network_by_hand(depth, k, e, exits, resolution, kwargs):
         assert seg[name] == pytest.approx(hand[name], rel=1e-9), name
     costs = exit_costs(arch)
     backbone_total = sum(hand[n] for n in ("stem", "stage1", "stage2", "stage3", "stage4", "stage5"))
-    assert costs.static_macs == pytest.approx(backbone_total + hand["head"], rel=1e-9)
+    assert costs.static_cost == pytest.approx(backbone_total + hand["head"], rel=1e-9)
 
 
 def test_first_exit_cost_by_hand():
@@ -94,7 +94,7 @@ def test_cumulative_on_hand_made_pieces():
     assert batch.shape == (2, 4)
     np.testing.assert_allclose(batch[0], [1.1, 2.3, 3.7, 10.7])
     np.testing.assert_allclose(batch[1][[0, 2, 3]], [1.1, 3.5, 10.5])
-    assert costs.static_macs == 10.0 and costs.num_exits == 3
+    assert costs.static_cost == 10.0 and costs.num_exits == 3
 
 
 def test_exit_costs_shape_is_checked():
@@ -112,7 +112,7 @@ def test_a_disabled_exit_costs_nothing():
     c_without = exit_costs(without).cumulative()
     np.testing.assert_allclose(c_off[[0, 2, 3, 4]], c_without, rtol=1e-12)
     assert exit_costs(full).cumulative()[-1] > c_off[-1]  # the branch does cost when active
-    np.testing.assert_allclose(exit_costs(full).cumulative([False] * 4)[-1], exit_costs(full).static_macs)
+    np.testing.assert_allclose(exit_costs(full).cumulative([False] * 4)[-1], exit_costs(full).static_cost)
 
 
 @pytest.mark.parametrize("arch", [
@@ -133,8 +133,8 @@ def test_static_macs_is_the_backbone_without_exits(arch):
     static = arch.replace(exits=())
     seg = segment_macs(static)
     assert set(seg) == {"stem", "stage1", "stage2", "stage3", "stage4", "stage5", "head"}
-    assert exit_costs(arch).static_macs == pytest.approx(sum(seg.values()), rel=1e-12)
-    assert exit_costs(static).static_macs == pytest.approx(exit_costs(arch).static_macs, rel=1e-12)
+    assert exit_costs(arch).static_cost == pytest.approx(sum(seg.values()), rel=1e-12)
+    assert exit_costs(static).static_cost == pytest.approx(exit_costs(arch).static_cost, rel=1e-12)
     assert exit_costs(static).cumulative().shape == (1,)
 
 
@@ -151,7 +151,7 @@ def test_expected_is_the_utilization_weighted_sum():
             by_hand = sum(u[i] * c[i] for i in range(4))
             assert costs.expected(u, active) == pytest.approx(by_hand, rel=1e-12)
     assert costs.expected([0, 0, 0, 1]) == pytest.approx(costs.cumulative()[-1])
-    assert costs.expected([0, 0, 0, 1], [False] * 3) == pytest.approx(costs.static_macs)
+    assert costs.expected([0, 0, 0, 1], [False] * 3) == pytest.approx(costs.static_cost)
 
 
 def test_segment_macs_is_cached():
@@ -171,3 +171,38 @@ def test_param_count_grows_by_the_branch_parameters():
     # 1×1 40→80 + BN(80), 3×3 depthwise 80 + BN(80), 1×1 80→8 + BN(8), linear 8→10 with bias.
     branch = 40 * 80 + 2 * 80 + 80 * 9 + 2 * 80 + 80 * 8 + 2 * 8 + 8 * 10 + 10
     assert param_count(one) - param_count(base) == branch
+
+
+def test_one_rule_assembles_c_i_from_segments_in_any_unit():
+    """costs_from_segments: backbone up to each exit (stem + stages), the head on the final."""
+    from aebnas.cost import costs_from_segments
+
+    arch = uniform_arch(2, 3, 3, exits=(2, 4))
+    costs = costs_from_segments(arch, 1.0, [2.0, 3.0, 4.0, 5.0, 6.0], [0.5, 0.25], 10.0, "ms")
+    np.testing.assert_array_equal(costs.backbone, [6.0, 15.0, 31.0])
+    np.testing.assert_array_equal(costs.branch, [0.5, 0.25])
+    assert costs.unit == "ms" and costs.static_cost == 31.0
+    assert exit_costs(arch).unit == "MMACs"
+    with pytest.raises(ValueError, match="unit='s'"):
+        ExitCosts(backbone=[1.0], branch=[], unit="s")
+
+
+def test_piece_costs_say_their_unit_and_read_old_searcher_checkpoints():
+    import pickle
+
+    from aebnas.cost import PieceCosts
+
+    arch = smallest_arch()
+    ms = PieceCosts(measure=lambda key, build, shape: 1.0, unit="ms").exit_costs(arch)
+    assert ms.unit == "ms" and ms.static_cost == 1.0 + 5 * 2 + 1.0  # stem, 5 stages of 2 blocks, head
+    pieces = PieceCosts()
+    pieces.exit_costs(arch)
+    state = dict(pieces.__dict__)
+    state["_macs"] = state.pop("_costs")  # as pickled before the fields said their unit
+    del state["unit"]
+    old = PieceCosts.__new__(PieceCosts)
+    old.__setstate__(state)
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.unit == "MMACs" and restored.misses == pieces.misses
+    np.testing.assert_array_equal(restored.exit_costs(arch).backbone, pieces.exit_costs(arch).backbone)
+    assert restored.misses == pieces.misses  # every piece came from the restored cache

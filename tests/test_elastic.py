@@ -266,3 +266,13 @@ def test_training_mode_updates_only_the_subnets_statistics_as_the_plain_network_
     again = extract(supernet, arch).state_dict()
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(again[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fixed_stem_and_head_are_built_from_the_rows_of_every_subnet():
+    supernet = ElasticEarlyExitNet(PAPER_SPACE, 0.75, 10)
+    net = EarlyExitNet(random_arch(PAPER_SPACE, random.Random(0)).replace(width_mult=0.75))
+    for mine, theirs in ((supernet.stem, net.stem), (supernet.head, net.head)):
+        assert [(k, v.shape) for k, v in mine.state_dict().items()] == \
+            [(k, v.shape) for k, v in theirs.state_dict().items()]
+    # registration order (stem, head, stages, branches) is the order the initialisation draws in
+    assert [name for name, _ in supernet.named_children()] == ["stem", "head", "stages", "branches"]

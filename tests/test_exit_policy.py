@@ -102,7 +102,7 @@ def test_simulate_equals_a_per_sample_loop(seed):
         assert np.array_equal(exit_index(outputs, th), sim.exit_index)
         assert sim.accuracy == pytest.approx(acc, abs=1e-9)
         np.testing.assert_allclose(sim.utilization, util, atol=1e-12)
-        assert sim.avg_macs == pytest.approx(avg, rel=1e-12)
+        assert sim.avg_cost == pytest.approx(avg, rel=1e-12)
         np.testing.assert_allclose(sim.costs, loop_costs(COSTS, th), rtol=1e-12)
         for j in range(4):
             taken = [s for s in range(outputs.num_samples) if idx[s] == j]
@@ -119,10 +119,10 @@ def test_simulate_edge_thresholds():
     off = simulate(outputs, [1.0, 1.0, 1.0], COSTS)
     assert np.all(off.exit_index == 3)
     assert off.accuracy == pytest.approx(100.0 * np.mean(outputs.prediction[3] == outputs.labels))
-    assert off.avg_macs == pytest.approx(COSTS.static_macs)
+    assert off.avg_cost == pytest.approx(COSTS.static_cost)
     first = simulate(outputs, [0.0, 0.5, 0.5], COSTS)
     assert np.all(first.exit_index == 0)
-    assert first.avg_macs == pytest.approx(1.2)
+    assert first.avg_cost == pytest.approx(1.2)
     assert first.utilization.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
@@ -162,7 +162,7 @@ def test_simulate_many_on_the_paper_grid_equals_simulate():
     for k in range(0, len(grid), 17):
         sim = simulate(outputs, grid[k], COSTS)
         assert acc[k] == pytest.approx(sim.accuracy, abs=1e-9)
-        assert avg[k] == pytest.approx(sim.avg_macs, rel=1e-12)
+        assert avg[k] == pytest.approx(sim.avg_cost, rel=1e-12)
         np.testing.assert_allclose(util[k], sim.utilization, atol=1e-12)
 
 
@@ -181,37 +181,37 @@ def test_threshold_grid_is_the_product_with_rounding():
 def test_threshold_score_formula():
     assert threshold_score(80.0, 12.0, 10.0) == pytest.approx(80.0 - 0.1 * 100 * 2 / 10)
     assert threshold_score(80.0, 8.0, 10.0, lam=0.5) == pytest.approx(80.0 - 0.5 * 100 * 2 / 10)
-    with pytest.raises(ValueError, match="target_macs=0"):
+    with pytest.raises(ValueError, match="target=0"):
         threshold_score(80.0, 8.0, 0.0)
 
 
 @pytest.mark.parametrize("target", [2.0, 4.0, 7.0])
 def test_tune_thresholds_finds_the_brute_force_optimum(target):
     outputs = _outputs(seed=11, n=250)
-    tuned = tune_thresholds(outputs, COSTS, target_macs=target)
+    tuned = tune_thresholds(outputs, COSTS, target=target)
     ref = loop_tune_thresholds(outputs, COSTS, target)
     th, score = ref.thresholds, ref.score
     assert tuned.thresholds == th
     assert tuned.score == pytest.approx(score, abs=1e-9)
     assert tuned.result.thresholds == th
-    assert tuned.score == pytest.approx(threshold_score(tuned.result.accuracy, tuned.result.avg_macs, target))
+    assert tuned.score == pytest.approx(threshold_score(tuned.result.accuracy, tuned.result.avg_cost, target))
 
 
 def test_tune_thresholds_with_a_budget_matches_brute_force():
     outputs = _outputs(seed=12, n=250)
     # The unconstrained optimum for a high target is expensive; the budget must exclude it.
-    free = tune_thresholds(outputs, COSTS, target_macs=8.0)
-    budget = free.result.avg_macs * 0.6
-    tuned = tune_thresholds(outputs, COSTS, target_macs=8.0, budget_macs=budget)
+    free = tune_thresholds(outputs, COSTS, target=8.0)
+    budget = free.result.avg_cost * 0.6
+    tuned = tune_thresholds(outputs, COSTS, target=8.0, budget=budget)
     ref = loop_tune_thresholds(outputs, COSTS, 8.0, budget_macs=budget)
     th, score = ref.thresholds, ref.score
     assert tuned.thresholds == th and tuned.score == pytest.approx(score, abs=1e-9)
-    assert tuned.result.avg_macs <= budget < free.result.avg_macs
+    assert tuned.result.avg_cost <= budget < free.result.avg_cost
     # No vector fits: the cheapest vector is returned.
-    impossible = tune_thresholds(outputs, COSTS, target_macs=8.0, budget_macs=0.1)
+    impossible = tune_thresholds(outputs, COSTS, target=8.0, budget=0.1)
     ref = loop_tune_thresholds(outputs, COSTS, 8.0, budget_macs=0.1)
-    th, avg = ref.thresholds, ref.avg_macs
-    assert impossible.thresholds == th and impossible.result.avg_macs == pytest.approx(avg)
+    th, avg = ref.thresholds, ref.avg_macs  # aebnas.reference keeps its MMACs names
+    assert impossible.thresholds == th and impossible.result.avg_cost == pytest.approx(avg)
     assert avg == pytest.approx(simulate_many(outputs, threshold_grid(3), COSTS)[1].min())
 
 
@@ -219,7 +219,7 @@ def test_tune_thresholds_on_a_custom_grid():
     outputs = _outputs(seed=13, exits=4, n=150)
     costs = ExitCosts(backbone=[1, 2, 3, 4, 8], branch=[0.1, 0.1, 0.2, 0.2])
     grid = (0.3, 0.6, 0.9, 1.0)
-    tuned = tune_thresholds(outputs, costs, target_macs=3.0, grid=grid, lam=0.3)
+    tuned = tune_thresholds(outputs, costs, target=3.0, grid=grid, lam=0.3)
     ref = loop_tune_thresholds(outputs, costs, 3.0, grid=grid, lam=0.3)
     th, score = ref.thresholds, ref.score
     assert tuned.thresholds == th and tuned.score == pytest.approx(score, abs=1e-9)
@@ -236,10 +236,10 @@ def test_oracle_equals_a_loop():
         right += bool(ok)
     result = oracle(outputs, COSTS)
     assert result.accuracy == pytest.approx(100.0 * right / outputs.num_samples)
-    assert result.avg_macs == pytest.approx(sum(c[j] for j in idx) / outputs.num_samples)
+    assert result.avg_cost == pytest.approx(sum(c[j] for j in idx) / outputs.num_samples)
     np.testing.assert_allclose(result.utilization, [idx.count(j) / outputs.num_samples for j in range(e + 1)])
     # An upper bound on accuracy for any thresholds.
-    assert result.accuracy >= tune_thresholds(outputs, COSTS, target_macs=4.0).result.accuracy
+    assert result.accuracy >= tune_thresholds(outputs, COSTS, target=4.0).result.accuracy
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -332,6 +332,30 @@ def test_a_network_without_exits_sends_everything_to_the_final_classifier():
                           prediction=np.array([[1, 0, 1, 1, 0]]), labels=np.array([1, 1, 1, 0, 0]))
     costs = ExitCosts(backbone=np.array([3.0]), branch=np.array([]))
     assert exit_index(outputs, []).tolist() == [0] * 5
-    tuned = tune_thresholds(outputs, costs, target_macs=3.0)
-    assert tuned.thresholds == [] and tuned.result.accuracy == 60.0 and tuned.result.avg_macs == 3.0
+    tuned = tune_thresholds(outputs, costs, target=3.0)
+    assert tuned.thresholds == [] and tuned.result.accuracy == 60.0 and tuned.result.avg_cost == 3.0
     assert tuned.score == 60.0
+
+
+def test_results_carry_the_unit_of_their_costs(tmp_path):
+    from aebnas.exit_policy import MS
+
+    outputs = _outputs(seed=3, n=50)
+    ms = ExitCosts(backbone=COSTS.backbone, branch=COSTS.branch, unit=MS)
+    sim = simulate(outputs, [0.5] * outputs.num_exits, ms)
+    assert sim.unit == MS and sim.avg_cost == simulate(outputs, [0.5] * outputs.num_exits, COSTS).avg_cost
+    assert oracle(outputs, ms).unit == MS and oracle(outputs, COSTS).unit == "MMACs"
+    with pytest.raises(ValueError, match="holds costs in MMACs, got ms"):  # its keys say MACs
+        save_exit_outputs(tmp_path / "x.npz", {"val": outputs}, ms)
+
+
+def test_one_threshold_check_for_numpy_torchscript_and_onnx():
+    from aebnas import exit_policy, onnx_runner
+
+    assert exit_policy.validate_thresholds is onnx_runner.validate_thresholds
+    assert onnx_runner.validate_thresholds((1, 0.5), 2) == [1.0, 0.5]
+    for bad, message in (([0.5], "thresholds has 1 values but the network has 2 exits"),
+                         ([0.5, 1.5], r"thresholds\[1\]=1.5 is not in \[0, 1\]"),
+                         ([math.nan, 0.5], r"thresholds\[0\]=nan is not in \[0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            onnx_runner.validate_thresholds(bad, 2)

@@ -16,9 +16,15 @@ import numpy as np
 import pytest
 import torchvision.datasets as tvd
 
-from aebnas.experiment import (EXPERIMENT_FILE, Experiment, ExperimentError, add_arguments, describe_resources,
-                               experiment_from_args, experiment_path, read_experiment_settings, run,
-                               trial_resources)
+from search_spaces import SPACES
+
+from aebnas.cluster import describe_resources, trial_resources
+from aebnas.errors import ExperimentError
+from aebnas.experiment import Experiment, experiment_path
+from aebnas.flags import FLAGS, RESOLUTIONS, add_arguments, experiment_from_args
+from aebnas.settings import EXPERIMENT_FILE, LATENCY_BACKENDS
+from aebnas.storage import read_experiment_settings
+from aebnas.tuner import run
 from conftest import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +176,22 @@ def test_resume_flags_default_to_the_saved_settings(tiny_search, tmp_path):
     assert fresh == dataclasses.replace(Experiment(), storage_path=str(tmp_path), name="tiny")
     assert _parse(["--gpus-per-trial", "0", "--amp"]).gpus_per_trial == 0 and _parse(["--amp"]).amp is True
     assert _parse([]).gpus_per_trial is None and _parse([]).amp is False
+
+
+def test_flags_are_made_from_the_settings_declarations():
+    declared = {f.name for f in dataclasses.fields(Experiment) if "flag" in f.metadata}
+    assert declared == set(FLAGS) - {RESOLUTIONS}  # every declared flag is listed once, and no other
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Experiment())
+    actions = {a.dest: a for a in parser._actions}
+    assert actions["latency_backend"].choices == LATENCY_BACKENDS
+    assert actions["space"].choices is None  # validate() refuses a bad space, naming it
+    assert actions["space"].help == "search space: aebnas, fixed_exits or static (default: aebnas)"
+    assert tuple(SPACES) == ("aebnas", "fixed_exits", "static")
+    assert actions["gpus_per_trial"].help.endswith("(default: 1 when the cluster has a GPU, else 0)")
+    assert _parse(["--supernet", "none"]).supernet is None and _parse(["--supernet", "a.pt"]).supernet == "a.pt"
+    assert _parse(["--reduction-factor", "3", "--val-size", "7"]) == dataclasses.replace(
+        Experiment(), reduction_factor=3.0, val_size=7)
 
 
 @pytest.mark.slow

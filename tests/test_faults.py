@@ -175,23 +175,23 @@ BAD_POINTS = {"diverges": DIVERGES, "cannot_build": CANNOT_BUILD, "too_big": TOO
 
 
 def test_bad_trials_end_errored_and_the_search_goes_on(ray_local, small_npz, tmp_path, monkeypatch):
-    """Four trials through aebnas.experiment.run: one normal, one that diverges, one that cannot be
+    """Four trials through aebnas.tuner.run: one normal, one that diverges, one that cannot be
     built, one out of memory. Only the search algorithm (to pick the four configs) and the
     trainable (to cap its memory) are swapped; Ray is real."""
     import ray.cloudpickle
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from aebnas import experiment
+    from aebnas import experiment, tuner
     from conftest import tiny_experiment
 
     points = [{}, *BAD_POINTS.values()]  # a sampled candidate, then the three bad ones
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
-    monkeypatch.setattr(experiment, "train_candidate", train_with_memory_allowance)
-    monkeypatch.setattr(experiment, "make_search_alg",
+    monkeypatch.setattr(tuner, "train_candidate", train_with_memory_allowance)
+    monkeypatch.setattr(tuner, "make_search_alg",
                         lambda exp, *_: BasicVariantGenerator(points_to_evaluate=points, random_state=exp.seed))
     exp = tiny_experiment(tmp_path, small_npz, name="bad", epochs=1, num_samples=len(points), max_failures=1,
                           cpus_per_trial=0.5)  # all four at once on the 2 CPUs
-    results = experiment.run(exp)
+    results = tuner.run(exp)
 
     assert len(results) == 4 and results.num_errors == 3
     by_case = {}

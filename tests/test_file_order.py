@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from aebnas.data import embedded_dataset_path
-from aebnas.experiment import run
+from aebnas.tuner import run
 from conftest import tiny_experiment
 
 # Far from chance (10%) after a few epochs on the embedded subset (measured: 33-40%).

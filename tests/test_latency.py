@@ -12,7 +12,8 @@ import pytest
 from aebnas.cli import main
 from aebnas.config import ArchConfig, SpaceValues, random_arch, uniform_arch
 from aebnas.cost import count_macs, exit_costs
-from aebnas.latency import LatencyTable, ProfileRequest, covering_archs, profile, space_pieces
+from aebnas.latency import LatencyTable, covering_archs, space_pieces
+from aebnas.latency_profile import ProfileRequest, profile
 
 pytest.importorskip("onnxruntime")
 
@@ -150,7 +151,7 @@ def test_latency_profile_cli(tmp_path, capsys):
     arch = random_arch(SpaceValues(resolutions=(32,)), random.Random(0), width_mult=0.35, num_classes=10,
                        in_channels=3)
     assert isinstance(arch, ArchConfig)
-    assert LatencyTable(out, "torch").exit_costs(arch).static_macs > 0  # every network of the space is covered
+    assert LatencyTable(out, "torch").exit_costs(arch).static_cost > 0  # every network of the space is covered
     assert main(["latency", "profile", "--out", str(out), "--threads", "0"]) == 2
     assert "threads=0 must be ≥ 1" in capsys.readouterr().err
 
@@ -167,12 +168,13 @@ def tiny_table(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latency_search(ray_local, small_npz, tiny_table, tmp_path_factory):
-    from aebnas.experiment import experiment_path, run
+    from aebnas.experiment import experiment_path
+    from aebnas.tuner import run
     from conftest import tiny_experiment
 
     table = LatencyTable(tiny_table, "torch")
     target = 0.6 * table.exit_costs(uniform_arch(3, 5, 4, resolution=32, width_mult=0.25, num_classes=10,
-                                                 in_channels=3)).static_macs
+                                                 in_channels=3)).static_cost
     exp = tiny_experiment(tmp_path_factory.mktemp("results"), small_npz, cost="latency", latency_table=str(tiny_table),
                           latency_backend="torch", target_ms=round(target, 4), num_samples=3, epochs=1)
     results = run(exp)
@@ -213,10 +215,10 @@ def test_a_latency_search_tunes_thresholds_for_milliseconds(latency_search, tiny
         tuned = tune_thresholds(splits["val"], ms, exp.target_ms, settings.threshold_grid, settings.score_lambda)
         assert m["thresholds"] == pytest.approx(tuned.thresholds)
         assert m["score"] == pytest.approx(tuned.score)
-        assert m["avg_ms"] == pytest.approx(tuned.result.avg_macs)  # SimResult's average is in the costs' unit
-        assert m["static_ms"] == pytest.approx(ms.static_macs)
-        assert m["avg_macs"] == pytest.approx(simulate(splits["val"], tuned.thresholds, macs).avg_macs)
-        assert m["test_avg_ms"] == pytest.approx(simulate(splits["test"], tuned.thresholds, ms).avg_macs)
+        assert m["avg_ms"] == pytest.approx(tuned.result.avg_cost)  # SimResult's average is in the costs' unit
+        assert m["static_ms"] == pytest.approx(ms.static_cost)
+        assert m["avg_macs"] == pytest.approx(simulate(splits["val"], tuned.thresholds, macs).avg_cost)
+        assert m["test_avg_ms"] == pytest.approx(simulate(splits["test"], tuned.thresholds, ms).avg_cost)
         for pos in arch.exit_positions:
             assert m[f"exit{pos}_ms"] > 0
 
@@ -230,7 +232,7 @@ def test_analysis_plots_accuracy_against_milliseconds(latency_search, tmp_path):
 
 
 def test_latency_search_refuses_a_table_that_does_not_cover_the_space(small_npz, tmp_path, tiny_table):
-    from aebnas.experiment import run
+    from aebnas.tuner import run
     from aebnas.errors import ExperimentError
     from conftest import tiny_experiment
 
@@ -254,7 +256,7 @@ def test_latency_search_refuses_a_table_that_does_not_cover_the_space(small_npz,
 
 
 def test_nonnegative_fit_recovers_overheads_and_never_goes_negative():
-    from aebnas.latency import _nonnegative_fit
+    from aebnas.latency_profile import _nonnegative_fit
 
     rng = np.random.default_rng(0)
     x = np.c_[rng.uniform(1, 5, 12), rng.integers(0, 4, 12), np.ones(12)]

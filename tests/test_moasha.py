@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from aebnas.experiment import run
-from aebnas.moasha import MOASHA, non_dominated_fronts, pareto_ranks
+from aebnas.tuner import run
+from aebnas.moasha import MOASHA, pareto_ranks
+from aebnas.pareto import non_dominated_fronts
 from conftest import tiny_experiment
 
 

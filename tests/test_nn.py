@@ -287,3 +287,24 @@ def test_block_rows_describe_the_built_blocks():
         assert block.block[-1][0].out_channels == row.out_channels
     assert [r.stride for r in rows if r.stage > 0][::3] == [2, 2, 2, 1, 2]
     assert rows[-1].out_channels == arch.stage_channels[-1] == make_divisible(160 * 0.5)
+
+
+def test_builders_make_the_network_s_stem_head_and_widths():
+    from aebnas.nn import build_head, build_stem, exit_expanded_channels, init_weights, se_channels
+
+    arch = uniform_arch(2, 5, 4, exits=(2,), width_mult=0.75, num_classes=7)
+    net = EarlyExitNet(arch)
+    stem, head = build_stem(arch.stem_row(), arch.block_rows()[0]), build_head(arch.head_row())
+    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]  # noqa: E731
+    assert shapes(stem) == shapes(net.stem) and shapes(head) == shapes(net.head)
+    assert head[-1].out_features == 7 and head[2].out_channels == 1280
+    # the squeeze-excite reduction and an exit module's middle width, each computed in one place
+    assert se_channels(72) == 24 and se_channels(40) == 16  # 72/4 = 18 → 24 (16 would lose > 10%); 10 → 16
+    assert exit_expanded_channels(40, 2) == 80  # not rounded to a multiple of 8, unlike a block's
+    torch.manual_seed(0)
+    a = EarlyExitNet(arch)
+    torch.manual_seed(0)
+    b = EarlyExitNet(arch)
+    init_weights(b)  # a second draw from the same rule changes the convs, keeps BN at (1, 0)
+    assert not torch.equal(a.stem[0][0].weight, b.stem[0][0].weight)
+    assert torch.equal(b.stem[0][1].weight, torch.ones_like(b.stem[0][1].weight))

@@ -163,7 +163,7 @@ def test_onnx_cli_errors(run, onnx_export, tmp_path, capsys):
     code, _, err = _run_cli(capsys, "predict", tmp_path / "other", paths[0])
     assert code == 2 and "is not an ONNX export of aebnas: it has no model.json" in err
     n = len(meta["thresholds"])
-    with pytest.raises(ValueError, match=f"{n + 1} thresholds for a network with {n} exits"):
+    with pytest.raises(ValueError, match=f"thresholds has {n + 1} values but the network has {n} exits"):
         OnnxEarlyExitNet(onnx_export[0]).thresholds = [0.5] * (n + 1)
     with pytest.raises(ValueError, match=r"not in \[0, 1\]"):
         OnnxEarlyExitNet(onnx_export[0]).thresholds = [1.5] * len(meta["thresholds"])

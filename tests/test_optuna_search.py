@@ -43,7 +43,9 @@ def test_sampler_still_pickles_after_use():
     first = _next_params(sampler, study_trials=9)  # three generations: the GA cache and its lock used
     assert len(first) == 9
     copy = pickle.loads(pickle.dumps(sampler))
-    assert copy.population_size == 4
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=copy)
+    study.optimize(_objective, n_trials=4)  # the copy's fresh lock works
+    assert len(study.trials) == 4
 
 
 def _space(trial):

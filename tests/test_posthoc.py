@@ -39,7 +39,7 @@ def test_retune_for_a_budget_keeps_val_macs_within_it(tiny):
     assert (tuned["budget_macs"] == budget).all() and (tuned["target_macs"] == budget).all()
     for _, t in tuned.iterrows():
         outputs, costs = load_outputs(tiny.trial(t["trial_id"])["exit_outputs"])
-        macs = [simulate(outputs["val"], v, costs).avg_macs for v in threshold_grid(costs.num_exits)]
+        macs = [simulate(outputs["val"], v, costs).avg_cost for v in threshold_grid(costs.num_exits)]
         if min(macs) <= budget:
             assert t["avg_macs"] <= budget + 1e-9
         else:  # nothing fits: the cheapest vector
@@ -93,7 +93,7 @@ def test_sweep_on_a_synthetic_trial_equals_simulate(tmp_path):
     assert len(sweep) == 9
     for _, s in sweep.iterrows():
         sim = simulate(val, list(s["thresholds"]), costs)
-        assert s["accuracy"] == pytest.approx(sim.accuracy) and s["avg_macs"] == pytest.approx(sim.avg_macs)
+        assert s["accuracy"] == pytest.approx(sim.accuracy) and s["avg_macs"] == pytest.approx(sim.avg_cost)
     ex = exit_breakdown(trials.iloc[0], 2.0)
     assert list(ex.index) == ["exit2", "exit3", "final"]
     assert ex["util"].sum() == pytest.approx(1.0)

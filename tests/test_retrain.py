@@ -98,7 +98,7 @@ def test_retrain_writes_a_consistent_run_dir(experiment, run, small_npz):
     assert metrics["val"]["score"] == pytest.approx(tuned.score)
     test = simulate(splits["test"], tuned.thresholds, costs)
     assert metrics["test"]["accuracy"] == pytest.approx(test.accuracy)
-    assert metrics["test"]["avg_macs"] == pytest.approx(test.avg_macs)
+    assert metrics["test"]["avg_macs"] == pytest.approx(test.avg_cost)
     assert metrics["test"]["utilization"] == pytest.approx(list(test.utilization))
     assert sum(metrics["test"]["utilization"]) == pytest.approx(1.0)
     assert [r["test_util"] for r in metrics["exits"]] == pytest.approx(list(test.utilization))

@@ -242,8 +242,8 @@ def _search(storage, small_npz, supernet, **changes):
 
 
 def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz, tmp_path):
-    from aebnas.experiment import run
-    from aebnas.trainable import inherited_network
+    from aebnas.tuner import run
+    from aebnas.supernet import inherited_network
 
     _, _, path = trained
     exp = _search(tmp_path, small_npz, path, num_samples=2)
@@ -270,7 +270,7 @@ def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz
 
 
 def test_search_fine_tunes_inherited_weights(ray_local, trained, small_npz, tmp_path):
-    from aebnas.experiment import run
+    from aebnas.tuner import run
 
     results = run(_search(tmp_path, small_npz, trained[2], epochs=2, num_samples=1, name="finetune",
                           finetune_lr=0.005))
@@ -282,7 +282,7 @@ def test_search_fine_tunes_inherited_weights(ray_local, trained, small_npz, tmp_
 
 
 def test_search_refuses_a_supernet_that_does_not_fit(trained, small_npz, tmp_path):
-    from aebnas.experiment import run
+    from aebnas.tuner import run
     from aebnas.errors import ExperimentError
 
     path = trained[2]
@@ -297,7 +297,7 @@ def test_search_refuses_a_supernet_that_does_not_fit(trained, small_npz, tmp_pat
 
 
 def test_search_refuses_a_supernet_trained_on_its_validation_images(ray_local, trained, small_npz, tmp_path):
-    from aebnas.experiment import run
+    from aebnas.tuner import run
     from aebnas.errors import ExperimentError
 
     with pytest.raises(ExperimentError, match="validation/test images"):
@@ -311,7 +311,7 @@ def test_search_refuses_a_supernet_trained_on_its_validation_images(ray_local, t
 @pytest.fixture(scope="module")
 def inherited_trial(ray_local, trained, small_npz, tmp_path_factory):
     """A search whose candidates scored their inherited weights (epoch 0), and one of its trials."""
-    from aebnas.experiment import run
+    from aebnas.tuner import run
     from aebnas.trials import read_experiment_dir
 
     storage = tmp_path_factory.mktemp("inherited")
@@ -326,7 +326,7 @@ def test_retrain_inherit_with_0_epochs_is_the_trial_itself(inherited_trial, trai
     from aebnas.exit_policy import load_exit_outputs
     from aebnas.retrain import RetrainRequest, retrain
     from aebnas.settings import parse_trial_config
-    from aebnas.trainable import inherited_network
+    from aebnas.supernet import inherited_network
 
     path, trial = inherited_trial
     out = path.parent / "r0"
@@ -367,7 +367,7 @@ def test_retrain_inherit_fine_tunes_at_the_given_rate_and_resumes_only_alike(inh
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     # The fine-tuned weights moved away from the inherited ones.
     arch, _ = parse_trial_config(trial.config)
-    from aebnas.trainable import inherited_network
+    from aebnas.supernet import inherited_network
 
     inherited = inherited_network(load_checkpoint(trained[2]), arch, "margin").state_dict()
     weights = load_checkpoint(out / "model.pt")
@@ -400,12 +400,12 @@ def test_retrain_refuses_a_supernet_it_cannot_start_from(inherited_trial, tmp_pa
 # ------------------------------------------------------------------ Ray Train: 2 workers, kill, resume
 
 
-def test_space_names_are_the_search_spaces():
-    from search_spaces import SPACES
+def test_supernet_request_refuses_a_space_that_is_not_in_the_registry():
+    from aebnas.errors import ExperimentError
+    from aebnas.supernet_train import SupernetRequest
 
-    from aebnas.supernet_train import SPACE_NAMES
-
-    assert set(SPACE_NAMES) == set(SPACES)
+    with pytest.raises(ExperimentError, match=r"space='nope' is not one of \('aebnas', 'fixed_exits', 'static'\)"):
+        SupernetRequest(out="unused", space_name="nope").validate()
 
 
 def _supernet_argv(dataset: Path, out: Path, *flags: str) -> list[str]:
@@ -460,7 +460,7 @@ def test_search_trains_its_supernet_first_then_reuses_it(ray_local, small_npz, t
     """A tune_config without --supernet (supernet_epochs > 0): one command trains a supernet under the
     storage path, then searches with it; the next search on the same split reuses it (the first
     step of its run, called here alone)."""
-    from aebnas.experiment import run
+    from aebnas.tuner import run
 
     exp = _search(tmp_path, small_npz, None, supernet_epochs=1, supernet_workers=0, num_samples=2, name="auto")
     expected = Path(exp.supernet_path())
@@ -471,7 +471,7 @@ def test_search_trains_its_supernet_first_then_reuses_it(ray_local, small_npz, t
     saved = json.loads((tmp_path / "auto" / "aebnas_experiment.json").read_text())
     assert saved["supernet"] == str(expected)  # a --resume continues with the same supernet
     assert "training the supernet in this process" in capsys.readouterr().out
-    from aebnas.experiment import train_supernet_first
+    from aebnas.tuner import train_supernet_first
 
     data = load_dataset(str(small_npz), val_size=100, seed=0)
     assert train_supernet_first(dataclasses.replace(exp, name="again"), data) == str(expected)
@@ -523,6 +523,17 @@ def test_shipped_supernet_gives_a_network_worth_having():
     costs = exit_costs(arch)
     tuned = tune_thresholds(outputs["val"], costs, 5.0, PAPER_GRID, PAPER_LAMBDA)
     test = simulate(outputs["test"], tuned.thresholds, costs)
-    assert abs(test.avg_macs - 5.0) <= 0.5
+    assert abs(test.avg_cost - 5.0) <= 0.5
     assert test.accuracy >= 45.0, test
     assert 1.0 - test.utilization[-1] >= 0.20, test
+
+
+def test_supernet_settings_are_typed_and_old_records_still_read():
+    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetSettings, read_supernet_info
+
+    info = read_supernet_info(EMBEDDED_SUPERNET)
+    assert isinstance(info.settings, SupernetSettings) and info.settings.label_smoothing == 0.1
+    assert info.to_record()["settings"] == info.settings.to_dict()  # the file keeps plain values
+    # A record of an older or newer aebnas: a missing field takes the default, an unknown key is ignored.
+    old = SupernetSettings.from_dict({"epochs": 3, "batch_size": 64, "some_future_field": 1})
+    assert (old.epochs, old.batch_size, old.eval_batch_size) == (3, 64, SupernetSettings().eval_batch_size)

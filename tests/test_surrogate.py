@@ -10,7 +10,7 @@ import pytest
 
 from aebnas.config import SpaceValues, random_arch
 from aebnas.cost import PieceCosts, exit_costs
-from aebnas.experiment import run
+from aebnas.tuner import run
 from aebnas.predictors import PREDICTORS, choose_predictor, cross_validated_tau, kendall_tau, make_predictor
 from conftest import tiny_experiment
 from ray_sandbox import quickstart_argv, ray_sandbox  # noqa: F401  (fixture)
@@ -51,7 +51,7 @@ def macs_data():
     enc = Encoding({**aebnas_space(resolutions=(32, 40)), **FIXED})
     rng, pieces = random.Random(1), PieceCosts()
     vectors = np.array([enc.sample(rng) for _ in range(100)])
-    y = np.array([pieces.exit_costs(enc.arch(v)).static_macs for v in vectors])
+    y = np.array([pieces.exit_costs(enc.arch(v)).static_cost for v in vectors])
     return enc.features(vectors), y
 
 

@@ -10,7 +10,8 @@ candidate for an epoch first.
 
 import sys
 
-from aebnas.experiment import Experiment, main
+from aebnas.experiment import Experiment
+from aebnas.flags import main
 from aebnas.supernet import EMBEDDED_SUPERNET
 
 QUICKSTART = Experiment(

@@ -1,11 +1,16 @@
-"""Small layers with one job each: conv-BN-act, squeeze-excite, inverted residual."""
+"""Small layers with one job each (conv-BN-act, squeeze-excite, inverted residual) and the
+builders that turn ``aebnas.config`` rows into them: :func:`build_stem`, :func:`build_head`,
+and the one weight initialisation, :func:`init_weights`.
+
+``aebnas.nn.network`` (the plain network), ``aebnas.nn.elastic`` (the supernet) and
+``aebnas.cost`` (its pieces) build the stem and head with these, so each is typed once."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..config import BlockRow, make_divisible
+from ..config import BlockRow, HeadRow, StemRow, make_divisible
 
 # PyTorch's default BN momentum (0.1) rather than torchvision MobileNetV3's 0.01: a
 # candidate trains for a few epochs only, and with 0.01 its running statistics lag so far
@@ -13,6 +18,12 @@ from ..config import BlockRow, make_divisible
 BN_MOMENTUM = 0.1
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "hswish": nn.Hardswish}
+SE_REDUCTION = 4  # MobileNetV3 / Once-for-All: the squeeze is a quarter of the channels
+
+
+def se_channels(channels: int) -> int:
+    """Squeeze width of a squeeze-excite on ``channels``: ``channels / 4`` made divisible by 8."""
+    return make_divisible(channels / SE_REDUCTION)
 
 
 def expanded_channels(in_channels: int, expansion: int) -> int:
@@ -43,11 +54,11 @@ class ConvBNAct(nn.Sequential):
 
 
 class SqueezeExcite(nn.Module):
-    """Channel attention as in MobileNetV3 / Once-for-All (reduction 4, hard-sigmoid gate)."""
+    """Channel attention as in MobileNetV3 / Once-for-All (:func:`se_channels`, hard-sigmoid gate)."""
 
-    def __init__(self, channels: int, reduction: int = 4) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        mid = make_divisible(channels / reduction)
+        mid = se_channels(channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.reduce = nn.Conv2d(channels, mid, 1, bias=True)
         self.act = nn.ReLU(inplace=True)
@@ -84,3 +95,41 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)
         return x + out if self.use_residual else out
+
+
+def build_stem(stem: StemRow, first_block: BlockRow) -> nn.Sequential:
+    """The stem segment: the stem convolution, then the fixed first block (``block_rows()[0]``)."""
+    return nn.Sequential(
+        ConvBNAct(stem.in_channels, stem.out_channels, stem.kernel, stride=stem.stride, activation=stem.activation),
+        InvertedResidual.from_row(first_block))
+
+
+def build_head(head: HeadRow) -> nn.Sequential:
+    """The final classifier a :class:`~aebnas.config.HeadRow` describes; gives logits (N, classes)."""
+    return nn.Sequential(
+        ConvBNAct(head.in_channels, head.expand_channels, 1, activation=head.activation),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Conv2d(head.expand_channels, head.feature_channels, 1, bias=False),
+        make_activation(head.activation),
+        nn.Flatten(1),
+        nn.Linear(head.feature_channels, head.num_classes),
+    )
+
+
+def init_weights(model: nn.Module) -> None:
+    """Initialise every conv, BatchNorm and linear layer of ``model`` in place (MobileNetV3's rule).
+
+    Walks ``model.modules()`` in registration order, so a seed gives the same weights as long
+    as the layers are registered in the same order (the supernet's elastic ops hold plain layers).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

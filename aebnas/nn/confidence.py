@@ -10,8 +10,10 @@ import math
 
 import torch
 
+from ..settings import DEFAULT_CONFIDENCE
 
-def torch_confidence(logits: torch.Tensor, measure: str = "margin") -> torch.Tensor:
+
+def torch_confidence(logits: torch.Tensor, measure: str = DEFAULT_CONFIDENCE) -> torch.Tensor:
     """Confidence in [0, 1] of each row of ``logits`` (higher = more sure), float32.
 
     margin: top-1 minus top-2 softmax probability (the paper's score margin);

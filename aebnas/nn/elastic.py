@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import (NUM_STAGES, ArchConfig, BlockConfig, BlockRow, ExitConfig, ExitModuleConfig,
+from ..config import (EXIT_ACTIVATION, NUM_STAGES, ArchConfig, BlockConfig, BlockRow, ExitConfig, ExitModuleConfig,
                       SpaceValues, uniform_arch)
-from .blocks import InvertedResidual, expanded_channels
+from ..settings import DEFAULT_CONFIDENCE
+from .blocks import InvertedResidual, build_head, build_stem, expanded_channels, init_weights
 from .elastic_ops import ElasticConv2d, ElasticConvBNAct, ElasticDepthwiseConv2d, ElasticLinear, ElasticSqueezeExcite
-from .exits import ExitBranch, ExitModule
+from .exits import ExitBranch, ExitModule, exit_expanded_channels
 from .network import EarlyExitNet
 
 
@@ -76,16 +77,16 @@ class ElasticExitModule(nn.Module):
 
     def __init__(self, max_in: int, max_channels: int, max_kernel: int, expansions: tuple[int, ...]) -> None:
         super().__init__()
-        mid = max_in * max(expansions)  # ExitModule's middle width: in × expansion
-        self.expand = (ElasticConvBNAct(ElasticConv2d(max_in, mid), "hswish")
+        mid = exit_expanded_channels(max_in, max(expansions))
+        self.expand = (ElasticConvBNAct(ElasticConv2d(max_in, mid), EXIT_ACTIVATION)
                        if max(expansions) > 1 else None)
-        self.depthwise = ElasticConvBNAct(ElasticDepthwiseConv2d(mid, max_kernel), "hswish")
-        self.project = ElasticConvBNAct(ElasticConv2d(mid, max_channels), "hswish")
+        self.depthwise = ElasticConvBNAct(ElasticDepthwiseConv2d(mid, max_kernel), EXIT_ACTIVATION)
+        self.project = ElasticConvBNAct(ElasticConv2d(mid, max_channels), EXIT_ACTIVATION)
 
     def forward(self, x: torch.Tensor, module: ExitModuleConfig) -> torch.Tensor:
         h = x
         if module.expansion > 1:
-            h = self.expand(h, out_channels=x.shape[1] * module.expansion)
+            h = self.expand(h, out_channels=exit_expanded_channels(x.shape[1], module.expansion))
         h = self.depthwise(h, kernel=module.kernel)
         h = self.project(h, out_channels=module.channels)
         return F.avg_pool2d(h, 2, ceil_mode=True) if module.pool else h
@@ -137,16 +138,15 @@ class ElasticEarlyExitNet(nn.Module):
     Per stage ``max(space.depths)`` elastic blocks (a subnet runs the first ``depth``), one
     elastic exit branch per position in ``space.exit_positions`` (``branches[s]``: the exit
     after stage ``s + 1``, ``Identity`` where the space has none). Stem, first block and
-    head are fixed and are the very modules ``EarlyExitNet`` builds. Any input resolution.
+    head are fixed: built from their rows by the builders ``EarlyExitNet`` uses. Any input resolution.
     """
 
     def __init__(self, space: SpaceValues, width_mult: float, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         self.space, self.width_mult = space, float(width_mult)
         self.num_classes, self.in_channels = num_classes, in_channels
-        fixed = EarlyExitNet(uniform_arch(1, 3, 1, width_mult=width_mult, num_classes=num_classes,
-                                          in_channels=in_channels))
-        self.stem, self.head = fixed.stem, fixed.head
+        self.stem, self.head = _fixed_parts(uniform_arch(1, 3, 1, width_mult=width_mult, num_classes=num_classes,
+                                                         in_channels=in_channels))
         largest = uniform_arch(max(space.depths), max(space.kernels), max(space.expansions),
                                width_mult=width_mult, num_classes=num_classes, in_channels=in_channels)
         rows = largest.block_rows()
@@ -157,7 +157,7 @@ class ElasticEarlyExitNet(nn.Module):
             ElasticExitBranch(largest.stage_channels[s], space, num_classes)
             if s + 1 in space.exit_positions else nn.Identity() for s in range(NUM_STAGES))
         # The same initialisation as every candidate (the elastic ops hold plain layers).
-        EarlyExitNet._init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor, arch: ArchConfig) -> list[torch.Tensor]:
         """Logits of subnet ``arch``: each of its exits (position order), then the final classifier.
@@ -177,6 +177,21 @@ class ElasticEarlyExitNet(nn.Module):
                 outputs.append(self.branches[s](h, by_position[s + 1]))
         outputs.append(self.head(h))
         return outputs
+
+
+def _fixed_parts(smallest: ArchConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """The supernet's stem and head: those of every subnet (here of ``smallest``), built and initialised.
+
+    ``smallest``'s five one-block stages are built and initialised between them, then dropped:
+    supernets so far drew their initial weights after these random numbers, and a seed must keep
+    giving the same supernet (the embedded one included).
+    """
+    rows = smallest.block_rows()
+    stem = build_stem(smallest.stem_row(), rows[0])
+    stages = nn.ModuleList(InvertedResidual.from_row(r) for r in rows[1:])
+    head = build_head(smallest.head_row())
+    init_weights(nn.ModuleList([stem, stages, head]))
+    return stem, head
 
 
 def _outside(value: int, allowed: tuple[int, ...], what: str) -> str | None:
@@ -225,7 +240,7 @@ def covers(supernet: ElasticEarlyExitNet, arch: ArchConfig) -> str | None:
 
 
 @torch.no_grad()
-def extract(supernet: ElasticEarlyExitNet, arch: ArchConfig, confidence: str = "margin") -> EarlyExitNet:
+def extract(supernet: ElasticEarlyExitNet, arch: ArchConfig, confidence: str = DEFAULT_CONFIDENCE) -> EarlyExitNet:
     """A plain ``EarlyExitNet(arch, confidence)`` holding copies of the subnet's weights and BN statistics.
 
     On the supernet's device and dtype, in its training mode; raises ValueError (the reason

@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import make_divisible
-from .blocks import BN_MOMENTUM, ConvBNAct, SqueezeExcite, make_activation
-
-SE_REDUCTION = 4  # SqueezeExcite's default: the squeeze width is make_divisible(channels / 4)
+from .blocks import BN_MOMENTUM, ConvBNAct, SqueezeExcite, make_activation, se_channels
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -135,17 +132,17 @@ class ElasticLinear(nn.Module):
 
 
 class ElasticSqueezeExcite(nn.Module):
-    """SqueezeExcite over the first channels; the squeeze width follows them (make_divisible(c / 4))."""
+    """SqueezeExcite over the first channels; the squeeze width follows them (:func:`se_channels`)."""
 
     def __init__(self, max_channels: int) -> None:
         super().__init__()
-        squeeze = make_divisible(max_channels / SE_REDUCTION)
+        squeeze = se_channels(max_channels)
         self.reduce = ElasticConv2d(max_channels, squeeze, bias=True)
         self.expand = ElasticConv2d(squeeze, max_channels, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
-        s = F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1), make_divisible(channels / SE_REDUCTION)))
+        s = F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1), se_channels(channels)))
         return x * F.hardsigmoid(self.expand(s, channels))
 
     def copy_to(self, se: SqueezeExcite) -> None:

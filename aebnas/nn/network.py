@@ -9,8 +9,8 @@ from torch import nn
 
 from ..config import NUM_STAGES, ArchConfig
 from ..exit_policy import validate_thresholds
-from ..settings import CONFIDENCE_MEASURES
-from .blocks import ConvBNAct, InvertedResidual
+from ..settings import CONFIDENCE_MEASURES, DEFAULT_CONFIDENCE
+from .blocks import InvertedResidual, build_head, build_stem, init_weights
 from .confidence import torch_confidence
 from .exits import ExitBranch
 
@@ -33,52 +33,29 @@ class EarlyExitNet(nn.Module):
     num_exits: int
     num_classes: int
 
-    def __init__(self, arch: ArchConfig, confidence: str = "margin") -> None:
+    def __init__(self, arch: ArchConfig, confidence: str = DEFAULT_CONFIDENCE) -> None:
         super().__init__()
         if confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence={confidence!r} is not one of {CONFIDENCE_MEASURES}")
         self.arch = arch
         rows = arch.block_rows()
-        self.stem = nn.Sequential(
-            ConvBNAct(arch.in_channels, arch.stem_channels, 3, stride=2, activation="hswish"),
-            InvertedResidual.from_row(rows[0]))
+        # Registration order (stem, stages, branches, head) is the order init_weights draws in.
+        self.stem = build_stem(arch.stem_row(), rows[0])
         self.stages = nn.ModuleList(
             nn.Sequential(*(InvertedResidual.from_row(r) for r in rows if r.stage == s))
             for s in range(1, NUM_STAGES + 1))
-        by_position = {e.position: e for e in arch.exits}
+        exit_rows = {row.position: row for row in arch.exit_rows()}
         self.branches = nn.ModuleList(
-            ExitBranch(arch.stage_channels[s], by_position[s + 1], arch.num_classes) if s + 1 in by_position
-            else nn.Identity() for s in range(NUM_STAGES))
+            ExitBranch(exit_rows[s + 1]) if s + 1 in exit_rows else nn.Identity() for s in range(NUM_STAGES))
         # exit index (0-based, position order) after each stage, -1 where there is none
-        self.exit_index = [arch.exit_positions.index(s + 1) if s + 1 in by_position else -1
+        self.exit_index = [arch.exit_positions.index(s + 1) if s + 1 in exit_rows else -1
                            for s in range(NUM_STAGES)]
-        expand_ch, feature_ch = arch.head_channels
-        self.head = nn.Sequential(
-            ConvBNAct(arch.stage_channels[-1], expand_ch, 1, activation="hswish"),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(expand_ch, feature_ch, 1, bias=False),
-            nn.Hardswish(inplace=True),
-            nn.Flatten(1),
-            nn.Linear(feature_ch, arch.num_classes),
-        )
+        self.head = build_head(arch.head_row())
         self.num_exits, self.num_classes = arch.num_exits, arch.num_classes
         self.confidence = confidence
         self.register_buffer("thresholds", torch.ones(arch.num_exits))
         self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     @property
     def exits(self) -> List[nn.Module]:
@@ -113,14 +90,8 @@ class EarlyExitNet(nn.Module):
         ``thresholds`` defaults to the stored ones (:meth:`set_thresholds`).
         """
         with torch.no_grad():
-            th: List[float] = self.thresholds.tolist() if thresholds is None else thresholds
-            if len(th) != self.num_exits:
-                raise ValueError("thresholds has " + str(len(th)) + " values but the network has "
-                                 + str(self.num_exits) + " exits")
-            for j in range(len(th)):
-                if not (0.0 <= th[j] <= 1.0):
-                    raise ValueError("thresholds[" + str(j) + "]=" + str(th[j])
-                                     + " is not in [0, 1] (1.0 disables the exit)")
+            stored: List[float] = self.thresholds.tolist()
+            th = validate_thresholds(stored if thresholds is None else thresholds, self.num_exits)
             n = x.shape[0]
             logits_out = torch.zeros((n, self.num_classes), dtype=torch.float32, device=x.device)
             exit_out = torch.full((n,), self.num_exits, dtype=torch.long, device=x.device)

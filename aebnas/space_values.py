@@ -1,0 +1,91 @@
+"""What each architectural choice may take: what the code can build, and a search space's value sets.
+
+:data:`LIMITS` bounds every choice the builders in ``aebnas.nn`` can turn into layers;
+:class:`SpaceValues` is one search space's value sets within them (the defaults: the AEBNAS
+paper's space, :data:`PAPER_SPACE`). ``aebnas.config`` parses flat trial dicts against
+either; ``search_spaces`` builds Ray Tune samplers from a ``SpaceValues``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+# An exit can follow stages 1…4 (stage 5 feeds the head).
+EXIT_POSITIONS = (1, 2, 3, 4)
+
+
+class Allowed:
+    """A set of allowed values with a readable description for error messages."""
+
+    def __init__(self, values: Iterable[Any] | None = None, *, low: float | None = None,
+                 high: float | None = None, integer: bool = True) -> None:
+        self.values = tuple(values) if values is not None else None
+        self.low, self.high, self.integer = low, high, integer
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        if self.values is not None:
+            return value in self.values
+        if self.integer and not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            return False
+        if not isinstance(value, (int, float)):
+            return False
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        if self.values is not None:
+            return f"is not one of {self.values}"
+        kind = "an integer" if self.integer else "a number"
+        return f"is not {kind} in [{self.low}, {self.high}]"
+
+
+@dataclass(frozen=True)
+class SpaceValues:
+    """Allowed value sets of every architectural choice.
+
+    The defaults are the AEBNAS paper's search space; ``search_spaces`` builds Ray Tune
+    samplers from an instance, and :data:`LIMITS` is what the code can build at all.
+    """
+
+    depths: tuple[int, ...] = (2, 3, 4)
+    kernels: tuple[int, ...] = (3, 5, 7)
+    expansions: tuple[int, ...] = (3, 4, 6)
+    resolutions: tuple[int, ...] = tuple(range(32, 73, 4))
+    exit_positions: tuple[int, ...] = EXIT_POSITIONS
+    exit_m1_channels: tuple[int, ...] = (8, 10)
+    exit_m2_channels: tuple[int, ...] = (0, 8, 10)
+    exit_kernels: tuple[int, ...] = (3, 5)
+    exit_expansions: tuple[int, ...] = (1, 2)
+    exit_pools: tuple[int, ...] = (0, 1)
+
+    def __post_init__(self) -> None:
+        # Each value set must itself be buildable; catching it here names the field.
+        for name, allowed in LIMITS.items():
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"SpaceValues.{name} is empty")
+            for v in values:
+                if v not in allowed:
+                    raise ValueError(f"SpaceValues.{name} contains {v!r}, which {allowed.describe()}")
+
+
+# What the code can build (odd kernels keep 'same' padding; tested resolutions 28…96).
+LIMITS: dict[str, Allowed] = {
+    "depths": Allowed(low=1, high=8),
+    "kernels": Allowed((1, 3, 5, 7, 9)),
+    "expansions": Allowed(low=1, high=8),
+    "resolutions": Allowed(low=28, high=96),
+    "exit_positions": Allowed(EXIT_POSITIONS),
+    "exit_m1_channels": Allowed(low=1, high=1024),
+    "exit_m2_channels": Allowed(low=0, high=1024),
+    "exit_kernels": Allowed((1, 3, 5, 7, 9)),
+    "exit_expansions": Allowed(low=1, high=8),
+    "exit_pools": Allowed((0, 1)),
+}
+
+PAPER_SPACE = SpaceValues()
+
+
+__all__ = ["EXIT_POSITIONS", "LIMITS", "PAPER_SPACE", "Allowed", "SpaceValues"]

@@ -1,0 +1,145 @@
+"""The comparison of claims 1 and 12: searched exit branches (aebnas) vs one fixed branch
+(fixed_exits) vs no exits (static), the same budget for every space and seed.
+
+Shared by ``spaces_compare.py`` (candidates trained from scratch) and
+``spaces_compare_supernet.py`` (candidates inherit the embedded supernet's weights).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import pandas as pd
+
+from _common import (Context, Outcome, fmt, load_trials, md_image, md_table, priority_note, provenance_note,
+                     run_search, search_figures, stop_ray)
+from _picks import ahead, in_window, reference_macs, validation_pick
+
+
+def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[int], target_macs: float,
+                          tolerance: float, width_mult: float, resolutions: Sequence[int], epochs: int,
+                          num_samples: int, scheduler: str, batch_size: int, supernet: str | None = None,
+                          split_seed: int | None = None, figure: str = "search_spaces_pareto") -> Outcome:
+    """Claim 1: the same search budget on each space, for each seed; hypervolume and the test accuracy
+    of the validation-picked trial at the target. With ``supernet``, candidates inherit its weights
+    (``epochs`` fine-tuning epochs) and every seed searches the supernet's split (``split_seed``)."""
+    from aebnas.data import load_dataset
+    from analysis import plots
+    from analysis.pareto import hypervolume
+
+    budget = dict(dataset="cifar10-subset", space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
+                  target_macs=target_macs, epochs=epochs, num_samples=num_samples, scheduler=scheduler,
+                  batch_size=batch_size, supernet=supernet, split_seed=split_seed)
+    frames, runs = [], {}
+    for seed in seeds:  # seeds outermost: a change of load hits every space alike
+        for space in spaces:
+            runs[space, seed] = run_search(ctx, f"{space}_seed{seed}", space=space, seed=seed, **budget)
+            frames.append(load_trials(runs[space, seed].path).assign(space=space, seed=seed))
+    stop_ray()
+    trials = pd.concat(frames, ignore_index=True)
+    trials.drop(columns=["trial_dir", "exit_outputs", "checkpoint"], errors="ignore").to_csv(
+        ctx.scratch / "trials.csv", index=False)
+    ref = (0.0, reference_macs(width_mult, resolutions))
+    per_run = []
+    for (space, seed), g in trials.groupby(["space", "seed"], sort=False):
+        pick = validation_pick(g, target_macs, tolerance)
+        value = (lambda col: None if pick is None else float(pick[col]))  # noqa: E731
+        per_run.append({
+            "space": space, "seed": seed, "trials": len(g),
+            "hv_val": hypervolume(g["accuracy"], g["avg_macs"], ref),
+            "hv_test": hypervolume(g["test_accuracy"], g["test_avg_macs"], ref),
+            "in_window": int(in_window(g["avg_macs"], target_macs, tolerance).sum()),
+            "pick_trial": None if pick is None else str(pick["trial_id"]),
+            "pick_val_acc": value("accuracy"), "pick_val_macs": value("avg_macs"),
+            "pick_test_acc": value("test_accuracy"), "pick_test_macs": value("test_avg_macs"),
+            "search_wall_s": runs[space, seed].wall_s,
+        })
+    per_seed = pd.DataFrame(per_run).astype(
+        {c: float for c in ("pick_val_acc", "pick_val_macs", "pick_test_acc", "pick_test_macs")})
+    summary = per_seed.groupby("space", sort=False).agg(
+        hv_val=("hv_val", "mean"), hv_val_std=("hv_val", "std"), hv_test=("hv_test", "mean"),
+        hv_test_std=("hv_test", "std"), pick_test_acc=("pick_test_acc", "mean"),
+        pick_test_acc_std=("pick_test_acc", "std"), pick_test_macs=("pick_test_macs", "mean"),
+        seeds_with_pick=("pick_test_acc", "count"), wall_s=("search_wall_s", "sum")).reindex(list(spaces))
+
+    # One figure, every trial of every seed, coloured by space (validation points, as plots labels them).
+    plot_points = trials.assign(experiment=trials["space"])
+    paths = plots.plot_pareto(plot_points, ctx.docs / figure, target_macs=target_macs,
+                              color_by="space", title=f"{len(seeds)} seeds × {num_samples} trials per space, "
+                              f"thresholds tuned for {target_macs:g} MMACs (CIFAR-10 subset)")
+    for p in paths:
+        if p.suffix != ".png":
+            p.unlink()
+    png = [p for p in paths if p.suffix == ".png"][0]
+
+    ours = spaces[0]
+    others = [s for s in spaces if s != ours]
+    by_seed = per_seed.pivot(index="seed", columns="space")
+    margins = []
+    for other in others:
+        for col, label in (("hv_test", "test hypervolume"), ("pick_test_acc", "test acc of the val-picked trial")):
+            mean, sem, win = ahead(by_seed[col][ours], by_seed[col][other])
+            margins.append({"vs": other, "figure": label, "mean difference": mean, "standard error": sem,
+                            "ahead by > 1 s.e.": "yes" if win else "no"})
+    holds = all(m["ahead by > 1 s.e."] == "yes" for m in margins)
+    ratios = {s: summary.loc[ours, "hv_test"] / summary.loc[s, "hv_test"] for s in others}
+
+    def acc_at_target(space: str) -> str:
+        r = summary.loc[space]
+        hits = int(r.seeds_with_pick)
+        return f"{space} {fmt(r.pick_test_acc, 1)}%" + ("" if hits == len(seeds) else f" ({hits} of {len(seeds)} seeds)")
+
+    measured = (f"test HV {ours} {summary.loc[ours, 'hv_test']:.0f} vs "
+                + ", ".join(f"{s} {summary.loc[s, 'hv_test']:.0f}" for s in others) + " %·MMACs ("
+                + ", ".join(f"×{r:.2f} vs {s}" for s, r in ratios.items())
+                + "); test acc of the trial picked on validation at target "
+                + ", ".join(acc_at_target(s) for s in spaces) + f" (mean of {len(seeds)} seeds)")
+    summary_rows = [{"space": s, "hypervolume val (%·MMACs)": f"{r.hv_val:.1f} ± {fmt(r.hv_val_std, 1)}",
+                     "hypervolume test": f"{r.hv_test:.1f} ± {fmt(r.hv_test_std, 1)}",
+                     "test acc of the val-picked trial (%)": f"{fmt(r.pick_test_acc)} ± {fmt(r.pick_test_acc_std)}",
+                     "its test MACs": r.pick_test_macs, "seeds with a pick": int(r.seeds_with_pick),
+                     "search time, all seeds (s)": r.wall_s}
+                    for s, r in summary.iterrows()]
+    run_rows = [{"space": r.space, "seed": r.seed, "HV val": r.hv_val, "HV test": r.hv_test,
+                 "trials with val MACs in window": r.in_window, "picked trial": r.pick_trial or "–",
+                 "its val acc (%)": r.pick_val_acc, "its val MACs": r.pick_val_macs,
+                 "its test acc (%)": r.pick_test_acc, "its test MACs": r.pick_test_macs,
+                 "search time (s)": r.search_wall_s} for r in per_seed.itertuples()]
+    spread = summary["pick_test_acc_std"].dropna()
+    data = load_dataset("cifar10-subset")
+    how = ("trained from scratch for a few epochs: a smoke-scale replication, not the paper's setting (full "
+           "CIFAR-10, Once-for-All weights, 5 epochs of fine-tuning, NSGA-II)." if supernet is None else
+           f"every candidate inherits its weights, exit branches included, from the supernet `{os.path.basename(supernet)}` "
+           f"and is fine-tuned {epochs} epoch(s) (0: scored as inherited); every seed uses the supernet's "
+           f"train/validation split (split seed {split_seed}), the seed changes the sampled candidates.")
+    details = "\n".join([
+        f"Budget, identical for every space and seed: {num_samples} trials (random search) × {epochs} epochs, "
+        f"scheduler `{scheduler}`, width {width_mult}, resolutions {tuple(resolutions)}, batch {batch_size}, "
+        f"target {target_macs:g} MMACs, seeds {tuple(seeds)} (the seed fixes the sampled candidates, their "
+        f"initial weights and the order of the training data). Data: the embedded CIFAR-10 subset "
+        f"({len(data.y_train):,} train / {len(data.y_val):,} val / {len(data.y_test):,} test images), " + how
+        + (f" From one seed to another, the picked trial's test accuracy of a space varies by "
+           f"{spread.min():.1f}–{spread.max():.1f} points (standard deviation)." if len(spread) else "")
+        + " " + priority_note(list(runs.values())) + " " + provenance_note(list(runs.values())), "",
+        f"Hypervolume of (accuracy ↑, average MACs ↓) against one reference point for all: "
+        f"(0 %, {ref[1]:.3f} MMACs), the costliest network of the space with every exit computed. "
+        "Validation points use the thresholds each trial tuned on validation; test points use the same thresholds.",
+        f"Accuracy at the target: in each search, the trial with the best validation accuracy among the finished "
+        f"trials whose validation average MACs is within ±{tolerance:.0%} of the target; its test accuracy is "
+        "reported. Nothing is selected on the test set.", "",
+        md_table(summary_rows, 2), "",
+        f"Verdict rule: {ours} must be ahead of each other space by more than one standard error of the "
+        "paired (same seed) differences, on test hypervolume and on the test accuracy of the validation-picked "
+        "trial (a seed where either space has no trial in the window is left out of that pair):", "",
+        md_table(margins, 2), "",
+        "Per seed ('search time': wall seconds of `aebnas.experiment.run`, Ray already started):", "",
+        md_table(run_rows, 2), "",
+        md_image(png, "Pareto plot of the three spaces"), "",
+        "The plot shows every trial of every seed at its tuned thresholds (validation), one colour per space, "
+        "with each space's front.",
+    ])
+    return Outcome(measured=measured, holds=holds,
+                   figures={"reference": ref, "summary": summary.reset_index().to_dict("records"), "margins": margins,
+                            "runs": per_run, "hv_ratio_test": ratios, "plot": png,
+                            "searches": search_figures(runs.values())}, details=details)
