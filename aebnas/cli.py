@@ -213,7 +213,9 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
     t.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel); 0 trains in "
                    "this process without Ray (default: %(default)s)")
-    t.add_argument("--cpus-per-worker", type=float, default=1, help="default: %(default)s")
+    t.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs (and torch threads) of each worker (default: the cluster's CPUs shared out "
+                        "among the workers)")
     t.add_argument("--address", help="Ray cluster address HOST:PORT (default: $RAY_ADDRESS or local)")
     t.add_argument("--out", default="aebnas_supernet", help="run directory; OUT/supernet.pt is the result "
                    "(default: %(default)s)")

@@ -20,9 +20,9 @@ from search_spaces import SPACES
 
 from .errors import ExperimentError
 from .latency import read_table
-from .settings import TrialSettings, parse_trial_config, setting
+from .settings import SUPERNET_FILE, TrialSettings, parse_trial_config, setting, supernet_file
 from .storage import resolve_storage_path
-from .supernet import SUPERNET_FILE, SupernetInfo, check_supernet, read_supernet_info
+from .supernet import SupernetInfo, check_supernet, read_supernet_info
 from .surrogate import require_pymoo
 
 SEARCH_ALGS = ("random", "tpe", "nsga2", "surrogate")
@@ -88,6 +88,7 @@ class Experiment(TrialSettings):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold_grid", tuple(self.threshold_grid))
+        object.__setattr__(self, "supernet", supernet_file(self.supernet))
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:

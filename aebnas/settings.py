@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import pathlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -25,6 +26,7 @@ CHECKPOINT_FILE = "checkpoint.pt"     # resume state (tensors and plain values o
 EXIT_OUTPUTS_FILE = "exit_outputs.npz"  # per split: every exit's confidence and prediction, the costs
 MODEL_FILE = "model.pt"               # retrain: final weights and thresholds
 THRESHOLDS_FILE = "thresholds.json"   # retrain: thresholds tuned on validation
+SUPERNET_FILE = "supernet.pt"          # `aebnas supernet train --out DIR` writes DIR/supernet.pt
 METRICS_FILE = "metrics.json"         # retrain: written last, so its presence says the run is complete
 
 # The paper's threshold grid: 0.1 … 1.0 in steps of 0.15 (7 values); λ = 0.1.
@@ -136,7 +138,7 @@ class TrialSettings(TrainSettings):
     the trial is given, ``latency_backend`` figures) instead of ``target_macs``.
     """
 
-    dataset: str = setting("cifar10-subset", "cifar10, cifar100, svhn, cifar10-subset (embedded) or the path of an "
+    dataset: str = setting("cifar10-subset", "cifar10, cifar100, svhn, fashion-mnist, cifar10-subset (embedded) or the path of an "
                            ".npz file")
     target_macs: float = setting(17.0, "target average MMACs")
     seed: int = setting(0, "seed of the search, the trials and (unless --split-seed) the data split")
@@ -178,6 +180,7 @@ class TrialSettings(TrainSettings):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold_grid", tuple(float(g) for g in self.threshold_grid))
+        object.__setattr__(self, "supernet", supernet_file(self.supernet))
         super().__post_init__()
 
     def trial_settings(self) -> TrialSettings:
@@ -220,3 +223,13 @@ def int_list(text: str) -> list[int]:
 def resolved_config(arch: ArchConfig, settings: TrialSettings) -> dict[str, Any]:
     """The flat config of what a trial actually builds (``arch.json``)."""
     return {**arch.to_flat(), **settings.to_dict()}
+
+
+def supernet_file(path: str | None) -> str | None:
+    """``path``, or the supernet file inside it when ``path`` is the directory ``aebnas supernet
+    train --out`` wrote: the path one command prints is the path the next one takes."""
+    if path is not None and pathlib.Path(path).expanduser().is_dir():
+        inside = pathlib.Path(path).expanduser() / SUPERNET_FILE
+        if inside.is_file():
+            return str(inside)
+    return path

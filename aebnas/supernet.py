@@ -50,11 +50,10 @@ from .exit_policy import ExitOutputs
 from .files import atomic_write
 from .nn import ElasticEarlyExitNet, EarlyExitNet, extract
 from .preprocess import resize
-from .settings import DEFAULT_CONFIDENCE, TrainSettings
+from .settings import DEFAULT_CONFIDENCE, SUPERNET_FILE, TrainSettings, supernet_file
 from .train import (NonFiniteLossError, Scorer, autocast, grad_scaler, load_checkpoint, load_optimisation_state,
                     make_optimizer, make_scheduler, multi_exit_loss, optimisation_state)
 
-SUPERNET_FILE = "supernet.pt"
 EMBEDDED_SUPERNET = Path(__file__).resolve().parent / "_data" / "supernet_cifar10-subset_w0.75.pt"
 """The supernet shipped with the package: the quickstart's space on the embedded CIFAR-10 subset
 (reproduce it with the command in ``aebnas/_data/README.md``)."""
@@ -203,7 +202,9 @@ def save_supernet(path: str | Path, model: ElasticEarlyExitNet, info: SupernetIn
 
 
 def _read_record(path: str | Path) -> tuple[dict[str, Any], SupernetInfo]:
-    """A supernet file's record and its metadata (ValueError if it is not one; FileNotFoundError if absent)."""
+    """A supernet file's record and its metadata (ValueError if it is not one; FileNotFoundError if absent).
+    ``path`` may be the directory ``aebnas supernet train --out`` wrote."""
+    path = supernet_file(str(path))
     if not Path(path).is_file():
         raise FileNotFoundError(f"supernet file {path} does not exist (train one with: aebnas supernet train)")
     record = load_checkpoint(path)
@@ -335,8 +336,9 @@ class SupernetTraining:
         return [self.largest, self.smallest, *randoms]
 
     # ------------------------------------------------------------ training
-    def train_epoch(self, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
-        """Train epoch ``self.epoch + 1``; returns mean losses (largest, others), seconds, images/s, lr."""
+    def train_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """Train epoch ``self.epoch + 1``; returns mean losses (largest, others), seconds, images/s, lr.
+        ``on_step(steps_done, images_done)`` is called after every step (progress lines)."""
         s = self.settings
         self.model.train()
         self.train_batches.set_epoch(self.epoch)
@@ -373,7 +375,7 @@ class SupernetTraining:
             steps += 1
             images += len(y)
             if on_step is not None:
-                on_step(step, sum(step_losses))
+                on_step(steps, images)
         self.epoch += 1
         seconds = time.perf_counter() - start
         return {**{k: v / max(steps, 1) for k, v in totals.items()}, "seconds": seconds,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ from search_spaces import SPACES
 from .config import PAPER_SPACE, SpaceValues
 from .data import Dataset, load_dataset
 from .errors import ExperimentError
-from .settings import CHECKPOINT_FILE
-from .supernet import (SUPERNET_FILE, SupernetSettings, SupernetTraining, load_supernet, read_supernet_info,
+from .progress import Progress
+from .settings import CHECKPOINT_FILE, SUPERNET_FILE
+from .supernet import (SupernetSettings, SupernetTraining, load_supernet, read_supernet_info,
                        save_supernet)
 from .train import load_checkpoint, select_device
 
@@ -69,7 +71,7 @@ class SupernetRequest:
     width_mult: float = 1.0
     settings: SupernetSettings = field(default_factory=SupernetSettings)
     workers: int = 1
-    cpus_per_worker: float = 1
+    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared out among the workers
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     address: str | None = None
     max_failures: int = 2
@@ -81,7 +83,7 @@ class SupernetRequest:
     def validate(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ExperimentError(f"workers={self.workers!r} must be an integer ≥ 0 (0: in this process, no Ray)")
-        if not self.cpus_per_worker > 0:
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ExperimentError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
         if self.space_name not in SPACES:
             raise ExperimentError(f"space={self.space_name!r} is not one of {tuple(SPACES)}")
@@ -123,11 +125,15 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 
 def run_epochs(run: SupernetTraining, chief: bool, save: Callable[[dict[str, Any]], None],
-               log: Callable[[str], None] = print) -> None:
-    """Train until ``run.settings.epochs``; after each epoch the chief scores largest and smallest
-    on the validation split and logs; every worker calls ``save(record)``."""
+               log: Callable[[str], None] = print, progress_every_s: float = 30.0) -> None:
+    """Train until ``run.settings.epochs``; the chief logs progress inside an epoch every
+    ``progress_every_s`` seconds, and after each epoch scores largest and smallest on the validation
+    split and logs; every worker calls ``save(record)``."""
     while run.epoch < run.settings.epochs:
-        record: dict[str, Any] = {"epoch": run.epoch + 1, **run.train_epoch()}
+        progress = Progress(f"supernet epoch {run.epoch + 1}/{run.settings.epochs}", len(run.train_batches), log,
+                            every_s=progress_every_s)
+        record: dict[str, Any] = {"epoch": run.epoch + 1,
+                                  **run.train_epoch(on_step=progress.update if chief else None)}
         if chief:
             record["val_acc_largest"] = float(run.evaluate(run.largest).exit_accuracy()[-1])
             record["val_acc_smallest"] = float(run.evaluate(run.smallest).exit_accuracy()[-1])
@@ -166,7 +172,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             run.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE, device))
         if rank == 0:
-            print(f"aebnas: resuming the supernet after epoch {run.epoch}", flush=True)
+            _to_stdout(f"aebnas: resuming the supernet after epoch {run.epoch}")
 
     def save(record: dict[str, Any]) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
@@ -177,7 +183,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
             _write_checkpoint(Path(tmp), run)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    run_epochs(run, rank == 0, save, log=lambda line: print(line, flush=True))
+    run_epochs(run, rank == 0, save, log=_to_stdout)
+
+
+def _to_stdout(line: str) -> None:
+    """A line of a Ray Train worker, printed once: Ray Train (2.5x) patches ``print`` in its workers
+    to send each line to its logger as well, which printed every epoch line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _train_local(request: SupernetRequest, data: Dataset, out: Path) -> None:
@@ -218,6 +231,9 @@ def _train_ray(request: SupernetRequest, data: Dataset, out: Path) -> None:
 
     connect_ray(request.address)
     use_gpu = request.use_gpu if request.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    if request.cpus_per_worker is None:  # use the machine: every CPU of the cluster, shared out
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // request.workers)
+        request = dataclasses.replace(request, cpus_per_worker=float(cpus))
     print(f"aebnas: training the supernet on {request.workers} Ray Train worker(s), "
           f"{request.cpus_per_worker:g} CPU{' and 1 GPU' if use_gpu else ''} each "
           f"({'nccl' if use_gpu else 'gloo'})", flush=True)

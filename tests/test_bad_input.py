@@ -54,7 +54,7 @@ def write_npz(path, small_npz, **changes):
     pytest.param(["--space", "nas"], "space='nas' is not one of ('aebnas', 'fixed_exits', 'static')",
                  id="unknown-space"),
     pytest.param(["--dataset", "imagenet"],
-                 "dataset='imagenet' is not one of ('cifar10-subset', 'cifar10', 'cifar100', 'svhn')",
+                 "dataset='imagenet' is not one of ('cifar10-subset', 'cifar10', 'cifar100', 'svhn', 'fashion-mnist')",
                  id="unknown-dataset"),
     pytest.param(["--target-macs", "0"], "target_macs=0.0 must be > 0 (MMACs)", id="target-macs-zero"),
     pytest.param(["--target-macs", "-5"], "target_macs=-5.0 must be > 0 (MMACs)", id="target-macs-negative"),

@@ -537,3 +537,30 @@ def test_supernet_settings_are_typed_and_old_records_still_read():
     # A record of an older or newer aebnas: a missing field takes the default, an unknown key is ignored.
     old = SupernetSettings.from_dict({"epochs": 3, "batch_size": 64, "some_future_field": 1})
     assert (old.epochs, old.batch_size, old.eval_batch_size) == (3, 64, SupernetSettings().eval_batch_size)
+
+
+def test_the_directory_supernet_train_wrote_is_taken_as_the_supernet(trained, tmp_path, capsys):
+    """`aebnas supernet train --out DIR` prints DIR; `--supernet DIR` must take it (it means DIR/supernet.pt)."""
+    from aebnas.errors import ExperimentError
+    from aebnas.experiment import Experiment
+    from aebnas.settings import TrialSettings
+
+    directory = trained[2].parent
+    assert Experiment(supernet=str(directory)).supernet == str(trained[2])
+    assert TrialSettings(supernet=str(directory)).supernet == str(trained[2])
+    assert read_supernet_info(directory).epochs == 2
+    with pytest.raises(ExperimentError, match="does not exist"):  # a directory without one stays refused
+        Experiment(supernet=str(tmp_path)).supernet_info()
+
+
+def test_supernet_epochs_show_progress_inside_the_epoch(data):
+    from aebnas.supernet_train import run_epochs
+
+    settings = SupernetSettings(epochs=1, batch_size=64, warmup_fraction=0.0, seed=0)
+    run = SupernetTraining(TINY, WIDTH, data, settings, torch.device("cpu"), dataset_name=data.name)
+    lines = []
+    run_epochs(run, True, save=lambda record: None, log=lines.append, progress_every_s=0.0)
+    steps = len(run.train_batches)
+    inside = [line for line in lines if "left in the epoch" in line]
+    assert len(inside) == steps and inside[-1].startswith(f"supernet epoch 1/1: step {steps}/{steps} (100%)")
+    assert sum(line.startswith("supernet epoch 1/1: loss") for line in lines) == 1  # the epoch's line, once
