@@ -34,13 +34,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parents[1]
 # Values that are timings, dates, hosts or paths: they differ between runs of the same code.
 VOLATILE = ("time", "date", "timestamp", "hostname", "node_ip", "pid", "path", "dir", "logdir", "checkpoint",
-            "seconds", "_s", "iterations_since_restore", "host", "machine", "elapsed", "images_per_s", "per_s",
+            "seconds", "iterations_since_restore", "host", "machine", "elapsed", "images_per_s", "per_s",
             "trial_id", "experiment_tag", "out", "storage", "supernet", "data_dir", "created", "finished")
 
 
 def _volatile(key: str) -> bool:
     k = key.lower()
-    return any(v in k for v in VOLATILE)
+    # "_s" only as a suffix (time_total_s): as a substring it would drop e.g. val_acc_smallest.
+    return k.endswith("_s") or any(v in k for v in VOLATILE)
 
 
 def _clean(obj: Any) -> Any:
