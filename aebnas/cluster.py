@@ -79,6 +79,14 @@ def trial_resources(exp: Any, cluster_resources: dict[str, float]) -> dict[str, 
     return {"cpu": exp.cpus_per_trial, "gpu": gpus}
 
 
+def default_worker_cpus(workers: int, node_cpus: list[float]) -> float:
+    """CPUs each of ``workers`` Ray Train workers reserves when none is asked for: the cluster's CPUs
+    (``node_cpus``: each alive node's) shared out among the workers, but never more than the largest node
+    has (a worker runs on one node: asking more would leave it waiting forever), and at least 1."""
+    share = int(sum(node_cpus)) // max(1, workers)
+    return float(max(1, min(share, int(max(node_cpus, default=1)))))
+
+
 def describe_resources(resources: dict[str, float], cluster_resources: dict[str, float]) -> str:
     """One line: what each trial gets, and what the cluster has."""
     def count(n: float, unit: str) -> str:

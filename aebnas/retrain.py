@@ -41,6 +41,7 @@ from .data import Dataset
 from .exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, tune_thresholds
 from .files import atomic_write
 from .nn import EarlyExitNet
+from .progress import Progress, duration
 from .supernet import SupernetInfo, check_supernet, inherited_network
 from .trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, split_seed, trial_arch
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
@@ -228,7 +229,9 @@ class _Run:
         started = time.perf_counter()
         while self.training.epoch < epochs:
             t0 = time.perf_counter()
-            stats = self.training.train_epoch()
+            progress = Progress(f"epoch {self.training.epoch + 1}/{epochs}", len(self.training.train_batches),
+                                self.log)
+            stats = self.training.train_epoch(on_step=progress.update)
             val = self.training.evaluate(("val",))["val"]
             tuned = self._tune(val)
             epoch = self.training.epoch
@@ -242,7 +245,7 @@ class _Run:
             self.log(f"epoch {epoch:>{len(str(epochs))}}/{epochs}  loss {row['loss']:.4f}  "
                      f"val acc {row['val_accuracy']:5.2f}% at {row['val_avg_macs']:.3f} MMACs "
                      f"(final exit {row['val_final_accuracy']:5.2f}%)  {row['seconds']:.1f} s  "
-                     f"ETA {_duration(eta)}")
+                     f"ETA {duration(eta)}")
 
     def _tune(self, val: ExitOutputs) -> Any:
         s = self.settings
@@ -330,10 +333,5 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 
 def _write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from .files import atomic_write
 from .nn import ElasticEarlyExitNet, EarlyExitNet, extract
 from .preprocess import resize
 from .settings import DEFAULT_CONFIDENCE, SUPERNET_FILE, TrainSettings, supernet_file
-from .train import (NonFiniteLossError, Scorer, autocast, grad_scaler, load_checkpoint, load_optimisation_state,
+from .train import (LossWatch, Scorer, autocast, grad_scaler, load_checkpoint, load_optimisation_state,
                     make_optimizer, make_scheduler, multi_exit_loss, optimisation_state)
 
 EMBEDDED_SUPERNET = Path(__file__).resolve().parent / "_data" / "supernet_cifar10-subset_w0.75.pt"
@@ -342,13 +341,16 @@ class SupernetTraining:
         s = self.settings
         self.model.train()
         self.train_batches.set_epoch(self.epoch)
-        totals = {"loss": 0.0, "loss_largest": 0.0, "loss_distilled": 0.0}
+        epoch = self.epoch + 1
+        watch = LossWatch(self.device, lambda step, i, value: f"supernet loss is {value} at epoch {epoch} step "
+                          f"{step} (subnet {i}; diverged: try a lower lr)")
+        per_step: list[int] = []  # subnets trained in each step
         steps, images, start = 0, 0, time.perf_counter()
         for step, (x, y) in enumerate(self.train_batches):
             self.optimizer.zero_grad(set_to_none=True)
             teacher = None
-            step_losses = []
-            for i, arch in enumerate(self.subnets(self.epoch, step)):
+            subnets = self.subnets(self.epoch, step)
+            for i, arch in enumerate(subnets):
                 with autocast(self.device, s.amp):
                     outputs = self.model(resize(x, arch.resolution), arch)
                     if i == 0:
@@ -356,12 +358,8 @@ class SupernetTraining:
                         teacher = outputs[-1].detach()
                     else:
                         loss = distillation_loss(outputs, teacher, s.exit_weight)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(f"supernet loss is {value} at epoch {self.epoch + 1} step {step} "
-                                             f"(subnet {i}; diverged: try a lower lr)")
+                watch.add(step, i, loss)
                 self.scaler.scale(loss).backward()
-                step_losses.append(value)
             self.scaler.unscale_(self.optimizer)
             if self.world_size > 1:
                 _all_reduce_mean(self.params, self.world_size)
@@ -369,13 +367,18 @@ class SupernetTraining:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            totals["loss"] += sum(step_losses)
-            totals["loss_largest"] += step_losses[0]
-            totals["loss_distilled"] += (sum(step_losses[1:]) / len(step_losses[1:])) if len(step_losses) > 1 else 0.0
+            per_step.append(len(subnets))
             steps += 1
             images += len(y)
             if on_step is not None:
                 on_step(steps, images)
+        totals = {"loss": 0.0, "loss_largest": 0.0, "loss_distilled": 0.0}
+        values, at = watch.flush(), 0
+        for n in per_step:  # summed in the order (and precision) of one float(loss) per subnet
+            step_losses, at = values[at:at + n], at + n
+            totals["loss"] += sum(step_losses)
+            totals["loss_largest"] += step_losses[0]
+            totals["loss_distilled"] += (sum(step_losses[1:]) / len(step_losses[1:])) if len(step_losses) > 1 else 0.0
         self.epoch += 1
         seconds = time.perf_counter() - start
         return {**{k: v / max(steps, 1) for k, v in totals.items()}, "seconds": seconds,

@@ -227,13 +227,13 @@ def _train_ray(request: SupernetRequest, data: Dataset, out: Path) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .cluster import connect_ray
+    from .cluster import connect_ray, default_worker_cpus
 
     connect_ray(request.address)
     use_gpu = request.use_gpu if request.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     if request.cpus_per_worker is None:  # use the machine: every CPU of the cluster, shared out
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // request.workers)
-        request = dataclasses.replace(request, cpus_per_worker=float(cpus))
+        cpus = default_worker_cpus(request.workers, [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]])
+        request = dataclasses.replace(request, cpus_per_worker=cpus)
     print(f"aebnas: training the supernet on {request.workers} Ray Train worker(s), "
           f"{request.cpus_per_worker:g} CPU{' and 1 GPU' if use_gpu else ''} each "
           f"({'nccl' if use_gpu else 'gloo'})", flush=True)

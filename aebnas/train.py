@@ -33,6 +33,41 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (diverged)."""
 
 
+class LossWatch:
+    """Training losses read by the host in batches, checked for NaN/inf.
+
+    ``float(loss)`` after each forward makes the host wait for the GPU. Here the losses stay on the
+    device and are copied ``every`` at a time (one wait per ``every`` losses); the first non-finite one
+    raises :class:`NonFiniteLossError` with ``describe(step, index, value)``. On CPU there is nothing to
+    wait for: ``every`` is 1 and a bad loss stops the run before its backward pass, as before. The
+    values (Python floats, in the order added) are those ``float(loss)`` gives.
+    """
+
+    CUDA_EVERY = 100
+
+    def __init__(self, device: torch.device, describe: Callable[[int, int, float], str]) -> None:
+        self.every = self.CUDA_EVERY if device.type == "cuda" else 1
+        self.describe = describe
+        self.values: list[float] = []
+        self._pending: list[tuple[int, int, torch.Tensor]] = []
+
+    def add(self, step: int, index: int, loss: torch.Tensor) -> None:
+        self._pending.append((step, index, loss.detach().float()))
+        if len(self._pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> list[float]:
+        """Read and check what is pending; returns every value so far."""
+        if self._pending:
+            read = torch.stack([t for _, _, t in self._pending]).cpu().tolist()
+            for (step, index, _), value in zip(self._pending, read):
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(self.describe(step, index, value))
+            self.values += read
+            self._pending.clear()
+        return self.values
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint written by aebnas, read without running code (``weights_only=True``).
 
@@ -97,24 +132,25 @@ def autocast(device: torch.device, enabled: bool) -> ContextManager[Any]:
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                     settings: TrainSettings,
-                    on_batch: Callable[[int, float], None] | None = None,
+                    on_step: Callable[[int, int], None] | None = None,
                     scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over ``batches``; returns mean loss, seconds and images/s.
 
     With ``settings.amp`` on a CUDA model the forward pass runs under :func:`autocast`
-    (``scaler`` scales float16 gradients). Raises :class:`NonFiniteLossError` as soon as
-    the loss is NaN or infinite.
+    (``scaler`` scales float16 gradients). Raises :class:`NonFiniteLossError` when the loss
+    is NaN or infinite (:class:`LossWatch`: at once on CPU, within 100 steps on CUDA).
+    ``on_step(steps_done, images_done)`` is called after every step (progress lines).
     """
     model.train()
     device = next(model.parameters()).device
-    total, count, images = 0.0, 0, 0
+    watch = LossWatch(device, lambda step, _, value: f"training loss is {value} at batch {step} (diverged; try a "
+                      "lower lr)")
+    sizes: list[int] = []
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches):
         with autocast(device, settings.amp):
             loss = multi_exit_loss(model(x), y, settings.exit_weight, settings.label_smoothing)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"training loss is {value} at batch {step} (diverged; try a lower lr)")
+        watch.add(step, 0, loss)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -125,13 +161,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += value * len(y)
-        count += len(y)
-        images += len(y)
-        if on_batch is not None:
-            on_batch(step, value)
+        sizes.append(len(y))
+        if on_step is not None:
+            on_step(step + 1, sum(sizes))
+    total = 0.0
+    for value, n in zip(watch.flush(), sizes):
+        total += value * n
     seconds = time.perf_counter() - start
-    return {"loss": total / max(count, 1), "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
+    count = sum(sizes)
+    return {"loss": total / max(count, 1), "seconds": seconds, "images_per_s": count / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
@@ -297,11 +335,12 @@ class CandidateTraining:
         self.scaler = grad_scaler(settings.amp, device)
         self.epoch = 0
 
-    def train_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> dict[str, float]:
-        """Train epoch ``self.epoch + 1``; returns mean loss, seconds, images/s and the last lr."""
+    def train_epoch(self, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """Train epoch ``self.epoch + 1``; returns mean loss, seconds, images/s and the last lr.
+        ``on_step(steps_done, images_done)`` after every step (progress lines)."""
         self.train_batches.set_epoch(self.epoch)
         stats = train_one_epoch(self.model, self.train_batches, self.optimizer, self.scheduler,
-                                self.train_settings, on_batch, self.scaler)
+                                self.train_settings, on_step, self.scaler)
         self.epoch += 1
         return {**stats, "lr": self.scheduler.get_last_lr()[0]}
 

@@ -28,6 +28,7 @@ from .cost import exit_costs
 from .data import Dataset
 from .exit_policy import ExitCosts, ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
 from .latency import LatencyTable, latency_metrics
+from .progress import Progress
 from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
 from .supernet import inherited_network
@@ -210,7 +211,10 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
         epochs = range(0, 1) if checkpoint is None else range(0)
     for epoch in epochs:
         try:
-            stats = run.train_epoch() if epoch else {"seconds": 0.0, "images_per_s": 0.0}
+            # progress inside a fine-tuning epoch goes to the trial's output (Ray Tune's trial logs)
+            progress = Progress(f"{trial_dir.name} epoch {epoch}/{settings.epochs}", len(run.train_batches),
+                                lambda line: print(line, flush=True))
+            stats = run.train_epoch(on_step=progress.update) if epoch else {"seconds": 0.0, "images_per_s": 0.0}
             t_eval = time.perf_counter()
             outputs = run.evaluate()
         except NonFiniteLossError as exc:

@@ -271,7 +271,7 @@ def train_supernet_first(exp: Experiment, data: Any) -> str:
     request = SupernetRequest(
         out=str(path.parent), dataset=exp.dataset, space_name=exp.space, data_dir=exp.data_dir, download=exp.download,
         val_size=exp.val_size, split_seed=exp.data_split_seed, space_kwargs=exp.space_kwargs,
-        width_mult=exp.width_mult, workers=exp.supernet_workers, cpus_per_worker=exp.cpus_per_trial,
+        width_mult=exp.width_mult, workers=exp.supernet_workers, cpus_per_worker=None,
         use_gpu=None if exp.gpus_per_trial is None else exp.gpus_per_trial > 0, address=exp.address,
         settings=SupernetSettings(epochs=exp.supernet_epochs, batch_size=exp.batch_size, amp=exp.amp, seed=exp.seed))
     return str(train_supernet(request, data))

@@ -61,3 +61,14 @@ def test_quickstart_joins_a_cluster_started_with_ray_start(ray_sandbox, tmp_path
     assert f"aebnas: error: the Ray cluster at address='127.0.0.1:{port}' did not accept this driver: it uses " \
            "token authentication; set RAY_AUTH_MODE=token" in log
     assert not (tmp_path / "refused").exists()
+
+
+def test_default_worker_cpus_share_the_cluster_but_fit_a_node():
+    """A Ray Train worker asks for the cluster's CPUs shared out, never more than one node has."""
+    from aebnas.cluster import default_worker_cpus
+
+    assert default_worker_cpus(1, [2.0]) == 2.0  # this machine: one worker takes both cores
+    assert default_worker_cpus(2, [2.0]) == 1.0
+    assert default_worker_cpus(1, [16.0, 16.0]) == 16.0  # 32 would never be scheduled
+    assert default_worker_cpus(4, [16.0, 16.0]) == 8.0
+    assert default_worker_cpus(3, [2.0]) == 1.0  # at least one

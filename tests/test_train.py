@@ -1,5 +1,6 @@
 """Tests for aebnas/train.py: the joint loss, divergence, evaluation, and one real training run."""
 
+import copy
 import time
 
 import numpy as np
@@ -112,10 +113,22 @@ def test_one_epoch_reports_its_loss_and_steps_the_schedule():
     sched = make_scheduler(opt, settings, steps_per_epoch=3)
     torch.manual_seed(2)
     batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(3)]
+    # The same steps by hand, reading each loss at once: the mean train_one_epoch reports.
+    twin = copy.deepcopy(net)
+    twin_opt = make_optimizer(twin, settings)
+    twin_sched = make_scheduler(twin_opt, settings, steps_per_epoch=3)
+    by_hand = []
+    for x, y in batches:
+        loss = multi_exit_loss(twin(x), y, settings.exit_weight, settings.label_smoothing)
+        by_hand.append(loss.item())
+        twin_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        twin_opt.step()
+        twin_sched.step()
     seen = []
-    stats = train_one_epoch(net, batches, opt, sched, settings, on_batch=lambda step, loss: seen.append(loss))
-    assert len(seen) == 3
-    assert stats["loss"] == pytest.approx(np.mean(seen))
+    stats = train_one_epoch(net, batches, opt, sched, settings, on_step=lambda steps, images: seen.append(images))
+    assert seen == [8, 16, 24]
+    assert stats["loss"] == pytest.approx(np.mean(by_hand), rel=1e-6)
     assert sched.last_epoch == 3
     # One-cycle: starts at lr/10, peaks at lr after 25% of the steps.
     assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.005)
