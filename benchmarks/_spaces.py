@@ -20,15 +20,20 @@ from _picks import ahead, in_window, reference_macs, validation_pick
 def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[int], target_macs: float,
                           tolerance: float, width_mult: float, resolutions: Sequence[int], epochs: int,
                           num_samples: int, scheduler: str, batch_size: int, supernet: str | None = None,
-                          split_seed: int | None = None, figure: str = "search_spaces_pareto") -> Outcome:
+                          split_seed: int | None = None, figure: str = "search_spaces_pareto",
+                          dataset: str = "cifar10-subset", val_size: int | None = None, search_alg: str = "random",
+                          surrogate_batch: int | None = None) -> Outcome:
     """Claim 1: the same search budget on each space, for each seed; hypervolume and the test accuracy
     of the validation-picked trial at the target. With ``supernet``, candidates inherit its weights
-    (``epochs`` fine-tuning epochs) and every seed searches the supernet's split (``split_seed``)."""
+    (``epochs`` fine-tuning epochs) and every seed searches the supernet's split (``split_seed``,
+    ``val_size``: that supernet's). ``search_alg``: the searcher every search uses."""
     from aebnas.data import load_dataset
     from analysis import plots
     from analysis.pareto import hypervolume
 
-    budget = dict(dataset="cifar10-subset", space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
+    searcher = {"search_alg": search_alg} | ({"surrogate_batch": surrogate_batch} if surrogate_batch else {}) \
+        | ({"val_size": val_size} if val_size is not None else {})
+    budget = dict(dataset=dataset, **searcher, space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
                   target_macs=target_macs, epochs=epochs, num_samples=num_samples, scheduler=scheduler,
                   batch_size=batch_size, supernet=supernet, split_seed=split_seed)
     frames, runs = [], {}
@@ -53,6 +58,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
             "pick_trial": None if pick is None else str(pick["trial_id"]),
             "pick_val_acc": value("accuracy"), "pick_val_macs": value("avg_macs"),
             "pick_test_acc": value("test_accuracy"), "pick_test_macs": value("test_avg_macs"),
+            "pick_test_early_exit": value("test_early_exit") if "test_early_exit" in g else None,
             "search_wall_s": runs[space, seed].wall_s,
         })
     per_seed = pd.DataFrame(per_run).astype(
@@ -67,7 +73,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
     plot_points = trials.assign(experiment=trials["space"])
     paths = plots.plot_pareto(plot_points, ctx.docs / figure, target_macs=target_macs,
                               color_by="space", title=f"{len(seeds)} seeds × {num_samples} trials per space, "
-                              f"thresholds tuned for {target_macs:g} MMACs (CIFAR-10 subset)")
+                              f"thresholds tuned for {target_macs:g} MMACs ({data_name})")
     for p in paths:
         if p.suffix != ".png":
             p.unlink()
@@ -107,17 +113,18 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
                  "its test acc (%)": r.pick_test_acc, "its test MACs": r.pick_test_macs,
                  "search time (s)": r.search_wall_s} for r in per_seed.itertuples()]
     spread = summary["pick_test_acc_std"].dropna()
-    data = load_dataset("cifar10-subset")
+    data = load_dataset(dataset, val_size=val_size) if val_size is not None else load_dataset(dataset)
+    data_name = "the embedded CIFAR-10 subset" if dataset == "cifar10-subset" else dataset
     how = ("trained from scratch for a few epochs: a smoke-scale replication, not the paper's setting (full "
            "CIFAR-10, Once-for-All weights, 5 epochs of fine-tuning, NSGA-II)." if supernet is None else
            f"every candidate inherits its weights, exit branches included, from the supernet `{os.path.basename(supernet)}` "
            f"and is fine-tuned {epochs} epoch(s) (0: scored as inherited); every seed uses the supernet's "
            f"train/validation split (split seed {split_seed}), the seed changes the sampled candidates.")
     details = "\n".join([
-        f"Budget, identical for every space and seed: {num_samples} trials (random search) × {epochs} epochs, "
+        f"Budget, identical for every space and seed: {num_samples} trials ({search_alg} search) × {epochs} epochs, "
         f"scheduler `{scheduler}`, width {width_mult}, resolutions {tuple(resolutions)}, batch {batch_size}, "
         f"target {target_macs:g} MMACs, seeds {tuple(seeds)} (the seed fixes the sampled candidates, their "
-        f"initial weights and the order of the training data). Data: the embedded CIFAR-10 subset "
+        f"initial weights and the order of the training data). Data: {data_name} "
         f"({len(data.y_train):,} train / {len(data.y_val):,} val / {len(data.y_test):,} test images), " + how
         + (f" From one seed to another, the picked trial's test accuracy of a space varies by "
            f"{spread.min():.1f}–{spread.max():.1f} points (standard deviation)." if len(spread) else "")

@@ -1,0 +1,239 @@
+"""docs/results.md: the paper's table at full size, on Fashion-MNIST (70,000 real images).
+
+Reads what the runs wrote and measures nothing itself:
+
+- the whole job, ``python tune_configs/fashion_mnist.py`` run from the repository root
+  (supernet, search, retrain, ONNX export, the export classifying the 10,000 test images);
+- claim 23, ``python benchmarks/spaces_compare_fashion_mnist.py`` (aebnas, fixed_exits and static,
+  3 seeds each, inherited from the same supernet, picked on validation at the target);
+- torchvision's ``mobilenet_v3_small`` scaled to the target and trained alone
+  (``python benchmarks/_baseline.py ... --out results/benchmarks/baseline_mnv3_fashion-mnist_3mmacs_s0``).
+
+Writes docs/results.md, docs/results/fashion_mnist.json (one record per row) and
+docs/results/fashion_mnist_pareto.png. A missing input leaves its rows out and says so.
+
+    python benchmarks/fashion_mnist_results.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from _common import DOCS_DIR, REPO, SCRATCH, code_state, machine, md_table  # noqa: E402
+from spaces_compare_fashion_mnist import CLAIM, JOB, SUPERNET  # noqa: E402
+
+from aebnas.pipeline import DEPLOY_DIR, JOB_FILE, PREDICT_FILE, job_name  # noqa: E402
+from aebnas.supernet import read_supernet_info  # noqa: E402
+
+RESULTS_MD = REPO / "docs" / "results.md"
+RESULTS_DIR = REPO / "docs" / "results"
+BASELINE = SCRATCH / "baseline_mnv3_fashion-mnist_3mmacs_s0"
+GOAL_ACCURACY, GOAL_EARLY = 93.0, 0.5
+DISCUSSION = "## What the table shows"
+# zalandoresearch/fashion-mnist, README "Benchmark" table (submitted results, test accuracy %). MMACs only where
+# the network is pinned down: the 2-conv network's layout is not given beyond "< 100K parameters"; ~10 MMACs is
+# what two 5x5 convolutions (32, 64 filters) with pooling cost at 28x28. MobileNet and ResNet18: input size and
+# width not stated, so no MACs.
+PUBLISHED = [
+    {"model": "published: MobileNet", "test_accuracy": 95.0, "avg_macs": None},
+    {"model": "published: ResNet18", "test_accuracy": 94.9, "avg_macs": None},
+    {"model": "published: 2-conv, <100K parameters", "test_accuracy": 92.5, "avg_macs": 10.0},
+]
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def supernet_rows() -> tuple[dict[str, Any] | None, float]:
+    """(what the supernet is, its training seconds) from its file."""
+    if not SUPERNET.is_file():
+        return None, 0.0
+    info = read_supernet_info(SUPERNET)
+    seconds = sum(h["seconds"] for h in info.history)
+    last = info.history[-1] if info.history else {}
+    return {"epochs": info.epochs, "val_acc_largest": last.get("val_acc_largest"),
+            "val_acc_smallest": last.get("val_acc_smallest"), "seconds": seconds}, seconds
+
+
+def job_rows(job_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The deployed network of the job (retrained, and as the ONNX export classified the PNG test images)."""
+    deploy = job_dir / DEPLOY_DIR
+    metrics, predict, stages = (_json(deploy / "retrain" / "metrics.json"), _json(deploy / PREDICT_FILE),
+                                _json(deploy / JOB_FILE))
+    if metrics is None:
+        return [], None
+    test = metrics["test"]
+    row = {"model": "aebnas (searched, retrained, deployed)", "seed": JOB.seed, "test_accuracy": test["accuracy"],
+           "avg_macs": test["avg_macs"], "early_exit_share": 1.0 - test["utilization"][-1],
+           "exit_share": test["utilization"], "static_macs": metrics.get("static_macs"),
+           "export_test_accuracy": None if predict is None else predict["accuracy"],
+           "export_early_exit_share": None if predict is None else predict["early_exit_share"]}
+    return [row], {"stages": (stages or {}).get("stages", {}), "metrics": metrics, "predict": predict}
+
+
+def space_rows() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The validation picks of claim 23 (inherited, every space and seed)."""
+    record = _json(DOCS_DIR / f"{CLAIM.key}.json")
+    if record is None:
+        return [], None
+    rows = [{"model": r["space"] + " (inherited)", "space": r["space"], "seed": r["seed"],
+             "test_accuracy": r["pick_test_acc"], "avg_macs": r["pick_test_macs"],
+             "early_exit_share": r.get("pick_test_early_exit"), "hv_test": r["hv_test"],
+             "search_s": r["search_wall_s"]}
+            for r in record["figures"]["runs"] if r["pick_test_acc"] is not None]
+    return rows, record
+
+
+def baseline_rows() -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(SCRATCH.glob("baseline_mnv3_fashion-mnist_*/result.json")):
+        r = json.loads(path.read_text())
+        rows.append({"model": f"mobilenet_v3_small (width {r['width_mult']:g}, {r['resolution']} px, {r['epochs']} "
+                              "epochs, trained alone)", "seed": r["seed"], "test_accuracy": r["test_accuracy"],
+                     "avg_macs": r["avg_macs"], "early_exit_share": 0.0, "seconds": r["train_seconds"]})
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = {"aebnas": ("tab:blue", "o"), "fixed_exits": ("tab:orange", "s"), "static": ("tab:green", "^"),
+              "mobilenet": ("tab:red", "D"), "published": ("tab:gray", "*"), "deployed": ("navy", "P")}
+    seen = set()
+    for r in rows:
+        if r["avg_macs"] is None:
+            continue
+        key = ("deployed" if "deployed" in r["model"] else "published" if r["model"].startswith("published")
+               else "mobilenet" if r["model"].startswith("mobilenet") else r.get("space", "aebnas"))
+        color, marker = styles[key]
+        label = r["model"] if key in ("deployed", "published") else key if key not in seen else None
+        seen.add(key)
+        ax.scatter(r["avg_macs"], r["test_accuracy"], color=color, marker=marker, s=90 if key == "deployed" else 45,
+                   label=label, zorder=3, edgecolor="black" if key == "deployed" else None)
+    ax.axvline(JOB.target_macs, color="gray", ls=":", lw=1, label=f"target {JOB.target_macs:g} MMACs")
+    ax.axhline(GOAL_ACCURACY, color="gray", ls="--", lw=0.8, label=f"goal {GOAL_ACCURACY:g}%")
+    ax.set_xscale("log")
+    ax.set_xlabel("average MMACs per test image (log scale)")
+    ax.set_ylabel("test accuracy (%), 10,000 images")
+    ax.set_title("Fashion-MNIST: test accuracy against average compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def pct(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def write(job_dir: Path) -> int:
+    supernet, supernet_s = supernet_rows()
+    deployed, job = job_rows(job_dir)
+    spaces, claim = space_rows()
+    baselines = baseline_rows()
+    rows = deployed + spaces + baselines + PUBLISHED
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    records = [{"model": r.get("space", "aebnas" if "deployed" in r["model"] else
+                               "mobilenet_v3_small" if r["model"].startswith("mobilenet") else r["model"]),
+                "variant": r["model"], "seed": r.get("seed"), "test_accuracy": r["test_accuracy"],
+                "avg_macs": r["avg_macs"], "early_exit_share": r.get("early_exit_share")} for r in rows]
+    (RESULTS_DIR / "fashion_mnist.json").write_text(json.dumps(records, indent=1) + "\n")
+    png = plot(rows, RESULTS_DIR / "fashion_mnist_pareto.png")
+
+    missing = [what for what, have in (("the job (python tune_configs/fashion_mnist.py)", job),
+                                       (f"claim {CLAIM.number} (python benchmarks/{CLAIM.key}.py)", claim),
+                                       ("the mobilenet_v3_small baseline (benchmarks/_baseline.py)", baselines))
+               if not have]
+    table = [{"network": r["model"], "seed": pct(r.get("seed"), 0) if r.get("seed") is not None else "–",
+              "test accuracy (%)": pct(r["test_accuracy"]), "average MMACs": pct(r["avg_macs"], 3),
+              "test images leaving early (%)": pct(None if r.get("early_exit_share") is None
+                                                    else 100 * r["early_exit_share"], 1)} for r in rows]
+    lines = ["# Results: Fashion-MNIST at full size", "",
+             f"Written by `python benchmarks/fashion_mnist_results.py` on {dt.date.today().isoformat()} "
+             f"(commit {str(code_state().commit)[:10]}); machine: {machine()['cpu']}, {machine()['cores']} cores, "
+             f"GPU {machine()['gpu'] or 'none'}. 54,000 training / 6,000 validation (split seed "
+             f"{JOB.data_split_seed}) / 10,000 test images; every pick is made on validation, the test set only "
+             "scores it. Target: "
+             f"{JOB.target_macs:g} MMACs average per image (why: `tune_configs/fashion_mnist.py`).", ""]
+    if missing:
+        lines += ["**Not yet run, rows left out:** " + "; ".join(missing) + ".", ""]
+    lines += [md_table(table), "", f"![Test accuracy against average MMACs]({png.relative_to(RESULTS_MD.parent)})",
+              "", "Rows also as JSON: [results/fashion_mnist.json](results/fashion_mnist.json).", ""]
+    if job:
+        m, p = job["metrics"], job["predict"]
+        lines += ["## The deployed network", "",
+                  f"`python tune_configs/fashion_mnist.py`: the search's validation pick, retrained "
+                  f"{len(m.get('history', [])) or '?'} epoch(s) from the supernet's weights, thresholds tuned on "
+                  f"validation: test accuracy **{m['test']['accuracy']:.2f}%** at **{m['test']['avg_macs']:.3f} "
+                  f"MMACs** on average (static network {m.get('static_macs', float('nan')):.3f} MMACs)."]
+        if p:
+            lines += [f"Its ONNX export classified the {p['images']:,} test images, written as PNG files: "
+                      f"{p['accuracy']:.2f}% ({p['images_per_s']:.0f} images/s), "
+                      f"{100 * p['early_exit_share']:.1f}% leaving at an early exit."]
+        lines += ["", md_table([{"exit": i + 1 if i < len(m["test"]["utilization"]) - 1 else "final",
+                                 "test images taking it (%)": 100 * u}
+                                for i, u in enumerate(m["test"]["utilization"])]), ""]
+    lines += ["## Compute", ""]
+    compute = []
+    if supernet:
+        compute.append({"stage": f"supernet ({supernet['epochs']} epochs)", "wall hours (2 CPU cores)":
+                        supernet_s / 3600, "CPU-hours": 2 * supernet_s / 3600})
+    for name, v in (job["stages"].items() if job else []):
+        compute.append({"stage": name, "wall hours (2 CPU cores)": v["seconds"] / 3600,
+                        "CPU-hours": 2 * v["seconds"] / 3600})
+    if compute:
+        total = sum(c["wall hours (2 CPU cores)"] for c in compute)
+        compute.append({"stage": "whole job", "wall hours (2 CPU cores)": total, "CPU-hours": 2 * total})
+        lines += [md_table(compute), "", "No GPU was lent for these runs: GPU-minutes not measured.", ""]
+    lines += ["## Goals", ""]
+    goals = []
+    if deployed:
+        d = deployed[0]
+        goals.append({"goal": f"searched network ≥ {GOAL_ACCURACY:g}% at ≤ {JOB.target_macs:g} MMACs, "
+                      f"≥ {GOAL_EARLY:.0%} leaving early", "measured": f"{d['test_accuracy']:.2f}% at "
+                      f"{d['avg_macs']:.3f} MMACs, {100 * d['early_exit_share']:.1f}% early",
+                      "met": "yes" if (d["test_accuracy"] >= GOAL_ACCURACY and d["avg_macs"] <= JOB.target_macs
+                                       and d["early_exit_share"] >= GOAL_EARLY) else "**no**"})
+    if claim:
+        for m in claim["figures"]["margins"]:
+            goals.append({"goal": f"aebnas ahead of {m['vs']} by > 1 s.e. ({m['figure']}, paired, 3 seeds)",
+                          "measured": f"{m['mean difference']:+.2f} ± {m['standard error']:.2f}",
+                          "met": "yes" if m["ahead by > 1 s.e."] == "yes" else "**no**"})
+    if deployed and baselines:
+        d, b = deployed[0], baselines[0]
+        goals.append({"goal": "≥ 1 point above mobilenet_v3_small at the same MACs (or as accurate at ≤ half)",
+                      "measured": f"{d['test_accuracy'] - b['test_accuracy']:+.2f} points ({d['avg_macs']:.2f} vs "
+                      f"{b['avg_macs']:.2f} MMACs)",
+                      "met": "yes" if d["test_accuracy"] - b["test_accuracy"] >= 1.0 or (
+                          d["test_accuracy"] >= b["test_accuracy"] and d["avg_macs"] <= b["avg_macs"] / 2)
+                      else "**no**"})
+    if compute:
+        goals.append({"goal": "whole job ≤ 6 hours on 2 CPU cores", "measured": f"{total:.2f} h",
+                      "met": "yes" if total <= 6 else "**no**"})
+    lines += [md_table(goals) if goals else "Nothing measured yet.", ""]
+    # What the table shows and why is written by hand below DISCUSSION: kept when the tables are rewritten.
+    kept = RESULTS_MD.read_text().partition(DISCUSSION)[2] if RESULTS_MD.is_file() else ""
+    lines += [DISCUSSION + (kept or "\n\n(not written yet)\n")]
+    RESULTS_MD.write_text("\n".join(lines))
+    print(f"wrote {RESULTS_MD.relative_to(REPO)}, {png.relative_to(REPO)} and docs/results/fashion_mnist.json"
+          + (f"; missing: {'; '.join(missing)}" if missing else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", type=Path, default=Path(JOB.storage_path) / job_name(JOB),
+                        help="the job's directory (default: where tune_configs/fashion_mnist.py writes it)")
+    sys.exit(write(parser.parse_args().job))
