@@ -33,6 +33,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
 
     searcher = {"search_alg": search_alg} | ({"surrogate_batch": surrogate_batch} if surrogate_batch else {}) \
         | ({"val_size": val_size} if val_size is not None else {})
+    data_name = "the embedded CIFAR-10 subset" if dataset == "cifar10-subset" else dataset
     budget = dict(dataset=dataset, **searcher, space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
                   target_macs=target_macs, epochs=epochs, num_samples=num_samples, scheduler=scheduler,
                   batch_size=batch_size, supernet=supernet, split_seed=split_seed)
@@ -114,7 +115,6 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
                  "search time (s)": r.search_wall_s} for r in per_seed.itertuples()]
     spread = summary["pick_test_acc_std"].dropna()
     data = load_dataset(dataset, val_size=val_size) if val_size is not None else load_dataset(dataset)
-    data_name = "the embedded CIFAR-10 subset" if dataset == "cifar10-subset" else dataset
     how = ("trained from scratch for a few epochs: a smoke-scale replication, not the paper's setting (full "
            "CIFAR-10, Once-for-All weights, 5 epochs of fine-tuning, NSGA-II)." if supernet is None else
            f"every candidate inherits its weights, exit branches included, from the supernet `{os.path.basename(supernet)}` "
