@@ -40,7 +40,7 @@ CLAIM = Claim(23, "spaces_compare_fashion_mnist", "Searched vs fixed branches vs
               "differences (3 seeds, inherited candidates from the Fashion-MNIST supernet, 10,000 test images)")
 SETTINGS = dict(spaces=tuple(SPACES), seeds=(0, 1, 2), target_macs=JOB.target_macs, tolerance=0.10,
                 width_mult=JOB.width_mult, resolutions=tuple(JOB.space_kwargs["resolutions"]), epochs=0,
-                num_samples=24, scheduler="fifo", batch_size=JOB.batch_size, supernet=str(SUPERNET),
+                num_samples=40, scheduler="fifo", batch_size=JOB.batch_size, supernet=str(SUPERNET),
                 split_seed=JOB.data_split_seed, val_size=JOB.val_size, dataset=JOB.dataset,
                 search_alg=JOB.search_alg, surrogate_batch=JOB.surrogate_batch,
                 figure="spaces_compare_fashion_mnist_pareto")
