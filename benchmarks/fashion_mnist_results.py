@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -79,7 +80,15 @@ def job_rows(job_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None
            "exit_share": test["utilization"], "static_macs": metrics.get("static_macs"),
            "export_test_accuracy": None if predict is None else predict["accuracy"],
            "export_early_exit_share": None if predict is None else predict["early_exit_share"]}
-    return [row], {"stages": (stages or {}).get("stages", {}), "metrics": metrics, "predict": predict}
+    picked = metrics["source"].get("search_metrics") or {}
+    rows = [row]
+    if picked.get("test_accuracy") is not None:  # the same network as the search scored it (inherited weights)
+        reports = Path(metrics["source"]["experiment"]) / metrics["source"]["trial"] / "result.json"
+        last = json.loads(reports.read_text().splitlines()[-1]) if reports.is_file() else {}  # JSON lines
+        rows.append({"model": "aebnas (the job's search pick, inherited, before retraining)", "seed": JOB.seed,
+                     "test_accuracy": picked["test_accuracy"], "avg_macs": last.get("test_avg_macs"),
+                     "early_exit_share": last.get("test_early_exit")})
+    return rows, {"stages": (stages or {}).get("stages", {}), "metrics": metrics, "predict": predict}
 
 
 def space_rows() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -108,21 +117,36 @@ def baseline_rows() -> list[dict[str, Any]]:
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"aebnas": ("tab:blue", "o"), "fixed_exits": ("tab:orange", "s"), "static": ("tab:green", "^"),
-              "mobilenet": ("tab:red", "D"), "published": ("tab:gray", "*"), "deployed": ("navy", "P")}
+              "mobilenet": ("tab:red", "D"), "published": ("tab:gray", "*"), "deployed": ("navy", "P"),
+              "pick": ("tab:purple", "X")}
+    trials = SCRATCH / CLAIM.key / "trials.csv"
+    if trials.is_file():  # every candidate of claim 23's searches, faint, behind the picks
+        import pandas as pd
+
+        t = pd.read_csv(trials)
+        for space, g in t.groupby("space"):
+            ax.scatter(g["test_avg_macs"], g["test_accuracy"], color=styles[space][0], marker=styles[space][1],
+                       s=10, alpha=0.25, lw=0, zorder=1)
     seen = set()
     for r in rows:
-        if r["avg_macs"] is None:
+        if r["avg_macs"] is None:  # published without MACs: a line at its accuracy
+            ax.axhline(r["test_accuracy"], color="gray", lw=0.8, ls="-.", zorder=0)
+            ax.annotate(f"{r['model']} (MACs unknown)", (0.01, r["test_accuracy"]), xycoords=("axes fraction", "data"),
+                        fontsize=7, color="dimgray", va="bottom")
             continue
-        key = ("deployed" if "deployed" in r["model"] else "published" if r["model"].startswith("published")
+        key = ("deployed" if "deployed" in r["model"] else "pick" if "search pick" in r["model"] else "published" if r["model"].startswith("published")
                else "mobilenet" if r["model"].startswith("mobilenet") else r.get("space", "aebnas"))
         color, marker = styles[key]
-        label = r["model"] if key in ("deployed", "published") else key if key not in seen else None
+        label = (r["model"] if key in ("deployed", "published", "pick") else None if key in seen else
+                 f"{key} (3 seeds' validation picks, inherited)" if "space" in r else r["model"])
         seen.add(key)
         ax.scatter(r["avg_macs"], r["test_accuracy"], color=color, marker=marker, s=90 if key == "deployed" else 45,
                    label=label, zorder=3, edgecolor="black" if key == "deployed" else None)
     ax.axvline(JOB.target_macs, color="gray", ls=":", lw=1, label=f"target {JOB.target_macs:g} MMACs")
     ax.axhline(GOAL_ACCURACY, color="gray", ls="--", lw=0.8, label=f"goal {GOAL_ACCURACY:g}%")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("average MMACs per test image (log scale)")
     ax.set_ylabel("test accuracy (%), 10,000 images")
     ax.set_title("Fashion-MNIST: test accuracy against average compute")
@@ -145,8 +169,8 @@ def write(job_dir: Path) -> int:
     baselines = baseline_rows()
     rows = deployed + spaces + baselines + PUBLISHED
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    records = [{"model": r.get("space", "aebnas" if "deployed" in r["model"] else
-                               "mobilenet_v3_small" if r["model"].startswith("mobilenet") else r["model"]),
+    records = [{"model": r.get("space") or ("aebnas" if r["model"].startswith("aebnas") else "mobilenet_v3_small"
+                                            if r["model"].startswith("mobilenet") else r["model"]),
                 "variant": r["model"], "seed": r.get("seed"), "test_accuracy": r["test_accuracy"],
                 "avg_macs": r["avg_macs"], "early_exit_share": r.get("early_exit_share")} for r in rows]
     (RESULTS_DIR / "fashion_mnist.json").write_text(json.dumps(records, indent=1) + "\n")
@@ -175,7 +199,7 @@ def write(job_dir: Path) -> int:
         m, p = job["metrics"], job["predict"]
         lines += ["## The deployed network", "",
                   f"`python tune_configs/fashion_mnist.py`: the search's validation pick, retrained "
-                  f"{len(m.get('history', [])) or '?'} epoch(s) from the supernet's weights, thresholds tuned on "
+                  f"{m['epochs']} epoch(s) from the supernet's weights, thresholds tuned on "
                   f"validation: test accuracy **{m['test']['accuracy']:.2f}%** at **{m['test']['avg_macs']:.3f} "
                   f"MMACs** on average (static network {m.get('static_macs', float('nan')):.3f} MMACs)."]
         if p:
