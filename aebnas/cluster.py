@@ -2,7 +2,8 @@
 
 ``connect_ray`` joins a cluster by address (or ``RAY_ADDRESS``) with clear errors, or
 starts local Ray; ``trial_resources`` decides what one trial reserves (a GPU by default
-when the cluster has one); ``check_trial_fits`` refuses resources no node has.
+when the cluster has one, a share of one for inherited candidates); ``check_trial_fits``
+refuses resources no node has.
 """
 
 from __future__ import annotations
@@ -66,16 +67,23 @@ def _join_error(address: str, exc: Exception) -> ExperimentError:
     return ExperimentError(f"could not join the Ray cluster at address={address!r}: {exc}")
 
 
+# Inherited candidates (epochs=0) only recalibrate BatchNorm and run two evaluation passes: one of them
+# leaves most of a GPU idle, so this many share one (each reserves 1/this of a GPU).
+INHERITED_TRIALS_PER_GPU = 4
+
+
 def trial_resources(exp: Any, cluster_resources: dict[str, float]) -> dict[str, float]:
     """What one trial reserves, ``{"cpu": …, "gpu": …}``, on a cluster with ``cluster_resources``
     (``ray.cluster_resources()``: totals such as ``{"CPU": 16.0, "GPU": 1.0}``).
 
-    ``gpus_per_trial=None`` (the default) gives each trial one GPU when the cluster has one,
-    else none; trials then run one per GPU at most, whatever ``max_concurrent`` allows.
+    ``gpus_per_trial=None`` (the default) gives each trial one GPU when the cluster has one, else
+    none; trials that train (``epochs > 0``) then run one per GPU at most, whatever ``max_concurrent``
+    allows, and inherited candidates (``epochs=0``) ``INHERITED_TRIALS_PER_GPU`` per GPU.
     """
     gpus = exp.gpus_per_trial
     if gpus is None:
-        gpus = 1 if cluster_resources.get("GPU", 0) >= 1 else 0
+        has_gpu = cluster_resources.get("GPU", 0) >= 1
+        gpus = 0 if not has_gpu else 1 if exp.epochs > 0 else 1 / INHERITED_TRIALS_PER_GPU
     return {"cpu": exp.cpus_per_trial, "gpu": gpus}
 
 
@@ -92,7 +100,9 @@ def describe_resources(resources: dict[str, float], cluster_resources: dict[str,
     def count(n: float, unit: str) -> str:
         return f"{n:g} {unit}" + ("" if n == 1 else "s")
 
-    return (f"each trial gets {count(resources['cpu'], 'CPU')} and {count(resources['gpu'], 'GPU')} "
+    gpu = resources["gpu"]
+    shared = f" ({round(1 / gpu)} trials share a GPU)" if 0 < gpu < 1 and abs(1 / gpu - round(1 / gpu)) < 1e-9 else ""
+    return (f"each trial gets {count(resources['cpu'], 'CPU')} and {count(gpu, 'GPU')}{shared} "
             f"(cluster: {count(cluster_resources.get('CPU', 0), 'CPU')}, "
             f"{count(cluster_resources.get('GPU', 0), 'GPU')})")
 

@@ -62,9 +62,10 @@ class Experiment(TrialSettings):
     grace_period: int = setting(1, "ASHA: epochs before a trial can stop")
     reduction_factor: float = setting(2, "ASHA: keep 1/factor per rung")
     cpus_per_trial: float = setting(1, "CPUs each trial reserves (and torch threads in it)")
-    # None: 1 when the cluster has a GPU, else 0 (see trial_resources)
+    # None: see trial_resources
     gpus_per_trial: float | None = setting(None, "GPUs each trial reserves; 0 trains on CPU",
-                                           none_means="1 when the cluster has a GPU, else 0")
+                                           none_means="1 when the cluster has a GPU (a quarter of one for "
+                                           "inherited candidates, epochs=0), else 0")
     max_concurrent: int | None = setting(None, "at most this many trials at once")
     storage_path: str = setting("aebnas_results", "where results go (a path or a URI such as s3://bucket/dir); "
                                 "shared by all nodes on a cluster")

@@ -107,6 +107,9 @@ def test_resume_needs_an_experiment(tmp_path, small_npz):
     (Experiment(max_concurrent=2), {"CPU": 16.0, "GPU": 4.0}, {"cpu": 1, "gpu": 1}),  # still one per trial
     (Experiment(gpus_per_trial=0), {"CPU": 16.0, "GPU": 1.0}, {"cpu": 1, "gpu": 0}),  # forced CPU
     (Experiment(gpus_per_trial=0.5, cpus_per_trial=4), {"CPU": 16.0, "GPU": 1.0}, {"cpu": 4, "gpu": 0.5}),
+    (Experiment(epochs=0), {"CPU": 16.0, "GPU": 1.0}, {"cpu": 1, "gpu": 0.25}),  # inherited: 4 share a GPU
+    (Experiment(epochs=0), {"CPU": 2.0}, {"cpu": 1, "gpu": 0}),               # ... and none without one
+    (Experiment(epochs=0, gpus_per_trial=1), {"CPU": 16.0, "GPU": 1.0}, {"cpu": 1, "gpu": 1}),  # asked for
 ])
 def test_trial_resources(exp, cluster, expected):
     assert trial_resources(exp, cluster) == expected
@@ -117,6 +120,8 @@ def test_resources_line():
         "each trial gets 1 CPU and 1 GPU (cluster: 16 CPUs, 1 GPU)"
     assert describe_resources({"cpu": 2, "gpu": 0}, {"CPU": 2.0}) == \
         "each trial gets 2 CPUs and 0 GPUs (cluster: 2 CPUs, 0 GPUs)"
+    assert describe_resources({"cpu": 1, "gpu": 0.25}, {"CPU": 16.0, "GPU": 1.0}) == \
+        "each trial gets 1 CPU and 0.25 GPUs (4 trials share a GPU) (cluster: 16 CPUs, 1 GPU)"
 
 
 def _resumable_copy(tiny_search, root: Path) -> Experiment:
@@ -188,7 +193,8 @@ def test_flags_are_made_from_the_settings_declarations():
     assert actions["space"].choices is None  # validate() refuses a bad space, naming it
     assert actions["space"].help == "search space: aebnas, fixed_exits or static (default: aebnas)"
     assert tuple(SPACES) == ("aebnas", "fixed_exits", "static")
-    assert actions["gpus_per_trial"].help.endswith("(default: 1 when the cluster has a GPU, else 0)")
+    assert actions["gpus_per_trial"].help.endswith(
+        "(default: 1 when the cluster has a GPU (a quarter of one for inherited candidates, epochs=0), else 0)")
     assert _parse(["--supernet", "none"]).supernet is None and _parse(["--supernet", "a.pt"]).supernet == "a.pt"
     assert _parse(["--reduction-factor", "3", "--val-size", "7"]) == dataclasses.replace(
         Experiment(), reduction_factor=3.0, val_size=7)
