@@ -10,7 +10,10 @@ Reads what the runs wrote and measures nothing itself:
   (``python benchmarks/_baseline.py ... --out results/benchmarks/baseline_mnv3_fashion-mnist_3mmacs_s0``).
 
 Writes docs/results.md, docs/results/fashion_mnist.json (one record per row) and
-docs/results/fashion_mnist_pareto.png. A missing input leaves its rows out and says so.
+docs/results/fashion_mnist_pareto.png. A missing input leaves its rows out and says so. What the
+job and its supernet measured is also kept in docs/results/fashion_mnist_job.json, and each baseline's
+result.json copied to docs/results/: they are read from there when the runs' directories are not on
+this machine (a clone, or a machine that lost them), since the runs take hours.
 
     python benchmarks/fashion_mnist_results.py
 """
@@ -38,6 +41,7 @@ from aebnas.supernet import read_supernet_info  # noqa: E402
 
 RESULTS_MD = REPO / "docs" / "results.md"
 RESULTS_DIR = REPO / "docs" / "results"
+JOB_RECORD = RESULTS_DIR / "fashion_mnist_job.json"
 BASELINE = SCRATCH / "baseline_mnv3_fashion-mnist_3mmacs_s0"
 GOAL_ACCURACY, GOAL_EARLY = 93.0, 0.5
 DISCUSSION = "## What the table shows"
@@ -91,6 +95,29 @@ def job_rows(job_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None
     return rows, {"stages": (stages or {}).get("stages", {}), "metrics": metrics, "predict": predict}
 
 
+def job_and_supernet(job_dir: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
+                                               dict[str, Any] | None, dict[str, Any] | None]:
+    """(supernet, the job's rows, the job, the saved record when it was read instead of the runs' files).
+
+    Read from the runs' directories when they are here (and saved to JOB_RECORD), else from JOB_RECORD."""
+    supernet, _ = supernet_rows()
+    rows, job = job_rows(job_dir)
+    if job is not None and supernet is not None:
+        JOB_RECORD.parent.mkdir(parents=True, exist_ok=True)
+        def where(path: Path) -> str:
+            return str(path.resolve().relative_to(REPO)) if path.resolve().is_relative_to(REPO) else str(path)
+
+        JOB_RECORD.write_text(json.dumps({"job_dir": where(job_dir), "supernet_file": where(SUPERNET),
+                                          "read_on": dt.date.today().isoformat(),
+                                          "commit": str(code_state().commit)[:10], "supernet": supernet,
+                                          "rows": rows, "job": job}, indent=1) + "\n")
+        return supernet, rows, job, None
+    saved = _json(JOB_RECORD)
+    if saved is not None:
+        return saved["supernet"], saved["rows"], saved["job"], saved
+    return supernet, rows, job, None
+
+
 def space_rows() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The validation picks of claim 23 (inherited, every space and seed)."""
     record = _json(DOCS_DIR / f"{CLAIM.key}.json")
@@ -105,8 +132,11 @@ def space_rows() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
 
 
 def baseline_rows() -> list[dict[str, Any]]:
+    """The baselines' results: from their run directories (copied to docs/results/), else the copies."""
+    for path in SCRATCH.glob("baseline_mnv3_fashion-mnist_*/result.json"):
+        (RESULTS_DIR / f"{path.parent.name}.json").write_text(path.read_text())
     rows = []
-    for path in sorted(SCRATCH.glob("baseline_mnv3_fashion-mnist_*/result.json")):
+    for path in sorted(RESULTS_DIR.glob("baseline_mnv3_fashion-mnist_*.json")):
         r = json.loads(path.read_text())
         rows.append({"model": f"mobilenet_v3_small (width {r['width_mult']:g}, {r['resolution']} px, {r['epochs']} "
                               "epochs, trained alone)", "seed": r["seed"], "test_accuracy": r["test_accuracy"],
@@ -114,44 +144,64 @@ def baseline_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+def _draw(ax: Any, rows: list[dict[str, Any]], trials: Any, legend: bool) -> None:
     styles = {"aebnas": ("tab:blue", "o"), "fixed_exits": ("tab:orange", "s"), "static": ("tab:green", "^"),
               "mobilenet": ("tab:red", "D"), "published": ("tab:gray", "*"), "deployed": ("navy", "P"),
               "pick": ("tab:purple", "X")}
-    trials = SCRATCH / CLAIM.key / "trials.csv"
-    if trials.is_file():  # every candidate of claim 23's searches, faint, behind the picks
-        import pandas as pd
-
-        t = pd.read_csv(trials)
-        for space, g in t.groupby("space"):
+    if trials is not None:  # every candidate of claim 23's searches, faint, behind the picks
+        for space, g in trials.groupby("space"):
             ax.scatter(g["test_avg_macs"], g["test_accuracy"], color=styles[space][0], marker=styles[space][1],
                        s=10, alpha=0.25, lw=0, zorder=1)
-    seen = set()
+    seen, lines = set(), 0
     for r in rows:
-        if r["avg_macs"] is None:  # published without MACs: a line at its accuracy
+        if r["avg_macs"] is None:  # published without MACs: a line at its accuracy, labels above and below in turn
             ax.axhline(r["test_accuracy"], color="gray", lw=0.8, ls="-.", zorder=0)
-            ax.annotate(f"{r['model']} (MACs unknown)", (0.01, r["test_accuracy"]), xycoords=("axes fraction", "data"),
-                        fontsize=7, color="dimgray", va="bottom")
+            if legend:
+                ax.annotate(f"{r['model']} (MACs unknown)", (0.01, r["test_accuracy"]),
+                            xycoords=("axes fraction", "data"), fontsize=7, color="dimgray",
+                            va="bottom" if lines % 2 == 0 else "top")
+            lines += 1
             continue
-        key = ("deployed" if "deployed" in r["model"] else "pick" if "search pick" in r["model"] else "published" if r["model"].startswith("published")
-               else "mobilenet" if r["model"].startswith("mobilenet") else r.get("space", "aebnas"))
+        key = ("deployed" if "deployed" in r["model"] else "pick" if "search pick" in r["model"] else "published"
+               if r["model"].startswith("published") else "mobilenet" if r["model"].startswith("mobilenet")
+               else r.get("space", "aebnas"))
         color, marker = styles[key]
         label = (r["model"] if key in ("deployed", "published", "pick") else None if key in seen else
                  f"{key} (3 seeds' validation picks, inherited)" if "space" in r else r["model"])
         seen.add(key)
         ax.scatter(r["avg_macs"], r["test_accuracy"], color=color, marker=marker, s=90 if key == "deployed" else 45,
-                   label=label, zorder=3, edgecolor="black" if key == "deployed" else None)
-    ax.axvline(JOB.target_macs, color="gray", ls=":", lw=1, label=f"target {JOB.target_macs:g} MMACs")
-    ax.axhline(GOAL_ACCURACY, color="gray", ls="--", lw=0.8, label=f"goal {GOAL_ACCURACY:g}%")
+                   label=label if legend else None, zorder=4 if key in ("deployed", "pick") else 3,
+                   edgecolor="black" if key == "deployed" else None)
+    ax.axvline(JOB.target_macs, color="gray", ls=":", lw=1, label=f"target {JOB.target_macs:g} MMACs" if legend else None)
+    ax.axhline(GOAL_ACCURACY, color="gray", ls="--", lw=0.8, label=f"goal {GOAL_ACCURACY:g}%" if legend else None)
+    ax.grid(alpha=0.3)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Everything on a log MACs axis (left), and the networks at the target close up (right)."""
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12.5, 5), gridspec_kw={"width_ratios": [1.35, 1]})
+    trials_csv = SCRATCH / CLAIM.key / "trials.csv"
+    trials = None
+    if trials_csv.is_file():
+        import pandas as pd
+
+        trials = pd.read_csv(trials_csv)
+    _draw(ax, rows, trials, legend=True)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("average MMACs per test image (log scale)")
     ax.set_ylabel("test accuracy (%), 10,000 images")
-    ax.set_title("Fashion-MNIST: test accuracy against average compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.set_title("Fashion-MNIST: test accuracy against average compute", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    _draw(zoom, rows, trials, legend=False)
+    near = [r for r in rows if r["avg_macs"] is not None and abs(r["avg_macs"] / JOB.target_macs - 1) <= 0.15]
+    if near:
+        accs = [r["test_accuracy"] for r in near]
+        zoom.set_ylim(min(accs) - 0.3, max(max(accs), GOAL_ACCURACY) + 0.3)
+        zoom.set_xlim(0.93 * JOB.target_macs, 1.12 * JOB.target_macs)
+    zoom.set_xlabel("average MMACs per test image")
+    zoom.set_title(f"close up: within -7% / +12% of the target {JOB.target_macs:g} MMACs", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -163,12 +213,12 @@ def pct(v: float | None, digits: int = 2) -> str:
 
 
 def write(job_dir: Path) -> int:
-    supernet, supernet_s = supernet_rows()
-    deployed, job = job_rows(job_dir)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    supernet, deployed, job, saved = job_and_supernet(job_dir)
+    supernet_s = supernet["seconds"] if supernet else 0.0
     spaces, claim = space_rows()
     baselines = baseline_rows()
     rows = deployed + spaces + baselines + PUBLISHED
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     records = [{"model": r.get("space") or ("aebnas" if r["model"].startswith("aebnas") else "mobilenet_v3_small"
                                             if r["model"].startswith("mobilenet") else r["model"]),
                 "variant": r["model"], "seed": r.get("seed"), "test_accuracy": r["test_accuracy"],
@@ -193,6 +243,11 @@ def write(job_dir: Path) -> int:
              f"{JOB.target_macs:g} MMACs average per image (why: `tune_configs/fashion_mnist.py`).", ""]
     if missing:
         lines += ["**Not yet run, rows left out:** " + "; ".join(missing) + ".", ""]
+    if saved:
+        lines += [f"The job's and its supernet's figures come from [results/{JOB_RECORD.name}](results/"
+                  f"{JOB_RECORD.name}): {saved['job_dir']} and {saved['supernet_file']} are not on this machine; "
+                  f"this script read them on {saved['read_on']} (commit {saved['commit']})"
+                  + (f". {saved['note']}" if saved.get("note") else "") + ".", ""]
     lines += [md_table(table), "", f"![Test accuracy against average MMACs]({png.relative_to(RESULTS_MD.parent)})",
               "", "Rows also as JSON: [results/fashion_mnist.json](results/fashion_mnist.json).", ""]
     if job:
@@ -220,6 +275,13 @@ def write(job_dir: Path) -> int:
     if compute:
         total = sum(c["wall hours (2 CPU cores)"] for c in compute)
         compute.append({"stage": "whole job", "wall hours (2 CPU cores)": total, "CPU-hours": 2 * total})
+    # outside the job: the comparison's searches and the baseline
+    if claim:
+        compute.append({"stage": f"claim {CLAIM.number}: 9 searches (not part of the job)",
+                        "wall hours (2 CPU cores)": claim["wall_s"] / 3600, "CPU-hours": 2 * claim["wall_s"] / 3600})
+    for b in baselines:
+        compute.append({"stage": f"{b['model']} (not part of the job)", "wall hours (2 CPU cores)":
+                        b["seconds"] / 3600, "CPU-hours": 2 * b["seconds"] / 3600})
         lines += [md_table(compute), "", "No GPU was lent for these runs: GPU-minutes not measured.", ""]
     lines += ["## Goals", ""]
     goals = []
