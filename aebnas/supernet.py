@@ -229,11 +229,36 @@ def supernet_from_state(state: dict[str, torch.Tensor], info: SupernetInfo,
     return model.to(device).eval()
 
 
+# The supernets this process has built, by the digest of their weights (one entry: a search inherits from one).
+# Ray Tune runs trial after trial in the same worker process (function trainables reuse their actors), and each
+# trial of a search receives the same record: the supernet module is built once per process, not once per trial.
+_BUILT: dict[str, ElasticEarlyExitNet] = {}
+
+
+def _weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def built_supernet(record: Mapping[str, Any]) -> ElasticEarlyExitNet:
+    """The supernet of a supernet file's record (``load_checkpoint``), built once per process for the same
+    weights (float32, eval mode, CPU). Callers must not change it: :func:`extract` copies what a candidate takes."""
+    key = _weights_digest(record["model"])
+    if key not in _BUILT:
+        info = SupernetInfo.from_record(dict(record), "the supernet")
+        _BUILT.clear()
+        _BUILT[key] = supernet_from_state(record["model"], info)
+    return _BUILT[key]
+
+
 def inherited_network(record: Mapping[str, Any], arch: ArchConfig, confidence: str) -> EarlyExitNet:
     """The candidate ``arch`` holding its weights from a supernet file's record (``load_checkpoint``):
     what a trial with a supernet and ``aebnas retrain --inherit`` start from (eval mode, float32, CPU)."""
-    info = SupernetInfo.from_record(dict(record), "the supernet")
-    return extract(supernet_from_state(record["model"], info), arch, confidence)
+    return extract(built_supernet(record), arch, confidence)
 
 
 def check_supernet(info: SupernetInfo, *, needs: Mapping[str, Iterable[Any]], width_mult: float,
@@ -426,6 +451,6 @@ def score_subnet(supernet: ElasticEarlyExitNet, arch: ArchConfig, scorer: Scorer
     return scorer(net, (split,))[split]
 
 
-__all__ = ["SupernetSettings", "SupernetTraining", "SupernetInfo", "save_supernet", "load_supernet",
+__all__ = ["SupernetSettings", "SupernetTraining", "SupernetInfo", "save_supernet", "load_supernet", "built_supernet",
            "read_supernet_info", "supernet_from_state", "inherited_network", "check_supernet", "score_subnet", "distillation_loss",
            "image_digests", "SUPERNET_FILE", "EMBEDDED_SUPERNET"]

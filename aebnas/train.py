@@ -116,9 +116,11 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
 def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle learning rate over all epochs (warm-up 25%, cosine down)."""
+    total = max(1, settings.epochs * steps_per_epoch)
+    # OneCycleLR divides by zero when pct_start x total_steps is exactly 1 (4 steps at 25%): warm up 30% there.
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=settings.lr, total_steps=max(1, settings.epochs * steps_per_epoch),
-        pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+        optimizer, max_lr=settings.lr, total_steps=total, pct_start=0.25 if total != 4 else 0.3, div_factor=10.0,
+        final_div_factor=100.0)
 
 
 def autocast(device: torch.device, enabled: bool) -> ContextManager[Any]:

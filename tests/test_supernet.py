@@ -564,3 +564,30 @@ def test_supernet_epochs_show_progress_inside_the_epoch(data):
     inside = [line for line in lines if "left in the epoch" in line]
     assert len(inside) == steps and inside[-1].startswith(f"supernet epoch 1/1: step {steps}/{steps} (100%)")
     assert sum(line.startswith("supernet epoch 1/1: loss") for line in lines) == 1  # the epoch's line, once
+
+
+def test_the_supernet_is_built_once_per_process_for_the_same_weights():
+    """Trials of a search run one after another in one worker process, each handed the same record:
+    the supernet module is built once, candidates take copies, and other weights build another."""
+    from aebnas.config import random_arch
+    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, inherited_network, supernet_from_state
+
+    record = load_checkpoint(EMBEDDED_SUPERNET)
+    again = {**record, "model": {k: v.clone() for k, v in record["model"].items()}}  # as Ray hands it: a fresh copy
+    supernet = built_supernet(record)
+    assert built_supernet(again) is supernet
+    info = SupernetInfo.from_record(dict(record), "x")
+    arch = random_arch(info.space, random.Random(3), width_mult=info.width_mult, num_classes=info.num_classes,
+                       in_channels=info.in_channels)
+    fresh = extract(supernet_from_state(record["model"], info), arch, "margin").state_dict()
+    candidate = inherited_network(again, arch, "margin")
+    for name, value in candidate.state_dict().items():  # the same weights as a supernet built for this trial alone
+        torch.testing.assert_close(value, fresh[name], rtol=0, atol=0, msg=name)
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    with torch.no_grad():
+        for p in candidate.parameters():
+            p.add_(1.0)  # a trial fine-tunes its copy ...
+    for name, value in supernet.state_dict().items():  # ... and the shared supernet stays as it was
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    changed = {**record, "model": {k: v + 1 if v.is_floating_point() else v for k, v in record["model"].items()}}
+    assert built_supernet(changed) is not supernet

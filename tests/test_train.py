@@ -197,3 +197,21 @@ def test_training_on_the_cifar10_subset_learns(two_threads):
     assert acc[-1] >= 35.0
     assert np.all(acc[:-1] > 20.0)
     assert seconds <= 180.0
+
+
+@pytest.mark.parametrize("total_steps", range(1, 10))
+def test_the_schedule_runs_for_any_number_of_steps(total_steps):
+    """A tiny dataset gives a few steps in all; 4 (pct_start x steps = 1) once divided by zero in OneCycleLR."""
+    from aebnas.train import make_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    settings = TrainSettings(epochs=total_steps, lr=0.1)
+    opt = torch.optim.SGD([param], lr=settings.lr)
+    sched = make_scheduler(opt, settings, steps_per_epoch=1)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if len(lrs) < total_steps:
+            sched.step()
+    assert max(lrs) <= settings.lr + 1e-12 and lrs[-1] < settings.lr / 100 + 1e-12  # ends at lr / 1000
