@@ -44,6 +44,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DOCS_DIR = REPO / "docs" / "benchmarks"   # one JSON per claim + figures (committed)
 SCRATCH = REPO / "results" / "benchmarks"  # experiments and bulky outputs (git-ignored)
+
+
+def tune_config(file: str, name: str) -> Any:
+    """The Experiment ``name`` of ``tune_configs/<file>.py``, whose settings a benchmark shares (those
+    scripts are not a package), with its storage_path made absolute as when run from the repository root."""
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tune_config_{file}", REPO / "tune_configs" / f"{file}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exp = getattr(module, name)
+    return dataclasses.replace(exp, storage_path=str(REPO / exp.storage_path))
 ENV_SETTINGS = ("RAY_worker_niceness", "OMP_NUM_THREADS")  # recorded in a result's command when set
 # What a search runs: a change to any file here makes an earlier search stale for --reuse.
 CODE_DIRS = ("aebnas", "search_spaces")

@@ -13,26 +13,15 @@ Needs that supernet: run ``python tune_configs/fashion_mnist.py`` from the repos
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
-from _common import REPO, Claim, main
+from _common import Claim, main, tune_config
 from _spaces import measure_search_spaces
 from search_spaces import SPACES
 
 
-def job_experiment():
-    """The Experiment of tune_configs/fashion_mnist.py: one place for the settings of both."""
-    spec = importlib.util.spec_from_file_location("fashion_mnist_config", REPO / "tune_configs" / "fashion_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    job = module.FASHION_MNIST
-    return dataclasses.replace(job, storage_path=str(REPO / job.storage_path))  # where the job, run from REPO, writes
-
-
-JOB = job_experiment()
+JOB = tune_config("fashion_mnist", "FASHION_MNIST")  # one place for the settings of both
 SUPERNET = Path(JOB.supernet_path())
 CLAIM = Claim(23, "spaces_compare_fashion_mnist", "Searched vs fixed branches vs no exits on Fashion-MNIST",
               "aebnas ahead of fixed_exits and static on test hypervolume and on the test accuracy of the trial "

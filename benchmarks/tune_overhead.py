@@ -116,7 +116,7 @@ def measure_tune_overhead(ctx: Context, search: dict[str, Any], plain_niceness: 
         + ("(`RAY_worker_niceness`, set for this run)" if "RAY_worker_niceness" in os.environ else
            "(Ray's default; `RAY_worker_niceness` changes it)") + ". The like-for-like comparison runs the plain process at the same "
         "niceness; runs with another niceness show what a trial gets next to normal-priority processes. "
-        f"Overhead = 1 − median over the equal-priority repeats of (trial / plain).", "",
+        "Overhead = 1 − median over the equal-priority repeats of (trial / plain).", "",
         md_table(rows, 1), "",
         "Ratio trial / plain: " + "; ".join(f"plain at nice {n}: {', '.join(f'{r:.3f}' for r in rs)}"
                                            for n, rs in ratios.items()) + ".",

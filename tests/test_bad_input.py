@@ -91,7 +91,7 @@ def test_missing_data_directory(capsys, tmp_path):
     assert_refused(code, out, err, tmp_path, f"dataset 'cifar10' not found in {nowhere}")
     assert f"{nowhere}/cifar-10-batches-py/data_batch_1 (missing)" in err and "--download" in err
     code, out, err = search(capsys, tmp_path, "--dataset", "train.npz", "--data-dir", str(nowhere))
-    assert_refused(code, out, err, tmp_path, f"dataset file 'train.npz' not found; looked at: ")
+    assert_refused(code, out, err, tmp_path, "dataset file 'train.npz' not found; looked at: ")
     assert str(nowhere / "train.npz") in err
 
 

@@ -17,7 +17,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from aebnas.batches import BatchLoader  # noqa: E402
-from aebnas.cli import main  # noqa: E402
 from aebnas.data import load_dataset  # noqa: E402
 from aebnas.export import DeployedEarlyExitNet, export, load_run, predict  # noqa: E402
 from aebnas.onnx_export import export_onnx  # noqa: E402
