@@ -148,7 +148,9 @@ def _check_export_of(run_dir, data, tmp_path):
     ref_logits, ref_exit = net.infer(x, run_thresholds)
     logits, exits = scripted(torch.from_numpy(data.x_test))  # the uint8 images as they are in the file
     assert torch.equal(exits, ref_exit)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    # float32 from two graphs (TorchScript's, with the preprocessing inside; eager): oneDNN may pick other kernels
+    # and thread splits for each, so logits agree to about 1e-4 (5e-5 seen on a fresh clone), not to the last bit
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     # the test metrics of the export are those of these outputs
     accuracy = float((logits.argmax(1) == torch.from_numpy(data.y_test)).float().mean()) * 100
     assert meta["test"]["accuracy"] == pytest.approx(accuracy)
