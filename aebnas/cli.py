@@ -206,6 +206,9 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (default: %(default)s)")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--lr-batch", type=int, default=d.lr_batch,
+                   help="the batch size --lr is for: at another --batch-size the peak learning rate scales "
+                   "linearly, lr x batch-size / lr-batch (default: --lr as given)")
     t.add_argument("--random-subnets", type=int, default=d.random_subnets,
                    help="random subnets per step besides largest and smallest (default: %(default)s)")
     t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
@@ -241,7 +244,7 @@ def _supernet_train(args: argparse.Namespace) -> int:
 
     try:
         settings = SupernetSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    random_subnets=args.random_subnets, warmup_fraction=args.warmup_fraction,
+                                    lr_batch=args.lr_batch, random_subnets=args.random_subnets, warmup_fraction=args.warmup_fraction,
                                     amp=args.amp, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -67,6 +67,10 @@ class SupernetSettings(TrainSettings):
     ``batch_size`` is the global batch: with N workers each takes ``batch_size // N``.
     ``random_subnets``: N of the sandwich rule. ``warmup_fraction``: the first fraction of
     the epochs trains the largest subnet alone. ``grad_clip``: max gradient norm.
+    ``lr_batch``: the batch size ``lr`` is set for; at another ``batch_size`` the peak learning
+    rate scales linearly, ``lr × batch_size / lr_batch`` (Goyal et al., 2017: large batches on
+    a GPU keep the updates' size; the one-cycle schedule warms it up over its first 25%).
+    None: ``lr`` as given.
     """
 
     epochs: int = 60
@@ -76,9 +80,13 @@ class SupernetSettings(TrainSettings):
     grad_clip: float = 5.0
     seed: int = 0
     eval_batch_size: int = 512
+    lr_batch: int | None = None
 
     def check(self) -> None:
         super().check()
+        if self.lr_batch is not None and (isinstance(self.lr_batch, bool) or not isinstance(self.lr_batch, int)
+                                          or self.lr_batch < 1):
+            raise ValueError(f"lr_batch={self.lr_batch!r} must be an integer ≥ 1 (or None: lr as given)")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} is out of range: a supernet trains for at least 1 epoch")
         if isinstance(self.random_subnets, bool) or not isinstance(self.random_subnets, int) \
@@ -90,6 +98,11 @@ class SupernetSettings(TrainSettings):
             raise ValueError(f"grad_clip={self.grad_clip!r} must be > 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer ≥ 0")
+
+    @property
+    def peak_lr(self) -> float:
+        """The one-cycle schedule's peak learning rate at this batch size (see ``lr_batch``)."""
+        return self.lr if self.lr_batch is None else self.lr * self.batch_size / self.lr_batch
 
     @property
     def warmup_epochs(self) -> int:
@@ -334,8 +347,9 @@ class SupernetTraining:
         self.train_batches = BatchLoader.for_split(
             data, "train", batch_size=max(1, settings.batch_size // world_size), resolution=native, train=True,
             device=device, seed=settings.seed, shard=(rank, world_size))
-        self.optimizer = make_optimizer(self.model, settings)
-        self.scheduler = make_scheduler(self.optimizer, settings, len(self.train_batches))
+        scaled = dataclasses.replace(settings, lr=settings.peak_lr, lr_batch=None)  # lr scaled to the batch size
+        self.optimizer = make_optimizer(self.model, scaled)
+        self.scheduler = make_scheduler(self.optimizer, scaled, len(self.train_batches))
         self.scaler = grad_scaler(settings.amp, device)
         self.arch_kwargs = {"width_mult": self.width_mult, "num_classes": data.num_classes,
                             "in_channels": data.in_channels}

@@ -591,3 +591,18 @@ def test_the_supernet_is_built_once_per_process_for_the_same_weights():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
     changed = {**record, "model": {k: v + 1 if v.is_floating_point() else v for k, v in record["model"].items()}}
     assert built_supernet(changed) is not supernet
+
+
+def test_the_learning_rate_scales_with_the_batch_when_asked(data):
+    """--lr-batch: the peak learning rate is set for one batch size and scales linearly to the one used."""
+    plain = SupernetSettings(epochs=2, batch_size=64, lr=0.1)
+    assert plain.peak_lr == 0.1  # default: lr as given
+    scaled = SupernetSettings(epochs=2, batch_size=64, lr=0.1, lr_batch=16)
+    assert scaled.peak_lr == pytest.approx(0.4)
+    run = SupernetTraining(TINY, WIDTH, data, scaled, torch.device("cpu"))
+    assert run.optimizer.param_groups[0]["max_lr"] == pytest.approx(0.4)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.04)  # one-cycle: warms up from max / 10
+    assert SupernetSettings.from_dict(scaled.to_dict()) == scaled  # kept in the supernet file
+    for bad in (0, -128, 1.5, True):
+        with pytest.raises(ValueError, match="lr_batch"):
+            SupernetSettings(lr_batch=bad)
