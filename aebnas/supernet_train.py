@@ -107,6 +107,8 @@ def _check_request_file(out: Path, request: SupernetRequest) -> None:
     now = request.identity()
     if path.exists():
         saved = json.loads(path.read_text())
+        if isinstance(saved.get("settings"), dict):  # written by an older aebnas: its missing fields take the defaults
+            saved["settings"] = json.loads(json.dumps(SupernetSettings.from_dict(saved["settings"]).to_dict()))
         diff = [f"{k}={now[k]!r} (saved {saved.get(k)!r})" for k in now if saved.get(k) != now[k]]
         if diff:
             raise ExperimentError(f"{out} holds a supernet run with other settings: {'; '.join(diff)}; "

@@ -606,3 +606,20 @@ def test_the_learning_rate_scales_with_the_batch_when_asked(data):
     for bad in (0, -128, 1.5, True):
         with pytest.raises(ValueError, match="lr_batch"):
             SupernetSettings(lr_batch=bad)
+
+
+def test_a_run_directory_of_an_older_aebnas_is_still_resumed(tmp_path):
+    """A request file written before a setting existed (here lr_batch) matches a request that leaves it at
+    its default: a finished or interrupted supernet stays usable after an upgrade; other values are refused."""
+    from aebnas.errors import ExperimentError
+    from aebnas.supernet_train import REQUEST_FILE, SupernetRequest, _check_request_file
+
+    request = SupernetRequest(out=str(tmp_path), settings=SupernetSettings(epochs=3))
+    _check_request_file(tmp_path, request)
+    saved = json.loads((tmp_path / REQUEST_FILE).read_text())
+    del saved["settings"]["lr_batch"]  # as an older aebnas wrote it
+    (tmp_path / REQUEST_FILE).write_text(json.dumps(saved))
+    _check_request_file(tmp_path, request)  # accepted
+    with pytest.raises(ExperimentError, match="other settings"):
+        _check_request_file(tmp_path, SupernetRequest(out=str(tmp_path), settings=SupernetSettings(epochs=3,
+                                                                                                  lr_batch=64)))
