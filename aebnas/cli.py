@@ -244,8 +244,8 @@ def _supernet_train(args: argparse.Namespace) -> int:
 
     try:
         settings = SupernetSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    lr_batch=args.lr_batch, random_subnets=args.random_subnets, warmup_fraction=args.warmup_fraction,
-                                    amp=args.amp, seed=args.seed)
+                                    lr_batch=args.lr_batch, random_subnets=args.random_subnets,
+                                    warmup_fraction=args.warmup_fraction, amp=args.amp, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     request = SupernetRequest(out=args.out, dataset=args.dataset, space_name=args.space, data_dir=args.data_dir,

@@ -465,6 +465,6 @@ def score_subnet(supernet: ElasticEarlyExitNet, arch: ArchConfig, scorer: Scorer
     return scorer(net, (split,))[split]
 
 
-__all__ = ["SupernetSettings", "SupernetTraining", "SupernetInfo", "save_supernet", "load_supernet", "built_supernet",
-           "read_supernet_info", "supernet_from_state", "inherited_network", "check_supernet", "score_subnet", "distillation_loss",
+__all__ = ["SupernetSettings", "SupernetTraining", "SupernetInfo", "save_supernet", "load_supernet",
+           "built_supernet", "read_supernet_info", "supernet_from_state", "inherited_network", "check_supernet", "score_subnet", "distillation_loss",
            "image_digests", "SUPERNET_FILE", "EMBEDDED_SUPERNET"]

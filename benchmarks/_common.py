@@ -44,6 +44,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DOCS_DIR = REPO / "docs" / "benchmarks"   # one JSON per claim + figures (committed)
 SCRATCH = REPO / "results" / "benchmarks"  # experiments and bulky outputs (git-ignored)
+ENV_SETTINGS = ("RAY_worker_niceness", "OMP_NUM_THREADS")  # recorded in a result's command when set
+# What a search runs: a change to any file here makes an earlier search stale for --reuse.
+CODE_DIRS = ("aebnas", "search_spaces")
+PROVENANCE_FILE = "benchmark_provenance.json"  # in an experiment directory, written after the search
 
 
 def tune_config(file: str, name: str) -> Any:
@@ -57,10 +61,6 @@ def tune_config(file: str, name: str) -> Any:
     spec.loader.exec_module(module)
     exp = getattr(module, name)
     return dataclasses.replace(exp, storage_path=str(REPO / exp.storage_path))
-ENV_SETTINGS = ("RAY_worker_niceness", "OMP_NUM_THREADS")  # recorded in a result's command when set
-# What a search runs: a change to any file here makes an earlier search stale for --reuse.
-CODE_DIRS = ("aebnas", "search_spaces")
-PROVENANCE_FILE = "benchmark_provenance.json"  # in an experiment directory, written after the search
 
 
 # ======================================================================== recording

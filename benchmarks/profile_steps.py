@@ -65,7 +65,7 @@ def inherited_trial_phases(dev: torch.device, amp: bool, candidates: int) -> lis
     from aebnas.data import load_dataset
     from aebnas.exit_policy import oracle, simulate, tune_thresholds
     from aebnas.settings import TrialSettings
-    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet
+    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, supernet_from_state
     from aebnas.nn import extract
     from aebnas.trainable import save_exit_outputs
     from aebnas.train import CandidateTraining, load_checkpoint
@@ -107,8 +107,6 @@ def inherited_trial_phases(dev: torch.device, amp: bool, candidates: int) -> lis
     with profiled(dev) as prof:  # the last candidate's scoring, by operator
         cand.evaluate()
     # before the per-process cache, every trial built the supernet module from the record (warm process)
-    from aebnas.supernet import supernet_from_state
-
     start = time.perf_counter()
     for _ in range(3):
         supernet_from_state(record["model"], info)
@@ -125,13 +123,13 @@ def inherited_trial_phases(dev: torch.device, amp: bool, candidates: int) -> lis
             md_table(rows), "", f"In all {total:.2f} s per candidate, {60 / total:.1f} per minute on one core "
             f"({3600 / total:.0f} per CPU-hour). Before the supernet was kept per process, each trial built it "
             f"again ({rebuild:.3f} s, measured in this run): {before:.2f} s per candidate, {3600 / before:.0f} per "
-            f"CPU-hour; ×{before / total:.2f} now.", "", "The recalibration and evaluation of one candidate, profiled:", "",
+            f"CPU-hour; ×{before / total:.2f} now.", "",
+            "The recalibration and evaluation of one candidate, profiled:", "",
             op_table(prof, dev), ""]
 
 
 def ray_search(candidates: int) -> list[str]:
     """Wall time of a real search of ``candidates`` inherited trials (quickstart settings), on local Ray."""
-    import dataclasses as dc
     import tempfile
 
     import ray
@@ -142,7 +140,8 @@ def ray_search(candidates: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
-            exp = dc.replace(tune_config("quickstart", "QUICKSTART"), num_samples=candidates, storage_path=tmp, name="profile", seed=0, verbose=0)
+            exp = dataclasses.replace(tune_config("quickstart", "QUICKSTART"), num_samples=candidates,
+                                      storage_path=tmp, name="profile", seed=0, verbose=0)
             start = time.perf_counter()
             results = run(exp)
             wall = time.perf_counter() - start
@@ -152,14 +151,14 @@ def ray_search(candidates: int) -> list[str]:
     evals = [r.metrics["eval_seconds"] for r in results if r.metrics]
     return [f"## The same kind of candidates in a Ray Tune search ({candidates} trials, quickstart settings, "
             f"{cpus} CPUs: {cpus} trials at once)", "",
-            md_table([{"figure": "wall seconds of the search (Ray started, Tuner built, trials, results read)",
+            md_table([{"figure": "wall seconds of the search (Ray already started: Tuner built, trials, results read)",
                        "seconds": wall},
                       {"figure": "per trial: Ray's time_total_s (mean)", "seconds": float(np.mean(times))},
                       {"figure": "per trial: of which BatchNorm recalibration and evaluation (mean)",
                        "seconds": float(np.mean(evals))},
                       {"figure": "wall seconds per candidate (search wall / trials)", "seconds": wall / candidates}]),
             "", f"{3600 * candidates / (wall * cpus):.0f} candidates per CPU-hour in the search, "
-            f"Ray's start-up and the search's set-up included.", ""]
+            "the search's set-up included (Ray's start-up not).", ""]
 
 
 def main() -> int:
