@@ -1,6 +1,7 @@
 """Claim 14: ranking fidelity — does the supernet rank candidates as training them alone would?
 
-For architectures spread over the shipped supernet's space (smallest, largest, random),
+For architectures spread over a supernet's space (the shipped one by default; claim 25 runs
+it on the Fashion-MNIST supernet) (smallest, largest, random),
 the validation accuracy of the final classifier (a) as inherited (0 fine-tuning epochs),
 (b) after 1 fine-tuning epoch, against (c) stand-alone training from scratch for each of
 ``standalone_epochs`` (15 and 40) epochs, twice with different seeds. Kendall τ between (a) and the
@@ -8,9 +9,10 @@ mean stand-alone accuracy, and the noise ceiling: τ between the two stand-alone
 judged at the longest training, whose ranking is the least noisy.
 Runs on CUDA when there is one (``device=auto``); on 2 CPU cores the stand-alone
 trainings take several hours (about 8–15 s per epoch and network, two at a time; an H200 does it all in 9 minutes), so every accuracy measured is kept in
-``results/benchmarks/supernet_ranking/measured.json`` as soon as it is known, keyed by the network,
-the seed, the epochs, the device, and a hash of the supernet file and of the code that trains and scores
-(train, batches, data, config, settings, exit_policy, supernet, nn): a killed run started again measures
+``results/benchmarks/<claim>/measured.json`` as soon as it is known, keyed by the network, the seed, the
+epochs, the device, the data (the supernet's split, ``train_size``), a hash of the code that trains and scores
+(train, batches, data, config, settings, exit_policy, supernet, nn) and, for an inherited network, of the
+supernet file (a stand-alone training does not depend on it): a killed run started again measures
 only what is missing, and a change to that code measures everything again. Several trainings run at
 once in spawned processes (``jobs``: 0 = up to 8 on a GPU, since one small network leaves a GPU idle; one per core,
 single-threaded, on a CPU).
@@ -35,18 +37,25 @@ from aebnas.predictors import kendall_tau
 CLAIM = Claim(14, "supernet_ranking", "Ranking fidelity of inherited accuracy",
               "Kendall τ(inherited, stand-alone ≥ 15 epochs) ≥ 0.8 × τ(stand-alone seed 0, seed 1) over ≥ 12 "
               "architectures")
-SETTINGS = {"archs": 12, "standalone_epochs": (15, 40), "seeds": (0, 1), "batch_size": 64, "jobs": 0}
-QUICK = {"archs": 3, "standalone_epochs": (1,), "seeds": (0, 1), "batch_size": 64, "jobs": 0}
+SETTINGS = {"archs": 12, "standalone_epochs": (15, 40), "seeds": (0, 1), "batch_size": 64, "jobs": 0,
+            "supernet": "embedded", "train_size": None}
+QUICK = {"archs": 3, "standalone_epochs": (1,), "seeds": (0, 1), "batch_size": 64, "jobs": 0,
+         "supernet": "embedded", "train_size": None}
 
 
 def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: Sequence[int], batch_size: int,
-            jobs: int) -> Outcome:
+            jobs: int, supernet: str = "embedded", train_size: int | None = None) -> Outcome:
+    """``supernet``: its file ("embedded": the shipped one); the data is the split it was trained on.
+    ``train_size``: train (stand-alone and fine-tuning) on that many images of its training split, drawn
+    at random with a fixed seed, instead of all of them (a size the machine affords; None: all)."""
     from aebnas.config import largest_arch, random_arch, smallest_arch
-    from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.data import DEFAULT_VAL_SIZE
+    from aebnas.supernet import EMBEDDED_SUPERNET, read_supernet_info
     from aebnas.train import select_device
 
+    supernet_file = EMBEDDED_SUPERNET if supernet == "embedded" else Path(supernet)
     device = select_device("auto")
-    _, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
+    info = read_supernet_info(supernet_file)
     kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
     rng = random.Random(1)
     chosen = [smallest_arch(info.space, **kw), largest_arch(info.space, **kw)]
@@ -60,19 +69,23 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
 
     store = ctx.scratch / "measured.json"
     measured = json.loads(store.read_text()) if store.is_file() else {}
-    # What decides an accuracy: the supernet's bytes and the code that trains and scores a network.
-    code = hashlib.sha256(EMBEDDED_SUPERNET.read_bytes())
+    # What decides an accuracy: the code that trains and scores a network, the data (the supernet's split,
+    # train_size) and, for an inherited network only, the supernet's bytes.
+    code = hashlib.sha256(json.dumps([info.dataset, info.val_size, info.split_seed, train_size]).encode())
     package = Path(__file__).resolve().parents[1] / "aebnas"
     for f in sorted([*(package / n for n in ("train.py", "batches.py", "data.py", "config.py", "settings.py",
                                              "exit_policy.py", "supernet.py")), *(package / "nn").glob("*.py")]):
         code.update(f.read_bytes())
-    supernet_id = code.hexdigest()
+    code_id = code.hexdigest()
+    supernet_id = hashlib.sha256(supernet_file.read_bytes()).hexdigest()
 
     def key(arch, epochs: int, seed: int, inherit: bool) -> str:
-        return json.dumps([arch.to_flat(), epochs, seed, inherit, batch_size, supernet_id, str(device)], sort_keys=True)
+        return json.dumps([arch.to_flat(), epochs, seed, inherit, batch_size, code_id,
+                           supernet_id if inherit else None, str(device)], sort_keys=True)
 
-    wanted = [(arch, 0, 0, True) for arch in chosen] + [(arch, 1, 0, True) for arch in chosen]
-    wanted += [(arch, epochs, seed, False) for epochs in standalone_epochs for arch in chosen for seed in seeds]
+    # The stand-alone trainings first: the longest work, and it does not need the supernet's weights.
+    wanted = [(arch, epochs, seed, False) for epochs in standalone_epochs for arch in chosen for seed in seeds]
+    wanted += [(arch, 0, 0, True) for arch in chosen] + [(arch, 1, 0, True) for arch in chosen]
     missing = [job for job in wanted if key(*job) not in measured]
     kept = {"from the store": len(wanted) - len(missing), "now": 0}
     print(f"  {len(wanted)} accuracies, {kept['from the store']} already stored; measuring {len(missing)} "
@@ -88,12 +101,12 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
               f"seed {job[2]}: {accuracy:.1f}", flush=True)
 
     if jobs == 1:
-        _load_worker(str(device), batch_size, threads)
+        _load_worker(str(device), batch_size, threads, str(supernet_file), train_size)
         for job in missing:
             keep(job, _train_and_score(*job))
     elif missing:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_load_worker, initargs=(str(device), batch_size, threads)) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_load_worker,
+                                 initargs=(str(device), batch_size, threads, str(supernet_file), train_size)) as pool:
             futures = {pool.submit(_train_and_score, *job): job for job in missing}
             for future in as_completed(futures):
                 keep(futures[future], future.result())
@@ -121,25 +134,35 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
             for epochs in standalone_epochs}
     # The goal is judged against the longest stand-alone training: its ranking is the least noisy.
     last = taus[standalone_epochs[-1]]
-    holds = (bool(last["inherited"] >= 0.8 * last["ceiling"]) if last["ceiling"] == last["ceiling"]
-             else "could not tell (no ceiling)")
+    # A ceiling at or below 0: the stand-alone seeds do not agree on any order, so there is nothing to match.
+    holds = (bool(last["inherited"] >= 0.8 * last["ceiling"]) if last["ceiling"] > 0
+             else f"could not tell (ceiling τ {last['ceiling']:.2f}: the stand-alone seeds do not agree)")
     measured = "; ".join(f"alone {e} epochs: τ(inherited, alone) {t['inherited']:.2f}, τ(+1 epoch, alone) "
                          f"{t['+1 epoch']:.2f}, ceiling τ(alone seeds) {t['ceiling']:.2f}"
                          for e, t in taus.items()) + f" over {len(rows)} architectures"
     tau_rows = [{"stand-alone epochs": e, "τ(inherited, alone mean)": t["inherited"],
                  "τ(+1 epoch, alone mean)": t["+1 epoch"], f"ceiling τ(seed {seeds[0]}, seed {seeds[1]})": t["ceiling"],
                  "goal 0.8 × ceiling": 0.8 * t["ceiling"]} for e, t in taus.items()]
+    n_val = info.val_size or DEFAULT_VAL_SIZE.get(info.dataset, 0)  # 0: unknown (an .npz of the default split)
     details = "\n".join([
-        f"{len(rows)} architectures of the shipped supernet's space ({info.describe()}): the smallest, the largest "
+        f"{len(rows)} architectures of the space of the {'shipped ' if supernet == 'embedded' else ''}supernet "
+        f"`{supernet_file.name}` ({info.describe()}): the smallest, the largest "
         f"and {len(rows) - 2} random ones. Validation accuracy (%) of the final classifier, each network scored "
         f"as a trial scores it (BatchNorm recalibrated): inherited (0 epochs), inherited and fine-tuned 1 epoch, "
         f"and trained from scratch for {' and for '.join(map(str, standalone_epochs))} epochs (`N ep sK`: seed K) "
-        f"(batch {batch_size}); device {device}, {jobs} training(s) at a time.", "",
+        f"(batch {batch_size}); device {device}, {jobs} training(s) at a time. "
+        + ("Every training (stand-alone and fine-tuning) used all the supernet's training images."
+           if train_size is None else
+           f"Every training (stand-alone and fine-tuning) used {train_size:,} of the supernet's training images, "
+           "drawn at random (seed 0): the size this machine affords; BatchNorm recalibration and validation "
+           "are as a trial does them."), "",
         md_table(rows, 1), "",
         "Kendall τ-b against the mean of the two stand-alone seeds, and the noise ceiling (τ between the seeds):", "",
         md_table(tau_rows, 2), "",
-        "With 500 validation images one image is 0.2 points, so close accuracies swap places by chance; the longer "
-        "training separates the networks more, which is why the goal is judged against it.",
+        (f"With {n_val:,} validation images one image is {100 / n_val:.2g} points, so close accuracies swap places "
+         "by chance" if n_val else "Close accuracies swap places by chance")
+        + ("; the longer training separates the networks more, which is why the goal is judged against it."
+           if len(standalone_epochs) > 1 else "."),
         f"{kept['now']} accuracies were measured in this run and {kept['from the store']} kept from an earlier "
         "run of the same command (same networks, seeds, epochs, supernet, code and device)."])
     return Outcome(measured, holds, {"rows": rows, "taus": taus}, details)
@@ -148,18 +171,30 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
 _WORKER: dict[str, Any] = {}
 
 
-def _load_worker(device: str, batch_size: int, threads: int) -> None:
+def _load_worker(device: str, batch_size: int, threads: int, supernet_file: str, train_size: int | None) -> None:
     """Load the supernet and the data once per process (a pool worker, or the benchmark itself); the
     process uses ``threads`` torch threads (several trainings share the host's cores)."""
     import torch
 
     from aebnas.data import load_dataset
-    from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.supernet import load_supernet
 
     torch.set_num_threads(threads)
-    supernet, info = load_supernet(EMBEDDED_SUPERNET, device)
-    data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
+    supernet, info = load_supernet(supernet_file, device)
+    data = _training_subset(load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed), train_size)
     _WORKER.update(supernet=supernet, data=data, device=torch.device(device), batch_size=batch_size)
+
+
+def _training_subset(data, train_size: int | None):
+    """``data`` with ``train_size`` training images drawn at random (seed 0; they keep the file's order), or as is."""
+    import dataclasses
+
+    import numpy as np
+
+    if train_size is None or train_size >= len(data.y_train):
+        return data
+    keep = np.sort(np.random.default_rng(0).permutation(len(data.y_train))[:train_size])
+    return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 def _train_and_score(arch, epochs: int, seed: int, inherit: bool) -> float:
