@@ -250,7 +250,7 @@ def write(job_dir: Path) -> int:
         lines += ["**Not yet run, rows left out:** " + "; ".join(missing) + ".", ""]
     if saved:
         lines += [f"The job's and its supernet's figures come from [results/{JOB_RECORD.name}](results/"
-                  f"{JOB_RECORD.name}): {saved['job_dir']} and {saved['supernet_file']} are not on this machine; "
+                  f"{JOB_RECORD.name}): the job's run ({saved['job_dir']}) is not on this machine, or not finished; "
                   f"this script read them on {saved['read_on']} (commit {saved['commit']})"
                   + (f". {saved['note']}" if saved.get("note") else "") + ".", ""]
     lines += [md_table(table), "", f"![Test accuracy against average MMACs]({png.relative_to(RESULTS_MD.parent)})",
@@ -286,7 +286,7 @@ def write(job_dir: Path) -> int:
                         "wall hours (2 CPU cores)": claim["wall_s"] / 3600, "CPU-hours": 2 * claim["wall_s"] / 3600})
     for c, r in others:
         if r:
-            compute.append({"stage": f"claim {c.number}: {c.title.lower()} (not part of the job)",
+            compute.append({"stage": f"claim {c.number}: {c.title} (not part of the job)",
                             "wall hours (2 CPU cores)": r["wall_s"] / 3600, "CPU-hours": 2 * r["wall_s"] / 3600})
     for b in baselines:
         compute.append({"stage": f"{b['model']} (not part of the job)", "wall hours (2 CPU cores)":

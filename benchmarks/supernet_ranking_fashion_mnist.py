@@ -5,10 +5,10 @@ Claim 14's measurement (``supernet_ranking.measure``) on the supernet that
 scored on its 6,000 validation images, where one image is 0.017 points instead of 0.2 on the CIFAR-10
 subset. The size this 2-core machine affords: the stand-alone networks (12 architectures × 2 seeds)
 and the 1-epoch fine-tunings train on 12,000 of the 54,000 training images, drawn at random, for
-3 epochs (36,000 images each, two thirds of an epoch of the full split). One stand-alone training takes
-about 3 (smallest) to 10 (largest) CPU-minutes on one core, the whole run 1-1.5 hours on 2 cores; every
-accuracy is kept as soon as it is measured, so a stopped run goes on where it was. With a GPU, raise
-``train_size`` and the epochs.
+3 epochs (36,000 images each, two thirds of an epoch of the full split). The 24 stand-alone trainings
+took about 12 minutes on 2 cores (two single-threaded at a time), the inherited and fine-tuned scores 2;
+every accuracy is kept as soon as it is measured, so a stopped run goes on where it was. With a GPU,
+raise ``train_size`` and the epochs.
 
 Needs that supernet: run ``python tune_configs/fashion_mnist.py`` from the repository root first.
 """
