@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from _common import DOCS_DIR, REPO, SCRATCH, code_state, machine, md_table  # noqa: E402
+from report import holds_text  # noqa: E402
 from spaces_compare_fashion_mnist import CLAIM, JOB, SUPERNET  # noqa: E402
 from supernet_equal_compute_fashion_mnist import CLAIM as EQUAL_COMPUTE  # noqa: E402
 from supernet_ranking_fashion_mnist import CLAIM as RANKING  # noqa: E402
@@ -318,7 +319,7 @@ def write(job_dir: Path) -> int:
     for c, r in others:
         if r:
             goals.append({"goal": f"claim {c.number}: {c.goal}", "measured": r["measured"],
-                          "met": "yes" if r["holds"] is True else "**no**" if r["holds"] is False else r["holds"]})
+                          "met": holds_text(r["holds"])})
     if total is not None:
         goals.append({"goal": "whole job ≤ 6 hours on 2 CPU cores", "measured": f"{total:.2f} h",
                       "met": "yes" if total <= 6 else "**no**"})

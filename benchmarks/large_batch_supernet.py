@@ -20,7 +20,10 @@ import statistics
 import sys
 from typing import Any, Sequence
 
+import pandas as pd
+
 from _common import Claim, Context, Outcome, main, md_table
+from _picks import ahead
 
 CLAIM = Claim(24, "large_batch_supernet", "Large-batch supernet training: as accurate, and faster?",
               "at the same epochs, the large batch's largest and smallest validation accuracy at the end not lower "
@@ -59,9 +62,9 @@ def measure(ctx: Context, epochs: int, batches: Sequence[int], seeds: Sequence[i
     pairs = {s: {r["batch"]: r for r in rows if r["seed"] == s} for s in seeds}
 
     def paired(key: str) -> tuple[float, float]:
-        d = [p[big][key] - p[BASE_BATCH][key] for p in pairs.values()]
-        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-        return statistics.mean(d), se
+        mean, se, _ = ahead(pd.Series({s: p[big][key] for s, p in pairs.items()}),
+                            pd.Series({s: p[BASE_BATCH][key] for s, p in pairs.items()}))
+        return mean, se
 
     diffs = {k: paired(k) for k in ("val acc largest (%)", "val acc smallest (%)")}
     speed = statistics.mean(p[big]["sandwich images/s"] / p[BASE_BATCH]["sandwich images/s"] for p in pairs.values())

@@ -28,7 +28,7 @@ this project for a few minutes (its section names the GPU).
 """
 
 
-def _holds(value: bool | str | None) -> str:
+def holds_text(value: bool | str | None) -> str:
     """yes / no / n/a, or the measurement's own words when it could not tell."""
     if isinstance(value, str):
         return value
@@ -50,14 +50,14 @@ def render(results: list[dict]) -> str:
     for r in results:
         stale = f" **Stale:** {r['stale']}" if r.get("stale") else ""
         lines.append(f"| {r['number']} | [{r['title']}](#{r['number']}-{_anchor(r['title'])}) | {r['goal']} | "
-                     f"{r['measured']}{stale} | {_holds(r['holds'])} |")
+                     f"{r['measured']}{stale} | {holds_text(r['holds'])} |")
     for r in results:
         lines += ["", f"## {r['number']}. {r['title']}", ""]
         if r.get("stale"):  # set by hand on a result whose code changed since it ran; a rerun drops it
             lines += [f"> **Stale:** {r['stale']}", ""]
         lines += [f"**Goal:** {r['goal']}  ", f"**Command:** `{r['command']}`  ",
                   f"**Date:** {r['date']} ({r['wall_s']:.0f} s)  ", f"**Machine:** {_machine(r)}", "",
-                  f"**Result:** {r['measured']} — holds: {_holds(r['holds'])}", "", r["details"].rstrip()]
+                  f"**Result:** {r['measured']} — holds: {holds_text(r['holds'])}", "", r["details"].rstrip()]
     return "\n".join(lines).rstrip() + "\n"
 
 
