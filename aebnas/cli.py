@@ -214,6 +214,9 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
                    help="first fraction of the epochs training the largest subnet alone (default: %(default)s)")
     t.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    t.add_argument("--compile", action="store_true", help="torch.compile the largest and smallest subnets' "
+                   "training steps: compiles for minutes first, speed only (on 2 CPU cores it did not pay: "
+                   "docs/benchmarks.md, claim 27)")
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel); 0 trains in "
                    "this process without Ray (default: %(default)s)")
     t.add_argument("--cpus-per-worker", type=float, default=None,
@@ -253,7 +256,7 @@ def _supernet_train(args: argparse.Namespace) -> int:
                               val_size=args.val_size, split_seed=args.seed, width_mult=args.width_mult,
                               space_kwargs={"resolutions": tuple(args.resolutions)} if args.resolutions else {},
                               settings=settings, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                              address=args.address)
+                              address=args.address, compile=args.compile)
     try:
         train_supernet(request)
     except ExperimentError as exc:

@@ -22,20 +22,34 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Call :meth:`update` after every step; a line goes to ``log`` every ``every_s`` seconds."""
+    """Call :meth:`update` after every step; a line goes to ``log`` every ``every_s`` seconds.
+
+    The rate and the time left come from the steps after the first once there are some: a first
+    step that compiles (``--compile``) or warms up a GPU can take minutes, and an estimate that
+    counted it would be off by as much for the whole epoch.
+    """
 
     def __init__(self, label: str, total_steps: int, log: Callable[[str], None], every_s: float = 30.0,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.label, self.total, self.log, self.every_s, self.clock = label, total_steps, log, every_s, clock
         self.start = self.last = clock()
+        self.first: tuple[float, int] | None = None  # (time, images) at the end of step 1
 
     def update(self, steps_done: int, images_done: int) -> None:
         """Log ``label: step k/n (p%), r images/s, t left`` when ``every_s`` passed since the last line."""
         now = self.clock()
+        if steps_done == 1 and self.first is None:
+            self.first = (now, images_done)
         if now - self.last < self.every_s or steps_done <= 0:
             return
         self.last = now
-        elapsed = now - self.start
-        left = elapsed / steps_done * max(self.total - steps_done, 0)
+        first = ""
+        if self.first is not None and steps_done > 1:
+            t1, images1 = self.first
+            steps, images, elapsed = steps_done - 1, images_done - images1, now - t1
+            first = f" (first step {duration(t1 - self.start)})" if t1 - self.start > 2 * elapsed / steps else ""
+        else:
+            steps, images, elapsed = steps_done, images_done, now - self.start
+        left = elapsed / steps * max(self.total - steps_done, 0)
         self.log(f"{self.label}: step {steps_done}/{self.total} ({100 * steps_done / max(self.total, 1):.0f}%), "
-                 f"{images_done / max(elapsed, 1e-9):.0f} images/s, {duration(left)} left in the epoch")
+                 f"{images / max(elapsed, 1e-9):.0f} images/s{first}, {duration(left)} left in the epoch")

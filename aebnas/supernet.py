@@ -331,11 +331,17 @@ class SupernetTraining:
     ``rank`` / ``world_size``: this worker's shard in data-parallel training (gradients are
     averaged with ``torch.distributed`` when ``world_size > 1``). ``state_dict()`` holds
     everything a resumed run needs, as plain tensors and values.
+
+    ``compile``: the largest and the smallest subnet, which every step trains with the same
+    shapes, run through ``torch.compile`` (one graph each, compiled in their first step: minutes
+    on a CPU); the random subnets, new every step, run eagerly. The weights are the same
+    parameters, so checkpoints and results do not depend on it; it only changes speed (claim 27
+    in docs/benchmarks.md measures whether it pays).
     """
 
     def __init__(self, space: SpaceValues, width_mult: float, data: Dataset, settings: SupernetSettings,
                  device: torch.device, *, dataset_name: str | None = None, split_seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, compile: bool = False) -> None:
         self.space, self.width_mult, self.data, self.settings = space, float(width_mult), data, settings
         self.device, self.rank, self.world_size = device, rank, world_size
         self.dataset_name, self.split_seed = dataset_name or data.name, split_seed
@@ -355,6 +361,8 @@ class SupernetTraining:
                             "in_channels": data.in_channels}
         self.largest = largest_arch(space, **self.arch_kwargs)
         self.smallest = smallest_arch(space, **self.arch_kwargs)
+        # dynamic=False: one graph per fixed subnet (their shapes never change), no symbolic batch sizes
+        self.compiled = torch.compile(self.model, dynamic=False) if compile else None
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._scorers: dict[int, Scorer] = {}
@@ -391,7 +399,7 @@ class SupernetTraining:
             subnets = self.subnets(self.epoch, step)
             for i, arch in enumerate(subnets):
                 with autocast(self.device, s.amp):
-                    outputs = self.model(resize(x, arch.resolution), arch)
+                    outputs = self._forward(resize(x, arch.resolution), arch)
                     if i == 0:
                         loss = multi_exit_loss(outputs, y, s.exit_weight, s.label_smoothing)
                         teacher = outputs[-1].detach()
@@ -423,6 +431,12 @@ class SupernetTraining:
         return {**{k: v / max(steps, 1) for k, v in totals.items()}, "seconds": seconds,
                 "images_per_s": images / max(seconds, 1e-9), "lr": self.scheduler.get_last_lr()[0],
                 "warmup": self.epoch <= s.warmup_epochs}
+
+    def _forward(self, x: torch.Tensor, arch: ArchConfig) -> list[torch.Tensor]:
+        """Subnet ``arch``'s outputs in a training step: compiled for the two fixed subnets when asked."""
+        if self.compiled is not None and (arch is self.largest or arch is self.smallest):
+            return self.compiled(x, arch)
+        return self.model(x, arch)
 
     # ------------------------------------------------------------ evaluation
     def scorer(self, resolution: int) -> Scorer:

@@ -75,6 +75,7 @@ class SupernetRequest:
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     address: str | None = None
     max_failures: int = 2
+    compile: bool = False  # torch.compile the largest and smallest subnets' steps (speed only: not in identity())
 
     @property
     def space(self) -> SpaceValues:
@@ -83,6 +84,8 @@ class SupernetRequest:
     def validate(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ExperimentError(f"workers={self.workers!r} must be an integer ≥ 0 (0: in this process, no Ray)")
+        if not isinstance(self.compile, bool):
+            raise ExperimentError(f"compile={self.compile!r} must be True or False")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ExperimentError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
         if self.space_name not in SPACES:
@@ -131,6 +134,9 @@ def run_epochs(run: SupernetTraining, chief: bool, save: Callable[[dict[str, Any
     """Train until ``run.settings.epochs``; the chief logs progress inside an epoch every
     ``progress_every_s`` seconds, and after each epoch scores largest and smallest on the validation
     split and logs; every worker calls ``save(record)``."""
+    if chief and run.compiled is not None and run.epoch < run.settings.epochs:
+        log("aebnas: torch.compile of the largest and smallest subnets: each one's first step compiles it "
+            "(minutes on a CPU), the random subnets run eagerly")
     while run.epoch < run.settings.epochs:
         progress = Progress(f"supernet epoch {run.epoch + 1}/{run.settings.epochs}", len(run.train_batches), log,
                             every_s=progress_every_s)
@@ -149,7 +155,8 @@ def _make_run(config: dict[str, Any], data: Dataset, device: torch.device, rank:
               world_size: int) -> SupernetTraining:
     return SupernetTraining(space_values_of(config["space_kwargs"]), config["width_mult"], data,
                             SupernetSettings(**config["settings"]), device, dataset_name=config["dataset"],
-                            split_seed=config["split_seed"], rank=rank, world_size=world_size)
+                            split_seed=config["split_seed"], rank=rank, world_size=world_size,
+                            compile=config["compile"])
 
 
 def _write_checkpoint(directory: Path, run: SupernetTraining) -> None:
@@ -221,7 +228,8 @@ def _train_local(request: SupernetRequest, data: Dataset, out: Path) -> None:
 def _loop_config(request: SupernetRequest, data: Any) -> dict[str, Any]:
     return {"space_kwargs": {k: list(v) for k, v in dataclasses.asdict(request.space).items()},
             "width_mult": request.width_mult, "settings": request.settings.to_dict(),
-            "dataset": request.dataset, "split_seed": request.split_seed, "cpus_per_worker": request.cpus_per_worker, "data": data}
+            "dataset": request.dataset, "split_seed": request.split_seed, "cpus_per_worker": request.cpus_per_worker, "compile": request.compile,
+            "data": data}
 
 
 def _train_ray(request: SupernetRequest, data: Dataset, out: Path) -> None:
