@@ -8,6 +8,7 @@ refuses resources no node has.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -36,19 +37,48 @@ def check_address_reachable(address: str, timeout: float = 5.0) -> None:
             f"`ray start --head --port={port}` on that machine, or leave --address unset to run locally") from None
 
 
+# Ray Train's placement-group cleaner (a detached actor of every TorchTrainer run) asks Ray's State API,
+# served by the dashboard of ray[default], whether the run's controller is alive. Without the dashboard
+# (aebnas needs ray[tune] only) it logged this warning every second of a supernet's training, the only
+# lines a user saw for minutes. The check cannot succeed there, so the line says nothing a user can act on.
+STATE_API_WARNING = "State API may be temporarily unavailable"
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def _not_state_api_warning(record: logging.LogRecord) -> bool:
+    return STATE_API_WARNING not in record.getMessage()
+
+
+def _train_report_logger() -> str:
+    # Ray Train's worker logs every report, metrics and checkpoint path in full ("Reporting training result
+    # N: TrainingReport(…)"), under a logger named by its file's path (not under ray.train, so RunConfig's
+    # LoggingConfig does not reach it): the path is built here, without importing Ray Train in every worker.
+    return os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+
+
+def quiet_ray_worker() -> None:
+    """Set-up of every worker process of aebnas' Ray jobs (``worker_process_setup_hook``): drops the
+    placement-group cleaner's State API warning and Ray Train's INFO line per report (aebnas prints its
+    own line per epoch); their warnings and errors still show. If Ray renames these loggers, nothing is hidden."""
+    logging.getLogger(_CLEANER_LOGGER).addFilter(_not_state_api_warning)
+    logging.getLogger(_train_report_logger()).setLevel(logging.WARNING)
+
+
 def connect_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start local Ray."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start local Ray. Every worker process
+    of the job runs :func:`quiet_ray_worker` first (aebnas is installed on every node: docs/cluster.md)."""
     if ray.is_initialized():
         return
+    runtime_env = {"worker_process_setup_hook": quiet_ray_worker}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_address_reachable(address)
         try:
-            ray.init(address=address)
+            ray.init(address=address, runtime_env=runtime_env)
         except (ConnectionError, AuthenticationError) as exc:
             raise _join_error(address, exc) from None
     else:
-        ray.init()
+        ray.init(runtime_env=runtime_env)
 
 
 def _join_error(address: str, exc: Exception) -> ExperimentError:

@@ -210,7 +210,9 @@ class Experiment(TrialSettings):
             check_supernet(info, needs=space_needs(self.param_space(info.num_classes, info.in_channels)),
                            width_mult=self.width_mult)
         except ValueError as exc:
-            raise ExperimentError(f"supernet={self.supernet!r}: {exc}; train one for this space with "
+            own = ",".join(map(str, info.space.resolutions))
+            raise ExperimentError(f"supernet={self.supernet!r}: {exc}; search the supernet's own space (--width-mult "
+                                  f"{info.width_mult:g} --resolutions {own}), or train one for this space with "
                                   "aebnas supernet train") from None
         return info
 

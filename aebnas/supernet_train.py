@@ -232,6 +232,16 @@ def _loop_config(request: SupernetRequest, data: Any) -> dict[str, Any]:
             "data": data}
 
 
+def _quiet_train_logs() -> dict[str, Any]:
+    """RunConfig keywords that keep Ray Train's INFO lines (each report's metrics, each checkpoint's path,
+    worker start-up) out of the console, where aebnas prints its own line per epoch; warnings and errors
+    still show, and Ray's log files keep everything. Ray Train releases without ``LoggingConfig``: nothing."""
+    import ray.train
+
+    logging_config = getattr(ray.train, "LoggingConfig", None)
+    return {} if logging_config is None else {"logging_config": logging_config(log_level="WARNING")}
+
+
 def _train_ray(request: SupernetRequest, data: Dataset, out: Path) -> None:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -254,7 +264,7 @@ def _train_ray(request: SupernetRequest, data: Dataset, out: Path) -> None:
                                      resources_per_worker={"CPU": request.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
                              failure_config=FailureConfig(max_failures=request.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), **_quiet_train_logs()))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"the supernet run in {out / RUN_NAME} finished without a checkpoint")

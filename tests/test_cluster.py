@@ -72,3 +72,30 @@ def test_default_worker_cpus_share_the_cluster_but_fit_a_node():
     assert default_worker_cpus(1, [16.0, 16.0]) == 16.0  # 32 would never be scheduled
     assert default_worker_cpus(4, [16.0, 16.0]) == 8.0
     assert default_worker_cpus(3, [2.0]) == 1.0  # at least one
+
+
+def test_aebnas_workers_drop_the_state_api_warning_and_nothing_else():
+    """quiet_ray_worker (every worker's set-up hook) filters Ray Train's placement-group cleaner's 'State API
+    unavailable' warning, which repeats every second without ray[default]'s dashboard; its other lines pass."""
+    import logging
+
+    from aebnas.cluster import _CLEANER_LOGGER, STATE_API_WARNING, quiet_ray_worker
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    logger, kept = logging.getLogger(_CLEANER_LOGGER), Keep()
+    logger.addHandler(kept)
+    try:
+        quiet_ray_worker()
+        logger.warning(f"Failed to query Ray Train Controller actor state. {STATE_API_WARNING}. Continuing.")
+        logger.warning("Detected that the Ray Train controller actor is dead. Cleaning up placement group")
+        assert kept.lines == ["Detected that the Ray Train controller actor is dead. Cleaning up placement group"]
+    finally:
+        logger.removeHandler(kept)
+        logger.filters.clear()
