@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,9 +211,11 @@ class Experiment(TrialSettings):
             check_supernet(info, needs=space_needs(self.param_space(info.num_classes, info.in_channels)),
                            width_mult=self.width_mult)
         except ValueError as exc:
-            own = ",".join(map(str, info.space.resolutions))
-            raise ExperimentError(f"supernet={self.supernet!r}: {exc}; search the supernet's own space (--width-mult "
-                                  f"{info.width_mult:g} --resolutions {own}), or train one for this space with "
+            fits = ""  # a width or resolutions the supernet lacks: the flags that search what it has
+            if re.search(r"width_mult \S+ differs|resolutions \[[^]]*\] are not in", str(exc)):
+                own = ",".join(map(str, info.space.resolutions))
+                fits = f"search the supernet's own space (--width-mult {info.width_mult:g} --resolutions {own}), or "
+            raise ExperimentError(f"supernet={self.supernet!r}: {exc}; {fits}train one for this space with "
                                   "aebnas supernet train") from None
         return info
 
