@@ -45,6 +45,12 @@ STATE_API_WARNING = "State API may be temporarily unavailable"
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# "Checkpoint successfully created at: Checkpoint(…)" after every checkpoint of every trial and supernet epoch:
+# in a search, one line per trial between Ray Tune's progress tables, saying what aebnas' files say.
+_CHECKPOINT_LOGGERS = ("ray.train._internal.storage",  # Ray Tune's trials
+                       "ray.train.v2._internal.execution.storage")  # Ray Train's workers
+
+
 def _not_state_api_warning(record: logging.LogRecord) -> bool:
     return STATE_API_WARNING not in record.getMessage()
 
@@ -58,10 +64,12 @@ def _train_report_logger() -> str:
 
 def quiet_ray_worker() -> None:
     """Set-up of every worker process of aebnas' Ray jobs (``worker_process_setup_hook``): drops the
-    placement-group cleaner's State API warning and Ray Train's INFO line per report (aebnas prints its
-    own line per epoch); their warnings and errors still show. If Ray renames these loggers, nothing is hidden."""
+    placement-group cleaner's State API warning, and Ray Train's INFO lines per report and per checkpoint
+    (aebnas prints its own line per epoch, Ray Tune its table per trial); their warnings and errors still
+    show. If Ray renames these loggers, nothing is hidden."""
     logging.getLogger(_CLEANER_LOGGER).addFilter(_not_state_api_warning)
-    logging.getLogger(_train_report_logger()).setLevel(logging.WARNING)
+    for name in (_train_report_logger(), *_CHECKPOINT_LOGGERS):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def connect_ray(address: str | None) -> None:
