@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,12 +206,12 @@ class Experiment(TrialSettings):
             info = read_supernet_info(self.supernet)
         except (FileNotFoundError, ValueError) as exc:
             raise ExperimentError(f"supernet={self.supernet!r}: {exc}") from None
+        needs = space_needs(self.param_space(info.num_classes, info.in_channels))
         try:
-            check_supernet(info, needs=space_needs(self.param_space(info.num_classes, info.in_channels)),
-                           width_mult=self.width_mult)
+            check_supernet(info, needs=needs, width_mult=self.width_mult)
         except ValueError as exc:
             fits = ""  # a width or resolutions the supernet lacks: the flags that search what it has
-            if re.search(r"width_mult \S+ differs|resolutions \[[^]]*\] are not in", str(exc)):
+            if float(self.width_mult) != info.width_mult or not needs["resolutions"] <= set(info.space.resolutions):
                 own = ",".join(map(str, info.space.resolutions))
                 fits = f"search the supernet's own space (--width-mult {info.width_mult:g} --resolutions {own}), or "
             raise ExperimentError(f"supernet={self.supernet!r}: {exc}; {fits}train one for this space with "
