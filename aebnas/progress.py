@@ -43,13 +43,14 @@ class Progress:
         if now - self.last < self.every_s or steps_done <= 0:
             return
         self.last = now
-        first = ""
+        slow_first = ""
         if self.first is not None and steps_done > 1:
             t1, images1 = self.first
             steps, images, elapsed = steps_done - 1, images_done - images1, now - t1
-            first = f" (first step {duration(t1 - self.start)})" if t1 - self.start > 2 * elapsed / steps else ""
+            if t1 - self.start > 2 * elapsed / steps:
+                slow_first = f" (first step {duration(t1 - self.start)})"
         else:
             steps, images, elapsed = steps_done, images_done, now - self.start
         left = elapsed / steps * max(self.total - steps_done, 0)
         self.log(f"{self.label}: step {steps_done}/{self.total} ({100 * steps_done / max(self.total, 1):.0f}%), "
-                 f"{images / max(elapsed, 1e-9):.0f} images/s{first}, {duration(left)} left in the epoch")
+                 f"{images / max(elapsed, 1e-9):.0f} images/s{slow_first}, {duration(left)} left in the epoch")

@@ -228,8 +228,8 @@ def _train_local(request: SupernetRequest, data: Dataset, out: Path) -> None:
 def _loop_config(request: SupernetRequest, data: Any) -> dict[str, Any]:
     return {"space_kwargs": {k: list(v) for k, v in dataclasses.asdict(request.space).items()},
             "width_mult": request.width_mult, "settings": request.settings.to_dict(),
-            "dataset": request.dataset, "split_seed": request.split_seed, "cpus_per_worker": request.cpus_per_worker, "compile": request.compile,
-            "data": data}
+            "dataset": request.dataset, "split_seed": request.split_seed,
+            "cpus_per_worker": request.cpus_per_worker, "compile": request.compile, "data": data}
 
 
 def _quiet_train_logs() -> dict[str, Any]:

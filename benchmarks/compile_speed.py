@@ -73,11 +73,12 @@ def measure(ctx: Context, epochs: int, resolutions: tuple[int, ...], width_mult:
     rows = [{"epoch": e["epoch"], "phase": "warm-up" if e.get("warmup") else "sandwich",
              "eager s": e["seconds"], "compiled s": c["seconds"], "eager images/s": e["images_per_s"],
              "compiled images/s": c["images_per_s"]} for e, c in zip(eager, compiled)]
-    steady = slice(2, None)  # after the two epochs that compile
-    rate = {name: statistics.mean(h["images_per_s"] for h in hist[steady]) for name, hist in
-            (("eager", eager), ("compiled", compiled))}
-    epoch_s = {name: statistics.mean(h["seconds"] for h in hist[steady]) for name, hist in
-               (("eager", eager), ("compiled", compiled))}
+    named = (("eager", eager), ("compiled", compiled))
+
+    def steady(key: str) -> dict[str, float]:  # the mean after the two epochs that compile
+        return {name: statistics.mean(h[key] for h in hist[2:]) for name, hist in named}
+
+    rate, epoch_s = steady("images_per_s"), steady("seconds")
     speedup = rate["compiled"] / rate["eager"]
     cost = sum(c["seconds"] - e["seconds"] for e, c in zip(eager[:2], compiled[:2]))
     saved = epoch_s["eager"] - epoch_s["compiled"]
@@ -90,7 +91,7 @@ def measure(ctx: Context, epochs: int, resolutions: tuple[int, ...], width_mult:
                 f"compile {cost:.0f} s, {pays}")
     accuracy = [{"run": name, "val acc largest (%)": hist[-1]["val_acc_largest"],
                  "val acc smallest (%)": hist[-1]["val_acc_smallest"], "training s": sum(h["seconds"] for h in hist)}
-                for name, hist in (("eager", eager), ("compiled", compiled))]
+                for name, hist in named]
     details = "\n".join([
         f"Device: {device}. The supernet of width {width_mult:g}, resolutions {list(resolutions)}, on the embedded "
         f"CIFAR-10 subset (3,305 training images; scoring after each epoch not counted), batch 128, seed 0, "
