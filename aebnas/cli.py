@@ -46,7 +46,7 @@ def read_arch_json(path: str | Path) -> ArchConfig:
 
 def arch_info(arch: ArchConfig) -> dict[str, Any]:
     """Costs (MMACs) and size of ``arch``: C_i per exit with every exit active, static MMACs, parameters."""
-    from .cost import exit_costs, param_count, segment_macs  # ptflops: only for this command
+    from .cost.macs import exit_costs, param_count, segment_macs  # ptflops: only for this command
 
     costs = exit_costs(arch)
     cum = costs.cumulative()
@@ -85,21 +85,21 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search(p: argparse.ArgumentParser) -> None:
-    from .experiment import Experiment
-    from .flags import add_arguments
+    from .search.experiment import Experiment
+    from .search.flags import add_arguments
 
     add_arguments(p, Experiment())
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .experiment import Experiment
-    from .flags import experiment_from_args, run_cli
+    from .search.experiment import Experiment
+    from .search.flags import experiment_from_args, run_cli
 
     return run_cli(experiment_from_args(args, Experiment()))
 
 
 def _add_retrain(p: argparse.ArgumentParser) -> None:
-    from .retrain import DEFAULT_EPOCHS
+    from .deploy.retrain import DEFAULT_EPOCHS
 
     p.add_argument("experiment_dir", help="experiment directory of a search (STORAGE_PATH/NAME, or its URI)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -127,8 +127,8 @@ def _add_retrain(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from .retrain import RetrainRequest, retrain
-    from .train import NonFiniteLossError
+    from .deploy.retrain import RetrainRequest, retrain
+    from .training.loop import NonFiniteLossError
 
     req = RetrainRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RetrainRequest)})
     try:
@@ -157,9 +157,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.target_macs is not None and not args.target_macs > 0:
         raise UsageError(f"--target-macs={args.target_macs} must be > 0 (MMACs)")
     if args.format == "onnx":
-        from .onnx_export import export_onnx as export
+        from .deploy.onnx_export import export_onnx as export
     else:
-        from .export import export
+        from .deploy.torchscript import export
     export(args.run_dir, args.out, target_macs=args.target_macs)
     return 0
 
@@ -171,7 +171,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .export import format_prediction, predict
+    from .deploy.torchscript import format_prediction, predict
 
     predictions = predict(args.model, args.images)
     if args.json:
@@ -183,7 +183,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_supernet(p: argparse.ArgumentParser) -> None:
-    from .supernet import SupernetSettings
+    from .training.supernet import SupernetSettings
 
     d = SupernetSettings()
     sub = p.add_subparsers(dest="supernet_command", required=True)
@@ -242,8 +242,8 @@ def _cmd_supernet(args: argparse.Namespace) -> int:
 
 
 def _supernet_train(args: argparse.Namespace) -> int:
-    from .supernet import SupernetSettings
-    from .supernet_train import SupernetRequest, train_supernet
+    from .training.supernet import SupernetSettings
+    from .training.supernet_job import SupernetRequest, train_supernet
 
     try:
         settings = SupernetSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -268,9 +268,9 @@ def _supernet_train(args: argparse.Namespace) -> int:
 
 
 def _supernet_eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .supernet import load_supernet, score_subnet
-    from .train import Scorer, select_device
+    from .data.datasets import load_dataset
+    from .training.supernet import load_supernet, score_subnet
+    from .training.loop import Scorer, select_device
 
     try:
         supernet, info = load_supernet(args.supernet)
@@ -330,8 +330,8 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
-    from .latency_profile import ProfileRequest, profile
-    from .supernet_train import space_values_of
+    from .deploy.latency_profile import ProfileRequest, profile
+    from .training.supernet_job import space_values_of
 
     try:
         space = space_values_of({"resolutions": tuple(args.resolutions)} if args.resolutions else {})

@@ -104,7 +104,7 @@ class OnnxEarlyExitNet:
     def preprocess_input(self, images: np.ndarray) -> np.ndarray:
         """(N, C, H, W) uint8 in 0..255 or float in [0, 1] → float32 in [0, 1].
 
-        The rest of the input rule (normalise, resize: ``aebnas/preprocess.py``) is inside segment_0;
+        The rest of the input rule (normalise, resize: ``aebnas/data/preprocess.py``) is inside segment_0;
         only this dtype step lives here, in numpy, so the driver needs no torch."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1] != self.in_channels:

@@ -26,16 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from .data import DatasetNotFoundError, load_dataset
+from .data.datasets import DatasetNotFoundError, load_dataset
 from .errors import ExperimentError, UsageError
-from .experiment import Experiment, experiment_path
-from .export import predict
+from .search.experiment import Experiment, experiment_path
+from .deploy.torchscript import predict
 from .files import atomic_write
-from .flags import add_arguments, experiment_from_args, run_cli
-from .onnx_export import export_onnx
-from .retrain import RetrainRequest, retrain
-from .storage import is_empty
-from .tuner import run
+from .search.flags import add_arguments, experiment_from_args, run_cli
+from .deploy.onnx_export import export_onnx
+from .deploy.retrain import RetrainRequest, retrain
+from .search.storage import is_empty
+from .search.tuner import run
 
 DEPLOY_DIR = "deploy"
 JOB_FILE = "job.json"

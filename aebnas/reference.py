@@ -3,7 +3,7 @@
 Nothing in the package calls this module. Each function here redoes, the plain way, what
 a fast module computes, so that the two can be compared:
 
-- **MAC count** (checks ``aebnas.cost``): per-layer formulas walking an ``ArchConfig``,
+- **MAC count** (checks ``aebnas.cost.macs``): per-layer formulas walking an ``ArchConfig``,
   with its own channel rounding and output sizes, instead of ptflops on the built network.
   It counts what ptflops' aten backend counts::
 
@@ -16,7 +16,7 @@ a fast module computes, so that the two can be compared:
   every sample walked through the exits in Python, every threshold vector of the grid
   tried in ``itertools.product`` order (the authors' way, and claim 4's baseline).
 
-It imports neither ``aebnas.cost`` nor ``aebnas.exit_policy`` (nor ``aebnas.nn``): a
+It imports neither ``aebnas.cost.macs`` nor ``aebnas.exit_policy`` (nor ``aebnas.nn``): a
 reference that shared their code would agree with them on their bugs. Only
 ``aebnas.config`` (what an architecture *is*, and its channel constants) is shared.
 Units: MMACs unless a name says MACs; accuracy in %; utilization in fractions.
@@ -89,7 +89,7 @@ def exit_branch_macs(c_in: int, modules: Sequence[ExitModuleConfig], hw: int, nu
 
 def analytic_segment_macs(arch: ArchConfig) -> dict[str, float]:
     """MMACs of every segment of ``arch`` (``stem``, ``stage1``…``stage5``, ``exit{p}``, ``head``),
-    the segments ``aebnas.cost.segment_macs`` reports."""
+    the segments ``aebnas.cost.macs.segment_macs`` reports."""
     w = arch.width_mult
     stem_c, first_c = round_channels(C.STEM_CHANNELS * w), round_channels(C.FIRST_BLOCK_CHANNELS * w)
     stem, hw = conv_macs(arch.in_channels, stem_c, 3, arch.resolution, stride=2)

@@ -1,10 +1,10 @@
 """The fixed (not searched) settings of training and of a trial, declared once.
 
 ``TrainSettings`` is how a candidate is optimised; ``TrialSettings`` adds what a trial
-needs around it (data, target, threshold tuning, device). ``aebnas.experiment.Experiment``
+needs around it (data, target, threshold tuning, device). ``aebnas.search.experiment.Experiment``
 extends ``TrialSettings`` with the search's own settings, so every setting has one
 declaration, one default and one check; one with a command-line flag is declared with
-``setting(default, help, …)`` (a :class:`Flag`), from which :mod:`aebnas.flags` makes it. A trial receives ``TrialSettings.to_dict()`` in
+``setting(default, help, …)`` (a :class:`Flag`), from which :mod:`aebnas.search.flags` makes it. A trial receives ``TrialSettings.to_dict()`` in
 its flat config next to the architecture keys; ``SETTING_KEYS`` names them.
 """
 
@@ -38,7 +38,7 @@ DEFAULT_CONFIDENCE = "margin"  # the paper's score margin
 
 @dataclass(frozen=True)
 class Flag:
-    """How a setting is given on the command line; :mod:`aebnas.flags` makes the flag from it.
+    """How a setting is given on the command line; :mod:`aebnas.search.flags` makes the flag from it.
 
     ``help`` may name ``{choices}``: they are listed there ("a, b or c"), so a choice is named
     in one place. argparse accepts only ``choices`` unless ``parser_checks`` is False (then the

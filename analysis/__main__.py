@@ -19,7 +19,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from aebnas.trials import rank
+from aebnas.search.trials import rank
 
 from . import plots
 from .pareto import default_reference, hypervolume, parse_reference, pareto_front
@@ -78,7 +78,7 @@ def best_trial(points: pd.DataFrame, budget_macs: float | None = None) -> pd.Ser
     fits = fits if len(fits) else points
     if not len(fits):
         raise AnalysisError("no trial with results")
-    # aebnas.trials.rank: the same rule as `aebnas retrain --best`.
+    # aebnas.search.trials.rank: the same rule as `aebnas retrain --best`.
     return rank([row for _, row in fits.iterrows()], lambda r: r["status"], lambda r: r["score"])[0]
 
 

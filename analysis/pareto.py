@@ -2,7 +2,7 @@
 
 A point dominates another when its accuracy is ≥ and its MACs are ≤, one of them
 strictly; the front is the set of points no other point dominates (equal points are all
-kept; dominance itself is :mod:`aebnas.pareto`'s). The 2-D hypervolume is the area, in %·MMACs, of the region of the
+kept; dominance itself is :mod:`aebnas.search.pareto`'s). The 2-D hypervolume is the area, in %·MMACs, of the region of the
 (MMACs, accuracy %) plane that the points dominate and that dominates the reference
 point ``(ref_accuracy %, ref_macs MMACs)``: bigger is better. Points with accuracy ≤
 ``ref_accuracy`` or MACs ≥ ``ref_macs`` add nothing.
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from aebnas.pareto import pareto_mask
+from aebnas.search.pareto import pareto_mask
 
 DEFAULT_REFERENCE_MACS_FACTOR = 1.1
 

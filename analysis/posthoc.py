@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from aebnas.cost import ExitCosts
+from aebnas.cost.macs import ExitCosts
 from aebnas.exit_policy import (PAPER_GRID, PAPER_LAMBDA, ExitOutputs, SimResult, load_exit_outputs, oracle,
                                 simulate, simulate_many, threshold_grid, tune_thresholds)
 

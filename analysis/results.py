@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from aebnas.settings import ARCH_FILE, EXIT_OUTPUTS_FILE, EXPERIMENT_FILE, parse_trial_config, resolved_config
-from aebnas.trials import FAILURE_FILE, permanent_failure
+from aebnas.search.trials import FAILURE_FILE, permanent_failure
 
 STATUSES = ("finished", "stopped", "errored", "running", "pending")
 RESULT_FILE = "result.json"

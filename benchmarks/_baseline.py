@@ -25,13 +25,13 @@ import torch
 import torchvision
 from torch import nn
 
-from aebnas.batches import BatchLoader
-from aebnas.cost import count_macs
-from aebnas.data import load_dataset
+from aebnas.data.datasets.batches import BatchLoader
+from aebnas.cost.macs import count_macs
+from aebnas.data.datasets import load_dataset
 from aebnas.files import atomic_write
 from aebnas.progress import Progress, duration
 from aebnas.settings import TrainSettings
-from aebnas.train import load_checkpoint, make_optimizer, make_scheduler, train_one_epoch
+from aebnas.training.loop import load_checkpoint, make_optimizer, make_scheduler, train_one_epoch
 
 WIDTHS = np.round(np.arange(0.25, 3.001, 0.05), 2)
 RESULT_FILE = "result.json"

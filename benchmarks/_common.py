@@ -103,7 +103,7 @@ def machine() -> dict[str, Any]:
     except ImportError:  # a GPU machine may have torch but not Ray: scripts that need no Ray still run
         ray_version = None
 
-    from aebnas.latency_profile import cpu_model
+    from aebnas.deploy.latency_profile import cpu_model
 
     cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -247,7 +247,7 @@ def _git(*args: str) -> str | None:
 
 @dataclass(frozen=True)
 class SearchRun:
-    """One search of a benchmark: its experiment directory, the wall seconds of ``aebnas.tuner.run``
+    """One search of a benchmark: its experiment directory, the wall seconds of ``aebnas.search.tuner.run``
     (measured when it ran) and its provenance record; ``reused``: re-analysed, not run now."""
 
     path: Path
@@ -262,10 +262,10 @@ class SearchRun:
 
 
 def run_search(ctx: Context, name: str, **settings: Any) -> SearchRun:
-    """One search with ``aebnas.tuner.run`` into ``ctx.scratch/name`` (replaced if there), Ray
+    """One search with ``aebnas.search.tuner.run`` into ``ctx.scratch/name`` (replaced if there), Ray
     already started; with ``ctx.reuse`` the one already there, if the current code ran it."""
-    from aebnas.experiment import Experiment, experiment_path
-    from aebnas.tuner import run
+    from aebnas.search.experiment import Experiment, experiment_path
+    from aebnas.search.tuner import run
 
     exp = Experiment(storage_path=str(ctx.scratch), name=name, verbose=0, **settings)
     path = Path(experiment_path(exp))
@@ -420,7 +420,7 @@ def arch_summary(flat: dict[str, Any] | None) -> str:
     if not flat:
         return "?"
     from aebnas.config import ArchConfig
-    from aebnas.cost import exit_costs
+    from aebnas.cost.macs import exit_costs
 
     arch = ArchConfig.from_flat(flat)
     return (f"resolution {arch.resolution}, width {arch.width_mult}, exits after stages {arch.exit_positions}, "

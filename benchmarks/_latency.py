@@ -32,10 +32,10 @@ def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
           backends: tuple[str, ...] = LATENCY_BACKENDS):
     """The shipped supernet, its data, and a latency table of its space on this machine (resumed;
     one profiled with other settings is moved aside)."""
-    from aebnas.data import load_dataset
-    from aebnas.latency import LatencyTable
-    from aebnas.latency_profile import ProfileRequest, profile
-    from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.data.datasets import load_dataset
+    from aebnas.cost.macs.latency import LatencyTable
+    from aebnas.deploy.latency_profile import ProfileRequest, profile
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, load_supernet
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)
@@ -56,7 +56,7 @@ def inherited_network(supernet, info, data, arch, trial_settings=None):
     """The subnet with inherited weights, BatchNorm recalibrated and scored as ``aebnas supernet eval``
     does (the supernet's settings), or with ``trial_settings`` (a ``TrialSettings``) as that trial did.
     Returns (net, {"val": outputs, "test": outputs})."""
-    from aebnas.train import Scorer
+    from aebnas.training.loop import Scorer
     from aebnas.nn import extract
 
     cpu = torch.device("cpu")
@@ -73,7 +73,7 @@ def inherited_network(supernet, info, data, arch, trial_settings=None):
 def dynamic_network(supernet, info, data, arch, target_fraction: float):
     """:func:`inherited_network` with thresholds tuned on val for a fraction of its static MACs.
     Returns (net, thresholds, test outputs, MAC costs)."""
-    from aebnas.cost import exit_costs
+    from aebnas.cost.macs import exit_costs
     from aebnas.exit_policy import tune_thresholds
     from aebnas.settings import TrialSettings
 
@@ -103,7 +103,7 @@ def random_dynamic_networks(supernet, info, data, archs: int, seed: int, target_
 
 def write_onnx_export(net, thresholds, data, out: Path) -> None:
     """The ONNX export of ``net`` with ``thresholds`` into ``out`` (what `aebnas export --format onnx` writes)."""
-    from aebnas.onnx_export import write_onnx
+    from aebnas.deploy.onnx_export import write_onnx
 
     arch = net.arch
     meta = {"thresholds": thresholds, "classes": list(data.classes), "resolution": arch.resolution,

@@ -18,7 +18,7 @@ def reference_macs(width_mult: float, resolutions: Sequence[int]) -> float:
     """MMACs of the costliest network of the paper's space with every exit computed: no trial
     of any of the three spaces averages more, so (0 %, this) bounds every hypervolume."""
     from aebnas.config import SpaceValues, largest_arch
-    from aebnas.cost import exit_costs
+    from aebnas.cost.macs import exit_costs
 
     arch = largest_arch(SpaceValues(resolutions=tuple(resolutions)), width_mult=width_mult)
     return float(exit_costs(arch).cumulative()[-1])

@@ -27,7 +27,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
     of the validation-picked trial at the target. With ``supernet``, candidates inherit its weights
     (``epochs`` fine-tuning epochs) and every seed searches the supernet's split (``split_seed``,
     ``val_size``: that supernet's). ``search_alg``: the searcher every search uses."""
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
     from analysis import plots
     from analysis.pareto import hypervolume
 
@@ -140,7 +140,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
         "paired (same seed) differences, on test hypervolume and on the test accuracy of the validation-picked "
         "trial (a seed where either space has no trial in the window is left out of that pair):", "",
         md_table(margins, 2), "",
-        "Per seed ('search time': wall seconds of `aebnas.experiment.run`, Ray already started):", "",
+        "Per seed ('search time': wall seconds of `aebnas.search.experiment.run`, Ray already started):", "",
         md_table(run_rows, 2), "",
         md_image(png, "Pareto plot of the three spaces"), "",
         "The plot shows every trial of every seed at its tuned thresholds (validation), one colour per space, "

@@ -33,11 +33,11 @@ QUICK = {"epochs": 1, "width_mult": 0.5, "resolutions": "32", "candidates": 3}
 
 def measure(ctx: Context, epochs: int, width_mult: float, resolutions: str, candidates: int) -> Outcome:
     from aebnas.config import random_arch, smallest_arch
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.supernet import load_supernet, score_subnet
-    from aebnas.train import CandidateTraining, Scorer
+    from aebnas.training.supernet import load_supernet, score_subnet
+    from aebnas.training.loop import CandidateTraining, Scorer
 
     if not torch.cuda.is_available() and not ctx.quick:
         return Outcome("no GPU on this machine", "could not tell (no GPU)", {}, "No CUDA device: nothing measured.")

@@ -69,12 +69,12 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
     """Claim 5: ``infer`` with tuned thresholds vs the same network to the final exit (thresholds 1.0)."""
     from analysis.posthoc import load_outputs, retune
     from aebnas.config import ArchConfig
-    from aebnas.cost import exit_costs
-    from aebnas.batches import BatchLoader
-    from aebnas.data import load_dataset
+    from aebnas.cost.macs import exit_costs
+    from aebnas.data.datasets.batches import BatchLoader
+    from aebnas.data.datasets import load_dataset
     from aebnas.nn import EarlyExitNet
     from aebnas.settings import CHECKPOINT_FILE
-    from aebnas.train import load_checkpoint
+    from aebnas.training.loop import load_checkpoint
 
     paths = [Path(p) for p in experiments]
     missing = [p for p in paths if not p.is_dir()]

@@ -35,9 +35,9 @@ BASE_BATCH, BASE_LR = 128, 0.1
 
 
 def measure(ctx: Context, epochs: int, batches: Sequence[int], seeds: Sequence[int]) -> Outcome:
-    from aebnas.supernet import SupernetSettings, read_supernet_info
-    from aebnas.supernet_train import SupernetRequest, train_supernet
-    from aebnas.train import select_device
+    from aebnas.training.supernet import SupernetSettings, read_supernet_info
+    from aebnas.training.supernet_job import SupernetRequest, train_supernet
+    from aebnas.training.loop import select_device
 
     device = select_device("auto")
     rows: list[dict[str, Any]] = []

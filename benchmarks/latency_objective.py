@@ -32,7 +32,7 @@ from _latency import (TABLE_QUICK, TABLE_SETTINGS, inherited_network, per_image_
                       write_onnx_export)
 from _picks import ahead, validation_pick
 
-from aebnas.supernet import EMBEDDED_SUPERNET
+from aebnas.training.supernet import EMBEDDED_SUPERNET
 
 CLAIM = Claim(21, "latency_objective", "Does the latency objective pay?",
               "the network a search for a target in ms picks (on validation, within ±10% of the target) is closer "
@@ -48,7 +48,7 @@ BACKEND = "onnxruntime"
 def ms_for_macs(table, info, target_macs: float, archs: int, seed: int = 0) -> tuple[float, float, float]:
     """The ms at which the line MMACs = a + b · ms, fitted over every exit of ``archs`` random networks of
     the space, reaches ``target_macs``; returns (target_ms, a, b)."""
-    from aebnas.cost import exit_costs
+    from aebnas.cost.macs import exit_costs
 
     ms, macs = [], []
     for arch in random_archs(info, archs, seed):

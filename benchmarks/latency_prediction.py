@@ -106,7 +106,7 @@ def measure(ctx: Context, archs: int, target_fraction: float, warmup: int, repea
 
 
 def _torch_runner(net, thresholds, data):
-    from aebnas.export import DeployedEarlyExitNet
+    from aebnas.deploy.torchscript import DeployedEarlyExitNet
 
     module = DeployedEarlyExitNet(net, thresholds, data.mean, data.std, data.classes)
 

@@ -1,4 +1,4 @@
-"""Claim 6: MAC counts of aebnas.cost (ptflops) vs an independent analytic count."""
+"""Claim 6: MAC counts of aebnas.cost.macs (ptflops) vs an independent analytic count."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from _common import Claim, Context, Outcome, main, md_table
 
 CLAIM = Claim(6, "mac_counts", "MAC counts",
-              "`aebnas.cost` agrees with an independent per-layer count on 20 random architectures of the "
+              "`aebnas.cost.macs` agrees with an independent per-layer count on 20 random architectures of the "
               "paper's space (largest relative difference < 1e-6)")
 SETTINGS = dict(count=20, seed=0, width_mult=1.0)
 QUICK = dict(SETTINGS, count=3)
@@ -31,9 +31,9 @@ def random_paper_archs(count: int, seed: int, width_mult: float) -> list[Any]:
 
 
 def measure_mac_counts(ctx: Context, count: int, seed: int, width_mult: float) -> Outcome:
-    """Claim 6: ``aebnas.cost`` (ptflops) vs the analytic count of ``aebnas.reference``: every segment and
+    """Claim 6: ``aebnas.cost.macs`` (ptflops) vs the analytic count of ``aebnas.reference``: every segment and
     every C_i."""
-    from aebnas.cost import exit_costs, segment_macs
+    from aebnas.cost.macs import exit_costs, segment_macs
     from aebnas.reference import analytic_exit_macs, analytic_segment_macs, loop_costs
 
     rows, worst_seg, worst_c = [], 0.0, 0.0
@@ -54,7 +54,7 @@ def measure_mac_counts(ctx: Context, count: int, seed: int, width_mult: float) -
     details = "\n".join([
         f"{count} architectures sampled (seed {seed}) from the paper's space (`search_spaces.aebnas_space()`: "
         f"resolutions 32–72, depths, kernels, expansions, exits and branches), width {width_mult}. 'cost.py' is "
-        "`aebnas.cost` (ptflops, aten backend, per segment); 'analytic' is `aebnas.reference.analytic_segment_macs`: "
+        "`aebnas.cost.macs` (ptflops, aten backend, per segment); 'analytic' is `aebnas.reference.analytic_segment_macs`: "
         "per-layer formulas walking the ArchConfig (its own channel rounding and output sizes; convolutions and "
         "linear layers, one extra MAC per output for a bias; nothing element-wise, the convention cost.py "
         "documents), and C_i from those segments by `aebnas.reference.loop_costs`, every exit active. The tests "

@@ -36,7 +36,7 @@ MIB = 1024 * 1024
 def tiled_npz(ctx: Context, train_images: int, test_images: int) -> Path:
     """The embedded CIFAR-10 subset with its train and test images repeated to ``train_images`` /
     ``test_images``, as an uncompressed .npz in the scratch folder (written once)."""
-    from aebnas.data import embedded_dataset_path
+    from aebnas.data.datasets import embedded_dataset_path
 
     path = ctx.scratch / f"cifar10_subset_tiled_{train_images}_{test_images}.npz"
     if not path.is_file():
@@ -153,9 +153,9 @@ def run_mode(ctx: Context, mode: str, data: Any, dataset_path: Path, val_size: i
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from aebnas.experiment import Experiment
-    from aebnas.tuner import make_search_alg
-    from aebnas.trainable import train_candidate
+    from aebnas.search.experiment import Experiment
+    from aebnas.search.tuner import make_search_alg
+    from aebnas.search.trainable import train_candidate
 
     name = MODE_NAMES[mode]
     exp = Experiment(dataset=str(dataset_path), val_size=val_size, num_samples=trials, max_concurrent=trials,
@@ -207,7 +207,7 @@ def measure_memory_per_trial(ctx: Context, search: dict[str, Any], train_images:
                              val_size: int, trials: int) -> Outcome:
     """Claim 8: the same ``trials`` concurrent trials with the dataset's splits as torch tensors (as 0.1
     shipped them) and as numpy arrays (as ``load_dataset`` returns them): peak RSS per trial and summed."""
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
 
     zero_copy_env = os.environ.pop("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", None)
     if zero_copy_env is not None:
@@ -274,7 +274,7 @@ def measure_memory_per_trial(ctx: Context, search: dict[str, Any], train_images:
     details = "\n".join([
         f"The same {trials} candidates (random search, seed {search['seed']}; width {search['width_mult']}, "
         f"resolution 32, {search['epochs']} epoch, batch {search['batch_size']}), run {trials} at once with one "
-        "CPU each, through `tune.with_parameters(train_candidate, data=…)` as `aebnas.experiment.run` ships the "
+        "CPU each, through `tune.with_parameters(train_candidate, data=…)` as `aebnas.search.experiment.run` ships the "
         "dataset, twice in one run: first with every split of the Dataset turned into a torch tensor owning a "
         "copy of its array (`torch.from_numpy(arr.copy())`, as aebnas 0.1 shipped it), then with the Dataset "
         "as `load_dataset` returns it (uint8 / int64 numpy arrays). Each mode starts a fresh local Ray and its "

@@ -106,8 +106,8 @@ def _tensors(path: Path) -> dict[str, Any]:
 def fingerprint(out: Path, tree: Path, table: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(tree))
-    from aebnas.data import embedded_dataset_path
-    from aebnas.supernet import EMBEDDED_SUPERNET
+    from aebnas.data.datasets import embedded_dataset_path
+    from aebnas.training.supernet import EMBEDDED_SUPERNET
 
     small = out / "small.npz"
     with np.load(embedded_dataset_path()) as z:

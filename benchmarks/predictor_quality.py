@@ -33,7 +33,7 @@ def measure(ctx: Context, seeds: Sequence[int], sizes: Sequence[int], held_out: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from aebnas.predictors import PREDICTORS, make_predictor, kendall_tau
+    from aebnas.search.predictors import PREDICTORS, make_predictor, kendall_tau
     from aebnas.settings import ARCH_FILE
     from search_spaces.encoding import Encoding
 
@@ -85,8 +85,8 @@ def measure(ctx: Context, seeds: Sequence[int], sizes: Sequence[int], held_out: 
 
 def _space_of(path: Path) -> dict:
     """The param space the search at ``path`` ran (from its saved settings)."""
-    from aebnas.experiment import Experiment
-    from aebnas.storage import read_experiment_settings
+    from aebnas.search.experiment import Experiment
+    from aebnas.search.storage import read_experiment_settings
 
     exp = Experiment.from_json(read_experiment_settings(str(path)))
     return exp.param_space()

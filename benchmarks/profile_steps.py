@@ -61,14 +61,14 @@ def inherited_trial_phases(dev: torch.device, amp: bool, candidates: int) -> lis
     from pathlib import Path
 
     from aebnas.config import random_arch
-    from aebnas.cost import exit_costs
-    from aebnas.data import load_dataset
+    from aebnas.cost.macs import exit_costs
+    from aebnas.data.datasets import load_dataset
     from aebnas.exit_policy import oracle, simulate, tune_thresholds
     from aebnas.settings import TrialSettings
-    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, supernet_from_state
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, supernet_from_state
     from aebnas.nn import extract
-    from aebnas.trainable import save_exit_outputs
-    from aebnas.train import CandidateTraining, load_checkpoint
+    from aebnas.search.trainable import save_exit_outputs
+    from aebnas.training.loop import CandidateTraining, load_checkpoint
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -134,7 +134,7 @@ def ray_search(candidates: int) -> list[str]:
 
     import ray
 
-    from aebnas.tuner import run
+    from aebnas.search.tuner import run
 
     cpus = max(1, (os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,10 +168,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from aebnas.config import random_arch
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetSettings, SupernetTraining, load_supernet
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetSettings, SupernetTraining, load_supernet
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda"
@@ -197,7 +197,7 @@ def main() -> int:
                  op_table(prof, dev), ""]
 
     # 2. fine-tuning steps of an inherited candidate (its loop, on the same images as the sandwich steps)
-    from aebnas.train import CandidateTraining
+    from aebnas.training.loop import CandidateTraining
 
     arch = random_arch(info.space, random.Random(0), width_mult=info.width_mult, num_classes=info.num_classes,
                        in_channels=info.in_channels)

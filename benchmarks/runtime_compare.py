@@ -48,10 +48,10 @@ def per_image_ms_batched(fn: Callable[[np.ndarray], Any], images: np.ndarray, ba
 
 def measure(ctx: Context, archs: int, target_fraction: float, threads: tuple[int, ...],
             batch_sizes: tuple[int, ...], warmup: int, passes: int, images: int | None, seed: int) -> Outcome:
-    from aebnas.data import load_dataset
-    from aebnas.export import DeployedEarlyExitNet, quiet_torchscript
+    from aebnas.data.datasets import load_dataset
+    from aebnas.deploy.torchscript import DeployedEarlyExitNet, quiet_torchscript
     from aebnas.onnx_runner import OnnxEarlyExitNet
-    from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, load_supernet
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)

@@ -43,7 +43,7 @@ def measure_search_throughput(ctx: Context, search: dict[str, Any], concurrency:
     details = "\n".join([
         f"The same search ({', '.join(f'{k}={v}' for k, v in search.items())}; FIFO, one CPU and one torch "
         f"thread per trial), run with at most {lo} and then {hi} trials at once on this {os.cpu_count()}-core "
-        "machine. Wall time of `aebnas.experiment.run` with Ray already started (dataset loading, trial start-up, "
+        "machine. Wall time of `aebnas.search.experiment.run` with Ray already started (dataset loading, trial start-up, "
         "training, evaluation, checkpoints). 'Outside trials per trial' = (wall × concurrency − Σ trial time) / "
         "trials: Ray's scheduling, actor start-up and the driver's bookkeeping per trial. " + priority_note(runs), "",
         md_table(rows, 1), "",

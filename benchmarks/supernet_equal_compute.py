@@ -43,7 +43,7 @@ def measure(ctx: Context, supernet_epochs: int, num_samples: int, scratch_epochs
     test accuracy is ``min_gain`` points or more above the scratch arm's (mean over seeds; with several
     seeds also by more than one standard error of the paired differences) and its pick sends
     ``min_early`` % or more of the test images out early (mean over seeds)."""
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
 
     data = load_dataset(dataset, val_size=val_size, seed=split_seed or 0)  # for the summary line only
     per_seed = [_one_seed(ctx, seed, supernet_epochs, num_samples, scratch_epochs, target_macs, tolerance,
@@ -102,8 +102,8 @@ def _one_seed(ctx: Context, seed: int, supernet_epochs: int, num_samples: int, s
               target_macs: float, tolerance: float, width_mult: float, resolutions: Sequence[int], batch_size: int,
               dataset: str, val_size: int | None, split_seed: int, tag: bool) -> dict[str, Any]:
     """Both arms for one seed; ``tag``: name the runs after the seed (several seeds)."""
-    from aebnas.supernet import SupernetSettings, read_supernet_info
-    from aebnas.supernet_train import SupernetRequest, train_supernet
+    from aebnas.training.supernet import SupernetSettings, read_supernet_info
+    from aebnas.training.supernet_job import SupernetRequest, train_supernet
 
     suffix = f"_s{seed}" if tag else ""
     common = {"width_mult": width_mult, "space_kwargs": {"resolutions": tuple(resolutions)},

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from _common import Claim, Context, Outcome, main, md_table
 
-from aebnas.predictors import kendall_tau
+from aebnas.search.predictors import kendall_tau
 
 CLAIM = Claim(14, "supernet_ranking", "Ranking fidelity of inherited accuracy",
               "Kendall τ(inherited, stand-alone ≥ 15 epochs) ≥ 0.8 × τ(stand-alone seed 0, seed 1) over ≥ 12 "
@@ -49,9 +49,9 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
     ``train_size``: train (stand-alone and fine-tuning) on that many images of its training split, drawn
     at random with a fixed seed, instead of all of them (a size the machine affords; None: all)."""
     from aebnas.config import largest_arch, random_arch, smallest_arch
-    from aebnas.data import DEFAULT_VAL_SIZE
-    from aebnas.supernet import EMBEDDED_SUPERNET, read_supernet_info
-    from aebnas.train import select_device
+    from aebnas.data.datasets import DEFAULT_VAL_SIZE
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, read_supernet_info
+    from aebnas.training.loop import select_device
 
     supernet_file = EMBEDDED_SUPERNET if supernet == "embedded" else Path(supernet)
     device = select_device("auto")
@@ -176,8 +176,8 @@ def _load_worker(device: str, batch_size: int, threads: int, supernet_file: str,
     process uses ``threads`` torch threads (several trainings share the host's cores)."""
     import torch
 
-    from aebnas.data import load_dataset
-    from aebnas.supernet import load_supernet
+    from aebnas.data.datasets import load_dataset
+    from aebnas.training.supernet import load_supernet
 
     torch.set_num_threads(threads)
     supernet, info = load_supernet(supernet_file, device)
@@ -201,7 +201,7 @@ def _train_and_score(arch, epochs: int, seed: int, inherit: bool) -> float:
     """Validation accuracy (%) of the final classifier: inherited and fine-tuned ``epochs``, or trained alone."""
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.train import CandidateTraining
+    from aebnas.training.loop import CandidateTraining
 
     w = _WORKER
     settings = TrialSettings(epochs=epochs, batch_size=w["batch_size"], seed=seed, supernet="x" if inherit else None)

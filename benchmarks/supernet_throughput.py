@@ -35,11 +35,11 @@ def _cpu_seconds(fn) -> tuple[Any, float]:
 
 def measure(ctx: Context, archs: int, scratch_epochs: int, finetune_epochs: int, batch_size: int) -> Outcome:
     from aebnas.config import random_arch, smallest_arch
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.supernet import EMBEDDED_SUPERNET, load_supernet
-    from aebnas.train import CandidateTraining
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.training.loop import CandidateTraining
 
     torch.set_num_threads(2)  # CPU-seconds count both threads; wall time is halved
     supernet, info = load_supernet(EMBEDDED_SUPERNET)

@@ -58,7 +58,7 @@ def measure_threshold_speed(ctx: Context, num_samples: int, accuracies: Sequence
     """Claim 4: ``tune_thresholds`` vs the per-sample loop and vs the numpy walk on the same outputs:
     same answer, time ratios."""
     from aebnas.config import uniform_arch
-    from aebnas.cost import exit_costs
+    from aebnas.cost.macs import exit_costs
     from aebnas.exit_policy import PAPER_GRID, PAPER_LAMBDA, ROUND_TO_ONE_ABOVE, simulate_many, threshold_grid, \
         tune_thresholds
     from aebnas.reference import loop_tune_thresholds

@@ -73,7 +73,7 @@ class _Clock:
 
 
 def _forward_mmacs(arch: Any) -> float:
-    from aebnas.cost import exit_costs
+    from aebnas.cost.macs import exit_costs
 
     c = exit_costs(arch)
     return float(c.backbone[-1] + c.branch.sum())
@@ -81,13 +81,13 @@ def _forward_mmacs(arch: Any) -> float:
 
 def measure(ctx: Context, cpu: dict[str, Any], cuda: dict[str, Any]) -> Outcome:
     from aebnas.config import largest_arch, random_arch
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetSettings, SupernetTraining, load_supernet
-    from aebnas.supernet_train import space_values_of
-    from aebnas.batches import BatchLoader
-    from aebnas.train import (CandidateTraining, TrainSettings, grad_scaler, make_optimizer, make_scheduler,
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetSettings, SupernetTraining, load_supernet
+    from aebnas.training.supernet_job import space_values_of
+    from aebnas.data.datasets.batches import BatchLoader
+    from aebnas.training.loop import (CandidateTraining, TrainSettings, grad_scaler, make_optimizer, make_scheduler,
                               train_one_epoch)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

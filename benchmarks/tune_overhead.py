@@ -33,9 +33,9 @@ def _plain_training(config: dict[str, Any], threads: int, niceness: int, queue: 
     epoch, epoch after epoch until ``stop`` is set (at least one)."""
     os.nice(niceness)
     torch.set_num_threads(threads)
-    from aebnas.data import load_dataset
+    from aebnas.data.datasets import load_dataset
     from aebnas.settings import parse_trial_config
-    from aebnas.train import CandidateTraining
+    from aebnas.training.loop import CandidateTraining
 
     arch, ts = parse_trial_config(config)
     data = load_dataset(ts.dataset, seed=ts.seed)
@@ -54,7 +54,7 @@ def _fixed_trial_config(search: dict[str, Any]) -> dict[str, Any]:
     """The one config a space with single-valued sets gives (samplers left are repaired away)."""
     from ray.tune.search.sample import Domain
 
-    from aebnas.experiment import Experiment
+    from aebnas.search.experiment import Experiment
 
     space = Experiment(**search).param_space()
     return {k: v.sample() if isinstance(v, Domain) else v for k, v in space.items()}
@@ -104,9 +104,9 @@ def measure_tune_overhead(ctx: Context, search: dict[str, Any], plain_niceness: 
                           if n != RAY_WORKER_NICENESS))
     details = "\n".join([
         f"One fixed candidate ({arch_summary({k: v for k, v in config.items() if _is_arch_key(k)})}), "
-        f"{threads} torch thread(s) in both. 'ray': a real search with one trial (`aebnas.experiment.run`, "
+        f"{threads} torch thread(s) in both. 'ray': a real search with one trial (`aebnas.search.experiment.run`, "
         f"{search['epochs']} epochs, one CPU), images/s as the trainable reports it for each epoch's training "
-        "loop. 'plain': the same training code (`aebnas.train.CandidateTraining.train_epoch`, as the trainable runs "
+        "loop. 'plain': the same training code (`aebnas.training.loop.CandidateTraining.train_epoch`, as the trainable runs "
         "it: same network, data pipeline, optimizer and batch size) in a fresh Python process without Ray, running **at the same time** as the trial (epoch after "
         "epoch until the trial ends; only its epochs whose midpoint falls between the trial's start and its last "
         f"report count), so both see the same machine load; they share the {os.cpu_count()} cores. "

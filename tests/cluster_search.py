@@ -5,7 +5,7 @@ tests/ray_sandbox.py for why):
 
     python tests/cluster_search.py SPEC.json OUT.json
 
-SPEC holds ``experiment`` (keyword arguments of ``aebnas.experiment.Experiment``),
+SPEC holds ``experiment`` (keyword arguments of ``aebnas.search.experiment.Experiment``),
 ``workers`` (worker nodes besides the head; every node has one CPU) and
 ``remove_worker``: when true, the worker node is removed in the middle of the search —
 as soon as one trial has finished and a trial running on the worker has reported an epoch
@@ -85,8 +85,8 @@ def main(spec_path: str, out_path: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from aebnas.experiment import Experiment, experiment_path
-    from aebnas.tuner import run
+    from aebnas.search.experiment import Experiment, experiment_path
+    from aebnas.search.tuner import run
 
     spec = json.loads(Path(spec_path).read_text())
     exp = Experiment(**spec["experiment"])

@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from aebnas.data import embedded_dataset_path  # noqa: E402
+from aebnas.data.datasets import embedded_dataset_path  # noqa: E402
 
 
 def write_small_cifar_npz(path: Path, n_train: int = 600, n_test: int = 200) -> Path:
@@ -42,7 +42,7 @@ def ray_local():
 
 def tiny_experiment(storage: Path, data: Path, **changes):
     """Settings of a real but tiny search: small width, one resolution, 2 epochs."""
-    from aebnas.experiment import Experiment
+    from aebnas.search.experiment import Experiment
 
     base = Experiment(dataset=str(data), val_size=100, space="aebnas", space_kwargs={"resolutions": (32,)},
                       width_mult=0.25, target_macs=1.0, epochs=2, num_samples=4, scheduler="fifo",
@@ -53,8 +53,8 @@ def tiny_experiment(storage: Path, data: Path, **changes):
 @pytest.fixture(scope="session")
 def tiny_search(ray_local, small_npz, tmp_path_factory):
     """A finished real Ray Tune search (4 trials × 2 epochs); returns (experiment path, ResultGrid, Experiment)."""
-    from aebnas.experiment import experiment_path
-    from aebnas.tuner import run
+    from aebnas.search.experiment import experiment_path
+    from aebnas.search.tuner import run
 
     exp = tiny_experiment(tmp_path_factory.mktemp("results"), small_npz)
     results = run(exp)

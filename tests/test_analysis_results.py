@@ -14,7 +14,7 @@ import pytest
 
 from aebnas.config import is_arch_key
 from aebnas.settings import EXPERIMENT_FILE
-from aebnas.storage import write_experiment_settings
+from aebnas.search.storage import write_experiment_settings
 from analysis.results import (NotAnExperimentError, count_failures, dedupe_epochs, first_error_line,
                               load_experiment, load_experiments, trial_status)
 
@@ -28,12 +28,12 @@ The actor is dead because its worker process has died. Worker exit type: SYSTEM_
 """
 TRIAL_ERROR = """Failure # 1 (occurred at 2026-11-25_17-10-02)
 ray::ImplicitFunc.train() (pid=1, ip=192.0.2.2, actor_id=ab, repr=train_candidate)
-  File "/work/main/aebnas/trainable.py", line 160, in train_candidate
+  File "/work/main/aebnas/search/trainable.py", line 160, in train_candidate
     raise _fail(trial_dir, f"candidate cannot be built: {exc}") from exc
-aebnas.trainable.TrialError: candidate cannot be built: exit2_m1_kernel=4 is not one of (3, 5)
+aebnas.search.trainable.TrialError: candidate cannot be built: exit2_m1_kernel=4 is not one of (3, 5)
 
 Failure # 2 (occurred at 2026-11-25_17-10-04)
-aebnas.trainable.TrialError: candidate cannot be built: exit2_m1_kernel=4 is not one of (3, 5) (failed before; not retried)
+aebnas.search.trainable.TrialError: candidate cannot be built: exit2_m1_kernel=4 is not one of (3, 5) (failed before; not retried)
 """
 
 
@@ -66,7 +66,7 @@ def test_trial_status(ray_status, run, epochs, kw, expected):
 
 def test_error_lines_and_failure_counts():
     assert first_error_line(ACTOR_DIED) == "The actor died unexpectedly before finishing this task."
-    assert first_error_line(TRIAL_ERROR) == ("aebnas.trainable.TrialError: candidate cannot be built: "
+    assert first_error_line(TRIAL_ERROR) == ("aebnas.search.trainable.TrialError: candidate cannot be built: "
                                              "exit2_m1_kernel=4 is not one of (3, 5) (failed before; not retried)")
     assert count_failures(ACTOR_DIED) == 1 and count_failures(TRIAL_ERROR) == 2 and count_failures("") == 0
     # A search resumed at 17-10-03 retried the trial: only its failures since then count.
@@ -120,7 +120,7 @@ def test_storage_uri_loads_like_a_path(tiny_search):
 
 def test_default_target_from_the_settings_under_a_uri(tiny_search, tmp_path):
     """With no --target-macs, analysis works at the experiment's own target, read from the settings
-    file that aebnas.experiment writes under a storage URI (the same pyarrow.fs layer both ways)."""
+    file that aebnas.search.experiment writes under a storage URI (the same pyarrow.fs layer both ways)."""
     from analysis.__main__ import _target, main
 
     path, _, exp = tiny_search
@@ -189,8 +189,8 @@ def test_labels_from_files_when_the_state_is_missing(tiny_search, tmp_path):
 PARTIAL_DRIVER = """
 import sys
 import ray
-from aebnas.experiment import Experiment
-from aebnas.tuner import run
+from aebnas.search.experiment import Experiment
+from aebnas.search.tuner import run
 # One CPU: trials run one at a time, and Ray Tune creates all four at the start (a searcher's
 # max_concurrent=1 would create each only when the one before ends, so the last could be missing).
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

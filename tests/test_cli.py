@@ -8,7 +8,7 @@ import pytest
 
 from aebnas.cli import main
 from aebnas.config import largest_arch, smallest_arch
-from aebnas.cost import exit_costs, param_count, segment_macs
+from aebnas.cost.macs import exit_costs, param_count, segment_macs
 
 ARCHS = {"smallest": smallest_arch(), "largest": largest_arch()}
 

@@ -1,10 +1,10 @@
-"""Tests for aebnas/cost.py: MACs against hand counts, C_i bookkeeping, caching."""
+"""Tests for aebnas/cost/macs.py: MACs against hand counts, C_i bookkeeping, caching."""
 
 import numpy as np
 import pytest
 
 from aebnas.config import ExitModuleConfig, largest_arch, smallest_arch, uniform_arch
-from aebnas.cost import ExitCosts, _segment_macs, exit_costs, param_count, segment_macs
+from aebnas.cost.macs import ExitCosts, _segment_macs, exit_costs, param_count, segment_macs
 from aebnas.reference import analytic_segment_macs, block_macs
 
 # --------------------------------------------------------------------------- hand counting
@@ -175,7 +175,7 @@ def test_param_count_grows_by_the_branch_parameters():
 
 def test_one_rule_assembles_c_i_from_segments_in_any_unit():
     """costs_from_segments: backbone up to each exit (stem + stages), the head on the final."""
-    from aebnas.cost import costs_from_segments
+    from aebnas.cost.macs import costs_from_segments
 
     arch = uniform_arch(2, 3, 3, exits=(2, 4))
     costs = costs_from_segments(arch, 1.0, [2.0, 3.0, 4.0, 5.0, 6.0], [0.5, 0.25], 10.0, "ms")
@@ -190,7 +190,7 @@ def test_one_rule_assembles_c_i_from_segments_in_any_unit():
 def test_piece_costs_say_their_unit_and_read_old_searcher_checkpoints():
     import pickle
 
-    from aebnas.cost import PieceCosts
+    from aebnas.cost.macs import PieceCosts
 
     arch = smallest_arch()
     ms = PieceCosts(measure=lambda key, build, shape: 1.0, unit="ms").exit_costs(arch)

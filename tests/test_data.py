@@ -1,4 +1,4 @@
-"""Tests for aebnas/data.py and aebnas/batches.py: loaders read the real on-disk formats; batches are exact."""
+"""Tests for aebnas/data/datasets.py and aebnas/data/batches.py: loaders read the real on-disk formats; batches are exact."""
 
 import hashlib
 import pickle
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
 
-from aebnas.batches import BatchLoader, calibration_loader
-import aebnas.data as data_module
-from aebnas.data import DATASET_NAMES, Dataset, DatasetNotFoundError, embedded_dataset_path, load_dataset
+from aebnas.data.datasets.batches import BatchLoader, calibration_loader
+import aebnas.data.datasets as data_module
+from aebnas.data.datasets import DATASET_NAMES, Dataset, DatasetNotFoundError, embedded_dataset_path, load_dataset
 
 
 def _md5(path):

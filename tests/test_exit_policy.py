@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from aebnas.config import ExitModuleConfig, uniform_arch
-from aebnas.cost import exit_costs
+from aebnas.cost.macs import exit_costs
 from aebnas.exit_policy import (
     PAPER_GRID,
     ExitCosts,
@@ -29,7 +29,7 @@ from aebnas.exit_policy import (
 )
 from aebnas.nn import EarlyExitNet, torch_confidence
 from aebnas.reference import loop_costs, loop_simulate, loop_tune_thresholds
-from aebnas.train import evaluate, recalibrate_bn
+from aebnas.training.loop import evaluate, recalibrate_bn
 
 COSTS = ExitCosts(backbone=[1.0, 2.5, 4.0, 9.0], branch=[0.2, 0.3, 0.5])
 

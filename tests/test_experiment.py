@@ -20,11 +20,11 @@ from search_spaces import SPACES
 
 from aebnas.cluster import describe_resources, trial_resources
 from aebnas.errors import ExperimentError
-from aebnas.experiment import Experiment, experiment_path
-from aebnas.flags import FLAGS, RESOLUTIONS, add_arguments, experiment_from_args
+from aebnas.search.experiment import Experiment, experiment_path
+from aebnas.search.flags import FLAGS, RESOLUTIONS, add_arguments, experiment_from_args
 from aebnas.settings import EXPERIMENT_FILE, LATENCY_BACKENDS
-from aebnas.storage import read_experiment_settings
-from aebnas.tuner import run
+from aebnas.search.storage import read_experiment_settings
+from aebnas.search.tuner import run
 from conftest import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for aebnas/export.py: export a retrained run of a real search to one TorchScript file
+"""Tests for aebnas/deploy/torchscript.py: export a retrained run of a real search to one TorchScript file
 (``EarlyExitNet.infer`` with its thresholds and preprocessing inside), refuse files carrying
 pickled objects, and classify image files with the export (without Ray)."""
 
@@ -19,15 +19,15 @@ from torch import nn
 
 from aebnas.cli import main
 from aebnas.config import ExitModuleConfig, uniform_arch
-from aebnas.batches import BatchLoader
-from aebnas.data import load_dataset
+from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.datasets import load_dataset
 from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
-from aebnas.export import DeployedEarlyExitNet, export, load_run, predict
+from aebnas.deploy.torchscript import DeployedEarlyExitNet, export, load_run, predict
 from aebnas.nn import EarlyExitNet, torch_confidence
-from aebnas.retrain import RetrainRequest, retrain
+from aebnas.deploy.retrain import RetrainRequest, retrain
 from aebnas.settings import parse_trial_config
-from aebnas.train import load_checkpoint, recalibrate_bn
-from aebnas.trials import load_experiment_data, read_experiment_dir
+from aebnas.training.loop import load_checkpoint, recalibrate_bn
+from aebnas.search.trials import load_experiment_data, read_experiment_dir
 from conftest import Evil
 
 EPOCHS = 1  # export and predict need a finished run, not a good one
@@ -375,7 +375,7 @@ def test_predict_runs_without_ray(exported, tmp_path):
         "loaded = sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'ray' and v is not None)\n"
         "if loaded:\n    raise SystemExit('ray modules were loaded: ' + ', '.join(loaded))\n"
         "try:  # the block works: a module that needs Ray cannot be imported\n"
-        "    import aebnas.trainable\n"
+        "    import aebnas.search.trainable\n"
         "except ImportError as exc:\n"
         "    print(exc, file=sys.stderr)\n"
         "else:\n"

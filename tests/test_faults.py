@@ -145,7 +145,7 @@ def train_with_memory_allowance(config, data):
 
     import torch
 
-    from aebnas.trainable import train_candidate
+    from aebnas.search.trainable import train_candidate
 
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     held = _vm_data()
@@ -175,13 +175,13 @@ BAD_POINTS = {"diverges": DIVERGES, "cannot_build": CANNOT_BUILD, "too_big": TOO
 
 
 def test_bad_trials_end_errored_and_the_search_goes_on(ray_local, small_npz, tmp_path, monkeypatch):
-    """Four trials through aebnas.tuner.run: one normal, one that diverges, one that cannot be
+    """Four trials through aebnas.search.tuner.run: one normal, one that diverges, one that cannot be
     built, one out of memory. Only the search algorithm (to pick the four configs) and the
     trainable (to cap its memory) are swapped; Ray is real."""
     import ray.cloudpickle
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from aebnas import experiment, tuner
+    from aebnas.search import experiment, tuner
     from conftest import tiny_experiment
 
     points = [{}, *BAD_POINTS.values()]  # a sampled candidate, then the three bad ones

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aebnas.data import embedded_dataset_path
-from aebnas.tuner import run
+from aebnas.data.datasets import embedded_dataset_path
+from aebnas.search.tuner import run
 from conftest import tiny_experiment
 
 # Far from chance (10%) after a few epochs on the embedded subset (measured: 33-40%).

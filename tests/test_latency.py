@@ -1,4 +1,4 @@
-"""Tests for aebnas/latency.py and ``aebnas latency profile``: the table covers every piece a
+"""Tests for aebnas/cost/latency.py and ``aebnas latency profile``: the table covers every piece a
 space can build (checked against every network of a small space), C_i in ms is the sum of
 the table's pieces, a killed profile resumes, and bad input is refused with a clear error."""
 
@@ -11,9 +11,9 @@ import pytest
 
 from aebnas.cli import main
 from aebnas.config import ArchConfig, SpaceValues, random_arch, uniform_arch
-from aebnas.cost import count_macs, exit_costs
-from aebnas.latency import LatencyTable, covering_archs, space_pieces
-from aebnas.latency_profile import ProfileRequest, profile
+from aebnas.cost.macs import count_macs, exit_costs
+from aebnas.cost.macs.latency import LatencyTable, covering_archs, space_pieces
+from aebnas.deploy.latency_profile import ProfileRequest, profile
 
 pytest.importorskip("onnxruntime")
 
@@ -168,8 +168,8 @@ def tiny_table(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latency_search(ray_local, small_npz, tiny_table, tmp_path_factory):
-    from aebnas.experiment import experiment_path
-    from aebnas.tuner import run
+    from aebnas.search.experiment import experiment_path
+    from aebnas.search.tuner import run
     from conftest import tiny_experiment
 
     table = LatencyTable(tiny_table, "torch")
@@ -232,7 +232,7 @@ def test_analysis_plots_accuracy_against_milliseconds(latency_search, tmp_path):
 
 
 def test_latency_search_refuses_a_table_that_does_not_cover_the_space(small_npz, tmp_path, tiny_table):
-    from aebnas.tuner import run
+    from aebnas.search.tuner import run
     from aebnas.errors import ExperimentError
     from conftest import tiny_experiment
 
@@ -256,7 +256,7 @@ def test_latency_search_refuses_a_table_that_does_not_cover_the_space(small_npz,
 
 
 def test_nonnegative_fit_recovers_overheads_and_never_goes_negative():
-    from aebnas.latency_profile import _nonnegative_fit
+    from aebnas.deploy.latency_profile import _nonnegative_fit
 
     rng = np.random.default_rng(0)
     x = np.c_[rng.uniform(1, 5, 12), rng.integers(0, 4, 12), np.ones(12)]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from aebnas.tuner import run
-from aebnas.moasha import MOASHA, pareto_ranks
-from aebnas.pareto import non_dominated_fronts
+from aebnas.search.tuner import run
+from aebnas.search.moasha import MOASHA, pareto_ranks
+from aebnas.search.pareto import non_dominated_fronts
 from conftest import tiny_experiment
 
 

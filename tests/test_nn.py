@@ -7,7 +7,7 @@ from torch import nn
 
 from aebnas.config import ExitModuleConfig, uniform_arch
 from aebnas.nn import EarlyExitNet, make_divisible, torch_confidence
-from aebnas.train import recalibrate_bn
+from aebnas.training.loop import recalibrate_bn
 
 NUM_CLASSES = 7
 

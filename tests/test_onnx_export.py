@@ -1,4 +1,4 @@
-"""Tests for ``aebnas export --format onnx`` (aebnas/onnx_export.py) and its driver
+"""Tests for ``aebnas export --format onnx`` (aebnas/deploy/onnx_export.py) and its driver
 (aebnas/onnx_runner.py): on every test image the ONNX graphs take the exit of
 ``EarlyExitNet.infer`` with logits within 1e-4; the export runs with numpy and onnxruntime
 alone; ``aebnas predict`` takes the export directory."""
@@ -16,10 +16,10 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from aebnas.batches import BatchLoader  # noqa: E402
-from aebnas.data import load_dataset  # noqa: E402
-from aebnas.export import DeployedEarlyExitNet, export, load_run, predict  # noqa: E402
-from aebnas.onnx_export import export_onnx  # noqa: E402
+from aebnas.data.datasets.batches import BatchLoader  # noqa: E402
+from aebnas.data.datasets import load_dataset  # noqa: E402
+from aebnas.deploy.torchscript import DeployedEarlyExitNet, export, load_run, predict  # noqa: E402
+from aebnas.deploy.onnx_export import export_onnx  # noqa: E402
 from aebnas.onnx_runner import OnnxEarlyExitNet  # noqa: E402
 from test_export import _median_thresholds, _run_cli, _write_images, experiment, run  # noqa: E402,F401
 

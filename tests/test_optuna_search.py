@@ -1,4 +1,4 @@
-"""aebnas.optuna_search: Optuna's samplers survive Ray Tune's pickling on every supported Optuna
+"""aebnas.search.optuna_search: Optuna's samplers survive Ray Tune's pickling on every supported Optuna
 release (5.1 added a thread lock to the GA samplers), and an unsupported release is named."""
 
 import pickle
@@ -8,7 +8,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from aebnas.optuna_search import NSGAIISampler, TPESampler, check_optuna_version, optuna_search  # noqa: E402
+from aebnas.search.optuna_search import NSGAIISampler, TPESampler, check_optuna_version, optuna_search  # noqa: E402
 from aebnas.errors import ExperimentError  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

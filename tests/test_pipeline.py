@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aebnas.errors import ExperimentError
-from aebnas.experiment import experiment_path
+from aebnas.search.experiment import experiment_path
 from aebnas.pipeline import DEPLOY_DIR, JOB_FILE, PREDICT_FILE, Deployment, check_export, job_name, run_job
 from tests.conftest import tiny_experiment
 

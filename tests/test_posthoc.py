@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aebnas.cost import ExitCosts
+from aebnas.cost.macs import ExitCosts
 from aebnas.exit_policy import PAPER_GRID, ExitOutputs, simulate, threshold_grid, tune_thresholds
 from analysis.pareto import pareto_mask
 from analysis.posthoc import (exit_breakdown, load_outputs, oracle_bounds, retune, retune_trials, sweep_front,

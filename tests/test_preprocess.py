@@ -1,11 +1,11 @@
-"""aebnas/preprocess.py: the one input rule (scale, shift, resize) of training, TorchScript and ONNX."""
+"""aebnas/data/preprocess.py: the one input rule (scale, shift, resize) of training, TorchScript and ONNX."""
 
 import numpy as np
 import pytest
 import torch
 
-from aebnas.batches import BatchLoader
-from aebnas.preprocess import Preprocess, resize
+from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.datasets.preprocess import Preprocess, resize
 
 MEAN, STD = (0.5, 0.25, 0.0), (0.5, 0.25, 2.0)
 

@@ -1,4 +1,4 @@
-"""Tests for aebnas/retrain.py (and the reading of an experiment, aebnas/trials.py): retrain a
+"""Tests for aebnas/deploy/retrain.py (and the reading of an experiment, aebnas/search/trials.py): retrain a
 trial of a real search, reproduce the trial exactly with its own settings, resume after a
 kill, learn with the default epochs, read an experiment at a URI, refuse checkpoints that
 carry pickled objects."""
@@ -21,15 +21,15 @@ import torch.nn.functional as F
 
 from aebnas.cli import main
 from aebnas.errors import UsageError
-from aebnas.cost import exit_costs
-from aebnas.batches import BatchLoader
-from aebnas.data import load_dataset
+from aebnas.cost.macs import exit_costs
+from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.datasets import load_dataset
 from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
-from aebnas.export import load_run
-from aebnas.retrain import DEFAULT_EPOCHS, RetrainRequest, retrain
+from aebnas.deploy.torchscript import load_run
+from aebnas.deploy.retrain import DEFAULT_EPOCHS, RetrainRequest, retrain
 from aebnas.settings import parse_trial_config
-from aebnas.train import CandidateTraining, evaluate, load_checkpoint
-from aebnas.trials import (ExperimentDir, TrialRecord, find_trial, load_experiment_data, read_experiment_dir,
+from aebnas.training.loop import CandidateTraining, evaluate, load_checkpoint
+from aebnas.search.trials import (ExperimentDir, TrialRecord, find_trial, load_experiment_data, read_experiment_dir,
                            score_trials, trial_arch, val_outputs_from_checkpoint)
 from conftest import Evil
 

@@ -7,7 +7,7 @@ import torch
 from ray.tune.search.sample import Domain
 
 from aebnas.config import PAPER_SPACE, ArchConfig
-from aebnas.cost import exit_costs
+from aebnas.cost.macs import exit_costs
 from aebnas.nn import EarlyExitNet
 from search_spaces import SPACES, aebnas_space, fixed_exits_space, static_space
 from search_spaces.fixed_exits import DEFAULT_BRANCH

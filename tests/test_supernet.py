@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from aebnas.config import SpaceValues, largest_arch, random_arch, smallest_arch
-from aebnas.data import load_dataset
+from aebnas.data.datasets import load_dataset
 from aebnas.nn import covers, extract
-from aebnas.supernet import (SupernetSettings, SupernetTraining, check_supernet, distillation_loss, image_digests,
+from aebnas.training.supernet import (SupernetSettings, SupernetTraining, check_supernet, distillation_loss, image_digests,
                              load_supernet, read_supernet_info, save_supernet, score_subnet)
-from aebnas.train import Scorer, load_checkpoint
+from aebnas.training.loop import Scorer, load_checkpoint
 from ray_sandbox import ray_sandbox  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_two_workers_train_what_one_does(data):
     """
     import torch.distributed as dist
 
-    from aebnas.supernet import _all_reduce_mean
+    from aebnas.training.supernet import _all_reduce_mean
 
     settings = SupernetSettings(epochs=1, batch_size=64, warmup_fraction=0.0, random_subnets=1)
     run = SupernetTraining(TINY, WIDTH, data, settings, torch.device("cpu"))
@@ -233,7 +233,7 @@ def test_supernet_eval_command(trained, tmp_path):
 
 def _search(storage, small_npz, supernet, **changes):
     """A tiny search whose candidates inherit from ``supernet`` (a path, or None)."""
-    from aebnas.experiment import Experiment
+    from aebnas.search.experiment import Experiment
 
     base = Experiment(dataset=str(small_npz), val_size=100, space="aebnas", space_kwargs=TINY_KWARGS,
                       width_mult=WIDTH, target_macs=0.5, supernet=supernet and str(supernet), epochs=0, num_samples=3,
@@ -242,8 +242,8 @@ def _search(storage, small_npz, supernet, **changes):
 
 
 def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz, tmp_path):
-    from aebnas.tuner import run
-    from aebnas.supernet import inherited_network
+    from aebnas.search.tuner import run
+    from aebnas.training.supernet import inherited_network
 
     _, _, path = trained
     exp = _search(tmp_path, small_npz, path, num_samples=2)
@@ -270,7 +270,7 @@ def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz
 
 
 def test_search_fine_tunes_inherited_weights(ray_local, trained, small_npz, tmp_path):
-    from aebnas.tuner import run
+    from aebnas.search.tuner import run
 
     results = run(_search(tmp_path, small_npz, trained[2], epochs=2, num_samples=1, name="finetune",
                           finetune_lr=0.005))
@@ -282,7 +282,7 @@ def test_search_fine_tunes_inherited_weights(ray_local, trained, small_npz, tmp_
 
 
 def test_search_refuses_a_supernet_that_does_not_fit(trained, small_npz, tmp_path):
-    from aebnas.tuner import run
+    from aebnas.search.tuner import run
     from aebnas.errors import ExperimentError
 
     path = trained[2]
@@ -300,7 +300,7 @@ def test_search_refuses_a_supernet_that_does_not_fit(trained, small_npz, tmp_pat
 
 
 def test_search_refuses_a_supernet_trained_on_its_validation_images(ray_local, trained, small_npz, tmp_path):
-    from aebnas.tuner import run
+    from aebnas.search.tuner import run
     from aebnas.errors import ExperimentError
 
     with pytest.raises(ExperimentError, match="validation/test images"):
@@ -314,8 +314,8 @@ def test_search_refuses_a_supernet_trained_on_its_validation_images(ray_local, t
 @pytest.fixture(scope="module")
 def inherited_trial(ray_local, trained, small_npz, tmp_path_factory):
     """A search whose candidates scored their inherited weights (epoch 0), and one of its trials."""
-    from aebnas.tuner import run
-    from aebnas.trials import read_experiment_dir
+    from aebnas.search.tuner import run
+    from aebnas.search.trials import read_experiment_dir
 
     storage = tmp_path_factory.mktemp("inherited")
     results = run(_search(storage, small_npz, trained[2], num_samples=2, name="picked"))
@@ -327,9 +327,9 @@ def test_retrain_inherit_with_0_epochs_is_the_trial_itself(inherited_trial, trai
     """`retrain --inherit --epochs 0` scores the weights the trial inherited, as the trial did:
     the same outputs, thresholds and reported numbers, and model.pt holds the supernet's slices."""
     from aebnas.exit_policy import load_exit_outputs
-    from aebnas.retrain import RetrainRequest, retrain
+    from aebnas.deploy.retrain import RetrainRequest, retrain
     from aebnas.settings import parse_trial_config
-    from aebnas.supernet import inherited_network
+    from aebnas.training.supernet import inherited_network
 
     path, trial = inherited_trial
     out = path.parent / "r0"
@@ -370,7 +370,7 @@ def test_retrain_inherit_fine_tunes_at_the_given_rate_and_resumes_only_alike(inh
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     # The fine-tuned weights moved away from the inherited ones.
     arch, _ = parse_trial_config(trial.config)
-    from aebnas.supernet import inherited_network
+    from aebnas.training.supernet import inherited_network
 
     inherited = inherited_network(load_checkpoint(trained[2]), arch, "margin").state_dict()
     weights = load_checkpoint(out / "model.pt")
@@ -405,7 +405,7 @@ def test_retrain_refuses_a_supernet_it_cannot_start_from(inherited_trial, tmp_pa
 
 def test_supernet_request_refuses_a_space_that_is_not_in_the_registry():
     from aebnas.errors import ExperimentError
-    from aebnas.supernet_train import SupernetRequest
+    from aebnas.training.supernet_job import SupernetRequest
 
     with pytest.raises(ExperimentError, match=r"space='nope' is not one of \('aebnas', 'fixed_exits', 'static'\)"):
         SupernetRequest(out="unused", space_name="nope").validate()
@@ -467,7 +467,7 @@ def test_search_trains_its_supernet_first_then_reuses_it(ray_local, small_npz, t
     """A tune_config without --supernet (supernet_epochs > 0): one command trains a supernet under the
     storage path, then searches with it; the next search on the same split reuses it (the first
     step of its run, called here alone)."""
-    from aebnas.tuner import run
+    from aebnas.search.tuner import run
 
     exp = _search(tmp_path, small_npz, None, supernet_epochs=1, supernet_workers=0, num_samples=2, name="auto")
     expected = Path(exp.supernet_path())
@@ -478,7 +478,7 @@ def test_search_trains_its_supernet_first_then_reuses_it(ray_local, small_npz, t
     saved = json.loads((tmp_path / "auto" / "aebnas_experiment.json").read_text())
     assert saved["supernet"] == str(expected)  # a --resume continues with the same supernet
     assert "training the supernet in this process" in capsys.readouterr().out
-    from aebnas.tuner import train_supernet_first
+    from aebnas.search.tuner import train_supernet_first
 
     data = load_dataset(str(small_npz), val_size=100, seed=0)
     assert train_supernet_first(dataclasses.replace(exp, name="again"), data) == str(expected)
@@ -514,10 +514,10 @@ def test_shipped_supernet_gives_a_network_worth_having():
     test accuracy (the from-scratch quickstart reached 34%) with ≥ 20% of test images leaving early,
     thresholds tuned on validation only. Deterministic: inherited weights, seeded calibration sample."""
     from aebnas.config import ArchConfig
-    from aebnas.cost import exit_costs
+    from aebnas.cost.macs import exit_costs
     from aebnas.exit_policy import simulate, tune_thresholds
     from aebnas.settings import PAPER_GRID, PAPER_LAMBDA
-    from aebnas.supernet import EMBEDDED_SUPERNET
+    from aebnas.training.supernet import EMBEDDED_SUPERNET
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET)
     assert info.width_mult == 0.75 and info.resolutions == (32, 36, 40) and info.epochs == 60
@@ -536,7 +536,7 @@ def test_shipped_supernet_gives_a_network_worth_having():
 
 
 def test_supernet_settings_are_typed_and_old_records_still_read():
-    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetSettings, read_supernet_info
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetSettings, read_supernet_info
 
     info = read_supernet_info(EMBEDDED_SUPERNET)
     assert isinstance(info.settings, SupernetSettings) and info.settings.label_smoothing == 0.1
@@ -549,7 +549,7 @@ def test_supernet_settings_are_typed_and_old_records_still_read():
 def test_the_directory_supernet_train_wrote_is_taken_as_the_supernet(trained, tmp_path, capsys):
     """`aebnas supernet train --out DIR` prints DIR; `--supernet DIR` must take it (it means DIR/supernet.pt)."""
     from aebnas.errors import ExperimentError
-    from aebnas.experiment import Experiment
+    from aebnas.search.experiment import Experiment
     from aebnas.settings import TrialSettings
 
     directory = trained[2].parent
@@ -561,7 +561,7 @@ def test_the_directory_supernet_train_wrote_is_taken_as_the_supernet(trained, tm
 
 
 def test_supernet_epochs_show_progress_inside_the_epoch(data):
-    from aebnas.supernet_train import run_epochs
+    from aebnas.training.supernet_job import run_epochs
 
     settings = SupernetSettings(epochs=1, batch_size=64, warmup_fraction=0.0, seed=0)
     run = SupernetTraining(TINY, WIDTH, data, settings, torch.device("cpu"), dataset_name=data.name)
@@ -577,7 +577,7 @@ def test_the_supernet_is_built_once_per_process_for_the_same_weights():
     """Trials of a search run one after another in one worker process, each handed the same record:
     the supernet module is built once, candidates take copies, and other weights build another."""
     from aebnas.config import random_arch
-    from aebnas.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, inherited_network, supernet_from_state
+    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, inherited_network, supernet_from_state
 
     record = load_checkpoint(EMBEDDED_SUPERNET)
     again = {**record, "model": {k: v.clone() for k, v in record["model"].items()}}  # as Ray hands it: a fresh copy
@@ -619,7 +619,7 @@ def test_a_run_directory_of_an_older_aebnas_is_still_resumed(tmp_path):
     """A request file written before a setting existed (here lr_batch) matches a request that leaves it at
     its default: a finished or interrupted supernet stays usable after an upgrade; other values are refused."""
     from aebnas.errors import ExperimentError
-    from aebnas.supernet_train import REQUEST_FILE, SupernetRequest, _check_request_file
+    from aebnas.training.supernet_job import REQUEST_FILE, SupernetRequest, _check_request_file
 
     request = SupernetRequest(out=str(tmp_path), settings=SupernetSettings(epochs=3))
     _check_request_file(tmp_path, request)
@@ -635,7 +635,7 @@ def test_a_run_directory_of_an_older_aebnas_is_still_resumed(tmp_path):
 def test_compile_is_asked_for_by_the_request_and_is_not_part_of_its_identity(data):
     """`--compile` reaches the training run (the two fixed subnets get a compiled module, nothing compiles
     until their first step), and a run started without it resumes with it: speed only."""
-    from aebnas.supernet_train import SupernetRequest, _loop_config, _make_run
+    from aebnas.training.supernet_job import SupernetRequest, _loop_config, _make_run
 
     plain = SupernetRequest(out="unused", space_kwargs=TINY_KWARGS, width_mult=WIDTH,
                             settings=SupernetSettings(epochs=1, batch_size=64), workers=0)
@@ -656,7 +656,7 @@ def test_compiled_supernet_training_trains_what_the_eager_one_does(data, small_n
     (Weights are compared after one step only: the tiny supernet's training is chaotic enough that two eager
     runs whose weights differ by 1e-7 differ by 20% in some depthwise weights after 4 steps, measured.)"""
     from aebnas.cli import main
-    from aebnas.preprocess import resize
+    from aebnas.data.datasets.preprocess import resize
 
     settings = SupernetSettings(epochs=1, batch_size=64, warmup_fraction=0.0, random_subnets=1)
     grads = []

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from aebnas.config import SpaceValues, random_arch
-from aebnas.cost import PieceCosts, exit_costs
-from aebnas.tuner import run
-from aebnas.predictors import PREDICTORS, choose_predictor, cross_validated_tau, kendall_tau, make_predictor
+from aebnas.cost.macs import PieceCosts, exit_costs
+from aebnas.search.tuner import run
+from aebnas.search.predictors import PREDICTORS, choose_predictor, cross_validated_tau, kendall_tau, make_predictor
 from conftest import tiny_experiment
 from ray_sandbox import quickstart_argv, ray_sandbox  # noqa: F401  (fixture)
 from search_spaces import aebnas_space
 from search_spaces.encoding import Encoding
 
 pytest.importorskip("pymoo")
-from aebnas.surrogate import LOG_FILE, SurrogateSearch  # noqa: E402
+from aebnas.search.surrogate import LOG_FILE, SurrogateSearch  # noqa: E402
 
 FIXED = {"width_mult": 0.25, "num_classes": 10, "in_channels": 3}
 

@@ -1,4 +1,4 @@
-"""Tests for aebnas/train.py: the joint loss, divergence, evaluation, and one real training run."""
+"""Tests for aebnas/training/loop.py: the joint loss, divergence, evaluation, and one real training run."""
 
 import copy
 import time
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from aebnas.config import PAPER_SPACE, ArchConfig, ExitModuleConfig, uniform_arch
-from aebnas.batches import BatchLoader
-from aebnas.data import load_dataset
+from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.datasets import load_dataset
 from aebnas.nn import torch_confidence
 from aebnas.nn import EarlyExitNet
 from aebnas.settings import TrialSettings
-from aebnas.train import (
+from aebnas.training.loop import (
     NonFiniteLossError,
     TrainSettings,
     evaluate,
@@ -202,7 +202,7 @@ def test_training_on_the_cifar10_subset_learns(two_threads):
 @pytest.mark.parametrize("total_steps", range(1, 10))
 def test_the_schedule_runs_for_any_number_of_steps(total_steps):
     """A tiny dataset gives a few steps in all; 4 (pct_start x steps = 1) once divided by zero in OneCycleLR."""
-    from aebnas.train import make_scheduler
+    from aebnas.training.loop import make_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     settings = TrainSettings(epochs=total_steps, lr=0.1)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from aebnas.config import ArchConfig, is_arch_key
-from aebnas.cost import exit_costs
+from aebnas.cost.macs import exit_costs
 from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
-from aebnas.trainable import parse_trial_config
+from aebnas.search.trainable import parse_trial_config
 
 CONTRACT = ("score", "accuracy", "avg_macs", "final_accuracy", "static_macs", "thresholds", "epoch", "epochs")
 
@@ -92,7 +92,7 @@ def _min_arch():
 def test_a_trial_without_a_gpu_runs_on_cpu(ray_local):
     """device=auto inside Ray: CUDA only when Ray gave the task a GPU (Ray 2.60 does not hide a
     node's GPUs from tasks that reserved none); explicit devices are kept."""
-    from aebnas.trainable import _trial_device
+    from aebnas.search.trainable import _trial_device
 
     @ray_local.remote(num_gpus=0)
     def devices():

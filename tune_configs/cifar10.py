@@ -12,8 +12,8 @@ Every setting has a flag: python tune_configs/cifar10.py --help
 
 import sys
 
-from aebnas.experiment import paper_experiment
-from aebnas.flags import main
+from aebnas.search.experiment import paper_experiment
+from aebnas.search.flags import main
 
 PAPER = paper_experiment("cifar10", target_macs=17.0, val_size=5000)
 

@@ -34,7 +34,7 @@ Every setting has a flag: python tune_configs/fashion_mnist.py --help
 
 import sys
 
-from aebnas.experiment import Experiment
+from aebnas.search.experiment import Experiment
 from aebnas.pipeline import Deployment, job_main
 
 FASHION_MNIST = Experiment(

@@ -10,9 +10,9 @@ candidate for an epoch first.
 
 import sys
 
-from aebnas.experiment import Experiment
-from aebnas.flags import main
-from aebnas.supernet import EMBEDDED_SUPERNET
+from aebnas.search.experiment import Experiment
+from aebnas.search.flags import main
+from aebnas.training.supernet import EMBEDDED_SUPERNET
 
 QUICKSTART = Experiment(
     dataset="cifar10-subset",

@@ -3,7 +3,7 @@ builders that turn ``aebnas.config`` rows into them: :func:`build_stem`, :func:`
 and the one weight initialisation, :func:`init_weights`.
 
 ``aebnas.nn.network`` (the plain network), ``aebnas.nn.elastic`` (the supernet) and
-``aebnas.cost`` (its pieces) build the stem and head with these, so each is typed once."""
+``aebnas.cost.macs`` (its pieces) build the stem and head with these, so each is typed once."""
 
 from __future__ import annotations
 

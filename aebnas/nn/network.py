@@ -18,7 +18,7 @@ from .exits import ExitBranch
 class EarlyExitNet(nn.Module):
     """The network an ``ArchConfig`` describes; scriptable with ``torch.jit.script``.
 
-    Segments (what ``aebnas.cost`` measures): ``stem`` (stem conv + first block),
+    Segments (what ``aebnas.cost.macs`` measures): ``stem`` (stem conv + first block),
     ``stages[0..4]``, ``branches[s]`` (the exit after stage s + 1, ``Identity`` where there is
     none), ``head`` (960-channel expand, pooling, 1280-channel mix, classifier).
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from .settings import EXPERIMENT_FILE
+from ..settings import EXPERIMENT_FILE
 
 
 def resolve_storage_path(storage_path: str) -> str:

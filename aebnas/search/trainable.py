@@ -23,17 +23,17 @@ from typing import Any
 import torch
 from ray import tune
 
-from .config import ArchConfig
-from .cost import exit_costs
-from .data import Dataset
-from .exit_policy import ExitCosts, ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
-from .latency import LatencyTable, latency_metrics
-from .progress import Progress
-from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
+from ..config import ArchConfig
+from ..cost.macs import exit_costs
+from ..data.datasets import Dataset
+from ..exit_policy import ExitCosts, ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
+from ..cost.latency import LatencyTable, latency_metrics
+from ..progress import Progress
+from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
-from .supernet import inherited_network
+from ..training.supernet import inherited_network
 from .trials import FAILURE_FILE, permanent_failure
-from .train import CandidateTraining, NonFiniteLossError, load_checkpoint, select_device
+from ..training.loop import CandidateTraining, NonFiniteLossError, load_checkpoint, select_device
 
 
 
@@ -171,7 +171,7 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
 
     ``supernet``: the record of a supernet file; the candidate inherits its weights and
     fine-tunes ``epochs`` epochs (0: its inherited weights are scored once, as epoch 0).
-    ``latency``: a latency table (``aebnas.latency.read_table``); with ``target_ms`` set, the
+    ``latency``: a latency table (``aebnas.cost.macs.latency.read_table``); with ``target_ms`` set, the
     thresholds are tuned for that average latency and ``avg_ms`` is reported beside ``avg_macs``.
     """
     trial_dir = _trial_dir()

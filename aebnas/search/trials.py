@@ -22,16 +22,16 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from .errors import UsageError
-from .config import ArchConfig
-from .cost import exit_costs
-from .batches import BatchLoader
-from .data import Dataset, DatasetNotFoundError, load_dataset
-from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, tune_thresholds
-from .nn import EarlyExitNet
+from ..errors import UsageError
+from ..config import ArchConfig
+from ..cost.macs import exit_costs
+from ..data.batches import BatchLoader
+from ..data.datasets import Dataset, DatasetNotFoundError, load_dataset
+from ..exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, tune_thresholds
+from ..nn import EarlyExitNet
 from .storage import filesystem
-from .settings import ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, EXPERIMENT_FILE, TrialSettings, parse_trial_config
-from .train import evaluate, load_checkpoint
+from ..settings import ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, EXPERIMENT_FILE, TrialSettings, parse_trial_config
+from ..training.loop import evaluate, load_checkpoint
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """The command line of a search (``aebnas search`` and every ``tune_configs/*.py``), made from the
 settings' own declarations.
 
-Each flag comes from a field of :class:`~aebnas.experiment.Experiment` (or the
+Each flag comes from a field of :class:`~aebnas.search.experiment.Experiment` (or the
 :class:`~aebnas.settings.TrialSettings` it extends) declared with ``setting(default, help, …)``:
 its help, choices and parser live there, once. ``FLAGS`` says which settings have a flag and in
 which order ``--help`` lists them; ``--resolutions`` is the one flag that is not a setting of its
@@ -15,10 +15,10 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
-from .data import DatasetNotFoundError
-from .errors import ExperimentError
+from ..data.datasets import DatasetNotFoundError
+from ..errors import ExperimentError
 from .experiment import Experiment, experiment_path
-from .settings import Flag, int_list
+from ..settings import Flag, int_list
 from .storage import read_experiment_settings
 from .tuner import run
 

@@ -1,6 +1,6 @@
 """``aebnas supernet train``: a supernet trained data-parallel on Ray Train, checkpointed every epoch.
 
-``train_supernet(request)`` runs :class:`aebnas.supernet.SupernetTraining` as a Ray Train
+``train_supernet(request)`` runs :class:`aebnas.training.supernet.SupernetTraining` as a Ray Train
 ``TorchTrainer`` (gloo on CPU, NCCL on GPU) on the cluster a search uses. Every epoch the
 first worker evaluates the largest and smallest subnets on the validation split, prints
 a line, and writes a checkpoint (resume state and the supernet file) to
@@ -28,14 +28,14 @@ from typing import Any, Callable
 import torch
 from search_spaces import SPACES
 
-from .config import PAPER_SPACE, SpaceValues
-from .data import Dataset, load_dataset
-from .errors import ExperimentError
-from .progress import Progress
-from .settings import CHECKPOINT_FILE, SUPERNET_FILE
+from ..config import PAPER_SPACE, SpaceValues
+from ..data.datasets import Dataset, load_dataset
+from ..errors import ExperimentError
+from ..progress import Progress
+from ..settings import CHECKPOINT_FILE, SUPERNET_FILE
 from .supernet import (SupernetSettings, SupernetTraining, load_supernet, read_supernet_info,
                        save_supernet)
-from .train import load_checkpoint, select_device
+from .loop import load_checkpoint, select_device
 
 REQUEST_FILE = "supernet_request.json"
 RUN_NAME = "train"
@@ -247,7 +247,7 @@ def _train_ray(request: SupernetRequest, data: Dataset, out: Path) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .cluster import connect_ray, default_worker_cpus
+    from ..cluster import connect_ray, default_worker_cpus
 
     connect_ray(request.address)
     use_gpu = request.use_gpu if request.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1

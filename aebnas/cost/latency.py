@@ -1,7 +1,7 @@
 """Measured latency, as a search and its trials read it: :class:`LatencyTable` turns a table of
-``aebnas latency profile`` (:mod:`aebnas.latency_profile`) into per-exit costs ``C_i`` in milliseconds.
+``aebnas latency profile`` (:mod:`aebnas.deploy.latency_profile`) into per-exit costs ``C_i`` in milliseconds.
 
-A network is cut into the pieces :class:`aebnas.cost.PieceCosts` walks (the stem, each block
+A network is cut into the pieces :class:`aebnas.cost.macs.PieceCosts` walks (the stem, each block
 at its input size, each exit-branch module, each exit classifier, the head); the table holds
 the median latency of each piece on the machine that profiled it, for one runtime (ONNX
 Runtime or PyTorch eager), thread count and batch size. ``C_i`` of a network is then the
@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
-from .config import ArchConfig, ExitModuleConfig, SpaceValues, uniform_arch
-from .cost import PieceCosts
-from .exit_policy import MS, ExitCosts
+from ..config import ArchConfig, ExitModuleConfig, SpaceValues, uniform_arch
+from .macs import PieceCosts
+from ..exit_policy import MS, ExitCosts
 
 TABLE_FORMAT = "aebnas latency table"
 
@@ -141,7 +141,7 @@ class LatencyTable:
                              f"the network has width {theirs[0]}, {theirs[1]} classes, {theirs[2]} channels")
 
     def exit_costs(self, arch: ArchConfig) -> ExitCosts:
-        """Per-exit pieces in milliseconds (as :func:`aebnas.cost.exit_costs` in MMACs), calibrated
+        """Per-exit pieces in milliseconds (as :func:`aebnas.cost.macs.exit_costs` in MMACs), calibrated
         when the table has a calibration for this backend: ``scale`` × the pieces, plus
         ``per_exit_ms`` on every exit branch (paid when it is evaluated) and ``per_image_ms`` on
         the backbone (paid by every image)."""

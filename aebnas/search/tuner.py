@@ -1,4 +1,4 @@
-"""Ray Tune's side of a search: an :class:`~aebnas.experiment.Experiment` → a ``Tuner``, run locally or
+"""Ray Tune's side of a search: an :class:`~aebnas.search.experiment.Experiment` → a ``Tuner``, run locally or
 on a cluster.
 
 ``run(experiment)`` validates the settings (before Ray starts), loads the dataset once and
@@ -19,18 +19,18 @@ from typing import Any
 
 from search_spaces.encoding import define_by_run
 
-from .cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
-from .data import load_dataset
-from .errors import ExperimentError
+from ..cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
+from ..data.datasets import load_dataset
+from ..errors import ExperimentError
 from .experiment import Experiment, experiment_path, space_needs
-from .latency import LatencyTable, covering_archs, read_table, space_pieces
+from ..cost.latency import LatencyTable, covering_archs, read_table, space_pieces
 from .moasha import MOASHA
-from .settings import EXPERIMENT_FILE
+from ..settings import EXPERIMENT_FILE
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
-from .supernet import SupernetInfo, SupernetSettings, check_supernet
-from .supernet_train import SupernetRequest, space_values_of, train_supernet
+from ..training.supernet import SupernetInfo, SupernetSettings, check_supernet
+from ..training.supernet_job import SupernetRequest, space_values_of, train_supernet
 from .surrogate import SurrogateSearch
-from .train import load_checkpoint
+from ..training.loop import load_checkpoint
 from .trainable import train_candidate
 
 PROGRESS_METRICS = {"epoch": "epoch", "score": "score", "accuracy": "acc %", "avg_macs": "MMACs",

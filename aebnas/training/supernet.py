@@ -12,11 +12,11 @@ split of a dataset. Each step (BigNAS / AttentiveNAS "sandwich rule"):
 
 For the first ``warmup_fraction`` of the epochs only the largest trains (DεpS: with a small
 budget the shared weights first need a good large network). A subnet is evaluated as every
-candidate is (:class:`aebnas.train.Scorer`): extracted, BatchNorm recalibrated on a fixed,
+candidate is (:class:`aebnas.training.loop.Scorer`): extracted, BatchNorm recalibrated on a fixed,
 seeded, shuffled sample of the training split, scored on the validation split. The
 validation and test splits are never trained on.
 
-Data-parallel training (``aebnas.supernet_train``, Ray Train) gives each worker a shard of
+Data-parallel training (``aebnas.training.supernet_job``, Ray Train) gives each worker a shard of
 every epoch (``batch_size // N`` images per step); all workers draw the same subnets each
 step (the draw is seeded by epoch and step) and average their gradients before the step.
 As with DDP without SyncBatchNorm, each worker's BatchNorm normalises by its own shard, so
@@ -42,18 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batches import BatchLoader
-from .config import ArchConfig, SpaceValues, largest_arch, random_arch, smallest_arch
-from .data import Dataset
-from .exit_policy import ExitOutputs
-from .files import atomic_write
-from .nn import ElasticEarlyExitNet, EarlyExitNet, extract
-from .preprocess import resize
-from .settings import DEFAULT_CONFIDENCE, SUPERNET_FILE, TrainSettings, supernet_file
-from .train import (LossWatch, Scorer, autocast, grad_scaler, load_checkpoint, load_optimisation_state,
+from ..data.batches import BatchLoader
+from ..config import ArchConfig, SpaceValues, largest_arch, random_arch, smallest_arch
+from ..data.datasets import Dataset
+from ..exit_policy import ExitOutputs
+from ..files import atomic_write
+from ..nn import ElasticEarlyExitNet, EarlyExitNet, extract
+from ..data.preprocess import resize
+from ..settings import DEFAULT_CONFIDENCE, SUPERNET_FILE, TrainSettings, supernet_file
+from .loop import (LossWatch, Scorer, autocast, grad_scaler, load_checkpoint, load_optimisation_state,
                     make_optimizer, make_scheduler, multi_exit_loss, optimisation_state)
 
-EMBEDDED_SUPERNET = Path(__file__).resolve().parent / "_data" / "supernet_cifar10-subset_w0.75.pt"
+EMBEDDED_SUPERNET = Path(__file__).resolve().parents[1] / "_data" / "supernet_cifar10-subset_w0.75.pt"
 """The supernet shipped with the package: the quickstart's space on the embedded CIFAR-10 subset
 (reproduce it with the command in ``aebnas/_data/README.md``)."""
 FORMAT = "aebnas-supernet"

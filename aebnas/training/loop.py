@@ -1,7 +1,7 @@
 """Training and evaluation of an early-exit network: joint loss, epochs, cached exit outputs.
 
 :class:`CandidateTraining` is the one training loop and the one evaluation path: a Ray
-Tune trial (``aebnas.trainable``) and ``aebnas retrain`` (``aebnas.retrain``) both run it,
+Tune trial (``aebnas.search.trainable``) and ``aebnas retrain`` (``aebnas.deploy.retrain``) both run it,
 so a network is trained, BatchNorm-recalibrated and scored the same way in both.
 Nothing here imports Ray.
 """
@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ArchConfig
-from .batches import BatchLoader, calibration_loader
-from .data import Dataset
-from .exit_policy import ExitOutputs
-from .nn import EarlyExitNet, torch_confidence
-from .settings import DEFAULT_CONFIDENCE, TrainSettings, TrialSettings
+from ..config import ArchConfig
+from ..data.batches import BatchLoader, calibration_loader
+from ..data.datasets import Dataset
+from ..exit_policy import ExitOutputs
+from ..nn import EarlyExitNet, torch_confidence
+from ..settings import DEFAULT_CONFIDENCE, TrainSettings, TrialSettings
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,7 +181,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
     As Once-for-All does before evaluating a sub-network: after a few epochs the running
     statistics lag behind the weights. ``batches`` must be a sample of the training split
-    that does not depend on the order of images in a file (``aebnas.data.calibration_loader``).
+    that does not depend on the order of images in a file (``aebnas.data.datasets.calibration_loader``).
     Returns the number of batches used.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -326,7 +326,7 @@ class CandidateTraining:
                 raise ValueError("the given model is not of this run's architecture")
             self.model = model
             self.train_settings = dataclasses.replace(self.train_settings, lr=settings.finetune_lr)
-        # Batches come channels_last (aebnas.batches); weights in that layout skip a conversion per layer.
+        # Batches come channels_last (aebnas.data.datasets.batches); weights in that layout skip a conversion per layer.
         self.model = self.model.to(device, memory_format=torch.channels_last)
         self.train_batches = BatchLoader.for_split(data, "train", batch_size=settings.batch_size,
                                                    resolution=arch.resolution, train=True, device=device,

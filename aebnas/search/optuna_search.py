@@ -18,7 +18,7 @@ from typing import Any, Callable
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from .errors import ExperimentError
+from ..errors import ExperimentError
 
 # The releases the suite ran with (docs/design.md, "Tested versions"); older ones lack what
 # OptunaSearch's define-by-run space and the samplers' ``seed`` need.

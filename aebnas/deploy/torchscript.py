@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
-from .nn import EarlyExitNet, torch_confidence
-from .onnx_runner import OnnxEarlyExitNet
-from .preprocess import Preprocess
-from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
+from ..errors import UsageError
+from ..exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
+from ..nn import EarlyExitNet, torch_confidence
+from ..onnx_runner import OnnxEarlyExitNet
+from ..data.preprocess import Preprocess
+from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, parse_trial_config)
-from .train import load_checkpoint
+from ..training.loop import load_checkpoint
 
 
 def _print(message: str) -> None:

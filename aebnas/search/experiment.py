@@ -1,10 +1,10 @@
 """An experiment's settings and their checks: what a search is, before anything runs.
 
 ``Experiment`` holds plain values; each setting is declared once, with its default, its
-command-line help (``setting(…)``: :mod:`aebnas.flags` makes the flags from these
+command-line help (``setting(…)``: :mod:`aebnas.search.flags` makes the flags from these
 declarations) and, in :meth:`Experiment.validate`, its check, which names a bad value before
 Ray starts. ``paper_experiment`` gives the paper's settings for a dataset. Running one, Ray
-Tune's side, is :mod:`aebnas.tuner`; the command line is :mod:`aebnas.flags`.
+Tune's side, is :mod:`aebnas.search.tuner`; the command line is :mod:`aebnas.search.flags`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 from search_spaces import SPACES
 
-from .errors import ExperimentError
-from .latency import read_table
-from .settings import SUPERNET_FILE, TrialSettings, parse_trial_config, setting, supernet_file
+from ..errors import ExperimentError
+from ..cost.latency import read_table
+from ..settings import SUPERNET_FILE, TrialSettings, parse_trial_config, setting, supernet_file
 from .storage import resolve_storage_path
-from .supernet import SupernetInfo, check_supernet, read_supernet_info
+from ..training.supernet import SupernetInfo, check_supernet, read_supernet_info
 from .surrogate import require_pymoo
 
 SEARCH_ALGS = ("random", "tpe", "nsga2", "surrogate")
@@ -46,7 +46,7 @@ class Experiment(TrialSettings):
     # seed of the train/validation split; None: ``seed``
     split_seed: int | None = setting(None, "seed of the train/validation split (default: --seed); a supernet fixes it")
     space: str = setting("aebnas", "search space: {choices}", choices=tuple(SPACES), parser_checks=False)
-    space_kwargs: dict[str, Any] = field(default_factory=dict)  # its flag: --resolutions (aebnas.flags)
+    space_kwargs: dict[str, Any] = field(default_factory=dict)  # its flag: --resolutions (aebnas.search.flags)
     width_mult: float = setting(1.0, "channel width multiplier")
     num_samples: int = setting(20, "number of trials")
     # stop the search after this many seconds (None: when num_samples are done)

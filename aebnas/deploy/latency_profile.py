@@ -1,8 +1,8 @@
 """``aebnas latency profile``: measure every piece a space can build on this machine, with ONNX
 Runtime and PyTorch, and fit how whole deployed networks differ from the sums of their pieces.
 
-The table it writes is read by :class:`aebnas.latency.LatencyTable`; the pieces and the
-networks that cover them come from :mod:`aebnas.latency`. Only the profiler exports ONNX and
+The table it writes is read by :class:`aebnas.cost.macs.latency.LatencyTable`; the pieces and the
+networks that cover them come from :mod:`aebnas.cost.macs.latency`. Only the profiler exports ONNX and
 times modules, so a trial that reads a table never loads this module.
 """
 
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import SpaceValues, random_arch
-from .export import DeployedEarlyExitNet
-from .files import atomic_write
-from .latency import TABLE_FORMAT, LatencyTable, covering_archs, space_pieces
-from .nn import EarlyExitNet, torch_confidence
+from ..config import SpaceValues, random_arch
+from .torchscript import DeployedEarlyExitNet
+from ..files import atomic_write
+from ..cost.latency import TABLE_FORMAT, LatencyTable, covering_archs, space_pieces
+from ..nn import EarlyExitNet, torch_confidence
 from .onnx_export import write_onnx
-from .onnx_runner import OnnxEarlyExitNet
-from .settings import LATENCY_BACKENDS
+from ..onnx_runner import OnnxEarlyExitNet
+from ..settings import LATENCY_BACKENDS
 
 SAVE_EVERY = 20  # pieces between writes of a table being profiled (a killed profile resumes)
 ROUNDS = 5  # a piece's timed runs are spread over this many rounds through its batch of 20 pieces

@@ -29,11 +29,11 @@ import torch
 from ptflops import get_model_complexity_info
 from torch import nn
 
-from .config import NUM_STAGES, ArchConfig, ExitRow
-from .exit_policy import MMACS, ExitCosts
-from .nn import EarlyExitNet
-from .nn.blocks import InvertedResidual, build_head, build_stem
-from .nn.exits import ExitModule
+from ..config import NUM_STAGES, ArchConfig, ExitRow
+from ..exit_policy import MMACS, ExitCosts
+from ..nn import EarlyExitNet
+from ..nn.blocks import InvertedResidual, build_head, build_stem
+from ..nn.exits import ExitModule
 
 PTFLOPS_BACKEND = "aten"
 
@@ -104,7 +104,7 @@ class PieceCosts:
     a dictionary look-up. ``misses`` counts the measurements made.
 
     ``measure(key, build, input_shape)`` gives a piece's cost in ``unit`` (default: ptflops
-    MMACs of ``build()``); :mod:`aebnas.latency` passes one that reads milliseconds from a
+    MMACs of ``build()``); :mod:`aebnas.cost.macs.latency` passes one that reads milliseconds from a
     latency table (``unit="ms"``), or records the pieces a space has, with the same walk over a
     network. A key names a piece in a latency table on disk: keys must not change.
     """

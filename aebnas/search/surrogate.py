@@ -4,13 +4,13 @@ Each iteration:
 
 1. the first ``initial`` candidates are an initial design: the smallest and the largest network
    of the space and random ones (drawn as Ray Tune draws the space, then made canonical);
-2. afterwards, accuracy predictors (:mod:`aebnas.predictors`: RBF, Gaussian process, tree
+2. afterwards, accuracy predictors (:mod:`aebnas.search.predictors`: RBF, Gaussian process, tree
    ensemble, MLP) are fitted on the archive of evaluated candidates and the one with the best
    cross-validated Kendall τ is kept (NSGANetV2's adaptive switching);
 3. NSGA-II (pymoo) searches the space's canonical vectors (:mod:`search_spaces.encoding`) on the
    paper's objectives, f1 = predicted top-1 error + λ·MAEP and f2 = MAEP, with
    MAEP = 100·|avg MACs − target| / target. Before a candidate is trained, its average MACs is
-   estimated from the exact per-exit costs (:class:`aebnas.cost.PieceCosts`: ptflops once per
+   estimated from the exact per-exit costs (:class:`aebnas.cost.macs.PieceCosts`: ptflops once per
    block or branch module, then look-ups): the thresholds can bring a network's average anywhere
    between sending every input out at the first exit and running the static network, so the
    estimate is the target clipped to that interval;
@@ -23,7 +23,7 @@ where the search stopped; each iteration is also appended to ``surrogate_log.jso
 experiment directory and printed: the predictor chosen, its cross-validated τ, and once the
 batch is evaluated, its τ on that batch.
 
-Works with ``ConcurrencyLimiter(batch=True)`` (``aebnas.experiment`` wraps it so), which makes
+Works with ``ConcurrencyLimiter(batch=True)`` (``aebnas.search.experiment`` wraps it so), which makes
 every iteration wait for the previous batch.
 """
 
@@ -39,11 +39,11 @@ import numpy as np
 from ray.tune.search import Searcher
 from search_spaces.encoding import Encoding
 
-from .config import ArchConfig
-from .cost import PieceCosts
+from ..config import ArchConfig
+from ..cost.macs import PieceCosts
 from .pareto import non_dominated_fronts
 from .predictors import PREDICTORS, choose_predictor, kendall_tau
-from .settings import PAPER_LAMBDA
+from ..settings import PAPER_LAMBDA
 
 LOG_FILE = "surrogate_log.jsonl"
 

@@ -24,11 +24,12 @@ from typing import Any, Callable, List, Sequence
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .export import _log_export, _plan, _print
-from .nn import EarlyExitNet, torch_confidence
-from .onnx_runner import FORMAT, META_FILE
-from .preprocess import Preprocess
+from ..errors import UsageError
+from .torchscript import _log_export, _plan, _print
+from ..nn import EarlyExitNet, torch_confidence
+from .. import onnx_runner
+from ..onnx_runner import FORMAT, META_FILE
+from ..data.preprocess import Preprocess
 
 RUNNER_FILE = "aebnas_onnx.py"
 OPSET = 18
@@ -106,7 +107,7 @@ def to_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: Seque
 def export_onnx(run_dir: str | Path, out: str | Path, *, target_macs: float | None = None,
                 thresholds: Sequence[float] | None = None, log: Callable[[str], None] = _print) -> dict[str, Any]:
     """Write the directory ``out``: ``model.json``, ``segment_k.onnx``, ``exit_j.onnx`` and the driver
-    ``aebnas_onnx.py``; returns the metadata. Thresholds as in :func:`aebnas.export.export`."""
+    ``aebnas_onnx.py``; returns the metadata. Thresholds as in :func:`aebnas.deploy.torchscript.export`."""
     require_onnx()
     run, th, meta = _plan(run_dir, target_macs, thresholds)
     out = Path(out).expanduser()
@@ -159,5 +160,5 @@ def write_onnx(net: EarlyExitNet, mean: Sequence[float], std: Sequence[float], m
                        "classifier",
                 versions={"torch": torch.__version__, "onnx": onnx.__version__,
                           "onnxruntime": onnxruntime.__version__})
-    shutil.copyfile(Path(__file__).with_name("onnx_runner.py"), out / RUNNER_FILE)
+    shutil.copyfile(onnx_runner.__file__, out / RUNNER_FILE)
     (out / META_FILE).write_text(json.dumps(meta, indent=1))

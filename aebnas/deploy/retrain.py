@@ -1,10 +1,10 @@
 """Retrain a trial of a search: longer, on the search's own data split.
 
 ``retrain`` picks a trial of an experiment directory (by id, or the best validation score
-at a target, by the rule of ``aebnas.trials``), trains its architecture for more epochs —
+at a target, by the rule of ``aebnas.search.trials``), trains its architecture for more epochs —
 from scratch, or (``inherit`` / ``supernet``) starting from a supernet's weights for it and
 fine-tuning them at ``finetune_lr`` — with the same training loop and evaluation path as a trial
-(``aebnas.train.CandidateTraining``: BatchNorm recalibrated on a seeded, shuffled sample of
+(``aebnas.training.loop.CandidateTraining``: BatchNorm recalibrated on a seeded, shuffled sample of
 the training split before every evaluation), tunes the exit thresholds on the validation
 split and measures the test split with them. It is resumable: a checkpoint after every
 epoch. A run directory holds::
@@ -34,19 +34,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .config import ArchConfig
-from .cost import exit_costs
-from .data import Dataset
-from .exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, tune_thresholds
-from .files import atomic_write
-from .nn import EarlyExitNet
-from .progress import Progress, duration
-from .supernet import SupernetInfo, check_supernet, inherited_network
-from .trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, split_seed, trial_arch
-from .settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
+from ..errors import UsageError
+from ..config import ArchConfig
+from ..cost.macs import exit_costs
+from ..data.datasets import Dataset
+from ..exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, tune_thresholds
+from ..files import atomic_write
+from ..nn import EarlyExitNet
+from ..progress import Progress, duration
+from ..training.supernet import SupernetInfo, check_supernet, inherited_network
+from ..search.trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, split_seed, trial_arch
+from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, resolved_config)
-from .train import CandidateTraining, load_checkpoint, select_device
+from ..training.loop import CandidateTraining, load_checkpoint, select_device
 
 
 # Trials train a few epochs; a from-scratch MobileNetV3 keeps improving well past that.

@@ -1,0 +1,1 @@
+"""What a network costs: MACs per segment (ptflops) and latency tables."""

@@ -1,0 +1,1 @@
+"""Datasets: torchvision's, a user's .npz, splits, batches and preprocessing."""

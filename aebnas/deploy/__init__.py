@@ -1,0 +1,1 @@
+"""From a search to a deployed model: retrain, TorchScript, ONNX, latency profiles."""

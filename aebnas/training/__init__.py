@@ -1,0 +1,1 @@
+"""Training: the candidate loop, the weight-sharing supernet and its Ray Train job."""
