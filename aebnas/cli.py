@@ -331,7 +331,7 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 
 def _cmd_latency(args: argparse.Namespace) -> int:
     from .deploy.latency_profile import ProfileRequest, profile
-    from .training.supernet_job import space_values_of
+    from .space_values import space_values_of
 
     try:
         space = space_values_of({"resolutions": tuple(args.resolutions)} if args.resolutions else {})

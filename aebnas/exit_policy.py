@@ -7,7 +7,7 @@ simulated without running a network; trials and ``analysis`` share this code.
 Conventions: exits are indexed 0…E-1 in position order and E is the final classifier;
 accuracies are in %, utilizations are fractions. Costs are in the unit of the
 :class:`ExitCosts` they come from (``ExitCosts.unit``): MMACs (``aebnas.cost.macs``) or
-milliseconds (``aebnas.cost.macs.latency``); fields and arguments are named ``cost``/``target``, never
+milliseconds (``aebnas.cost.latency``); fields and arguments are named ``cost``/``target``, never
 ``macs``, so a millisecond is never stored under a MACs name.
 """
 

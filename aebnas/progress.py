@@ -10,6 +10,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+Log = Callable[[str], None]  # where a long command's lines go
+
+
+def print_line(message: str) -> None:
+    """The default :data:`Log`: the line on stdout at once (a command's output is often a log file)."""
+    print(message, flush=True)
+
 
 def duration(seconds: float) -> str:
     """``seconds`` as ``"42 s"``, ``"3 min 5 s"`` or ``"2 h 04 min"``."""
@@ -29,7 +36,7 @@ class Progress:
     counted it would be off by as much for the whole epoch.
     """
 
-    def __init__(self, label: str, total_steps: int, log: Callable[[str], None], every_s: float = 30.0,
+    def __init__(self, label: str, total_steps: int, log: Log, every_s: float = 30.0,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.label, self.total, self.log, self.every_s, self.clock = label, total_steps, log, every_s, clock
         self.start = self.last = clock()

@@ -87,5 +87,31 @@ LIMITS: dict[str, Allowed] = {
 
 PAPER_SPACE = SpaceValues()
 
+# Keywords a space function of ``search_spaces`` takes besides value sets: they shape the space, not a
+# value set, so :func:`space_values_of` passes over them.
+SPACE_OPTIONS = frozenset({"min_exits", "branch"})
 
-__all__ = ["EXIT_POSITIONS", "LIMITS", "PAPER_SPACE", "Allowed", "SpaceValues"]
+
+def space_values(base: SpaceValues = PAPER_SPACE, **changes: Any) -> SpaceValues:
+    """``base`` with some value sets replaced: the one way keywords become a :class:`SpaceValues`.
+
+    Raises ValueError naming an unknown keyword or a value set the code cannot build.
+    """
+    unknown = sorted(set(changes) - set(SpaceValues.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown search-space keyword(s) {unknown}; allowed: "
+                         f"{sorted(SpaceValues.__dataclass_fields__)}")
+    return SpaceValues(**{**base.__dict__, **{k: tuple(v) for k, v in changes.items()}})
+
+
+def space_values_of(space_kwargs: dict[str, Any]) -> SpaceValues:
+    """The value sets a space's keyword arguments (an experiment's ``space_kwargs``) give, over the paper's.
+
+    The space's own options (:data:`SPACE_OPTIONS`, e.g. ``min_exits``) are passed over; any other
+    keyword that is not a value set is refused as in :func:`space_values`.
+    """
+    return space_values(PAPER_SPACE, **{k: v for k, v in space_kwargs.items() if k not in SPACE_OPTIONS})
+
+
+__all__ = ["EXIT_POSITIONS", "LIMITS", "PAPER_SPACE", "SPACE_OPTIONS", "Allowed", "SpaceValues", "space_values",
+           "space_values_of"]

@@ -25,13 +25,13 @@ import torch
 import torchvision
 from torch import nn
 
-from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.batches import BatchLoader
 from aebnas.cost.macs import count_macs
 from aebnas.data.datasets import load_dataset
 from aebnas.files import atomic_write
 from aebnas.progress import Progress, duration
 from aebnas.settings import TrainSettings
-from aebnas.training.loop import load_checkpoint, make_optimizer, make_scheduler, train_one_epoch
+from aebnas.training.loop import load_checkpoint, make_optimizer, make_lr_schedule, train_one_epoch
 
 WIDTHS = np.round(np.arange(0.25, 3.001, 0.05), 2)
 RESULT_FILE = "result.json"
@@ -87,7 +87,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     batches = BatchLoader.for_split(data, "train", batch_size=args.batch_size, resolution=args.resolution,
                                     train=True, seed=args.seed)
     optimizer = make_optimizer(model, settings)
-    scheduler = make_scheduler(optimizer, settings, len(batches))
+    scheduler = make_lr_schedule(optimizer, settings, len(batches))
     history: list[dict[str, float]] = []
     if (out / CHECKPOINT_FILE).exists():
         state = load_checkpoint(out / CHECKPOINT_FILE)

@@ -33,7 +33,7 @@ def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
     """The shipped supernet, its data, and a latency table of its space on this machine (resumed;
     one profiled with other settings is moved aside)."""
     from aebnas.data.datasets import load_dataset
-    from aebnas.cost.macs.latency import LatencyTable
+    from aebnas.cost.latency import LatencyTable
     from aebnas.deploy.latency_profile import ProfileRequest, profile
     from aebnas.training.supernet import EMBEDDED_SUPERNET, load_supernet
 

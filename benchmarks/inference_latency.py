@@ -70,7 +70,7 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
     from analysis.posthoc import load_outputs, retune
     from aebnas.config import ArchConfig
     from aebnas.cost.macs import exit_costs
-    from aebnas.data.datasets.batches import BatchLoader
+    from aebnas.data.batches import BatchLoader
     from aebnas.data.datasets import load_dataset
     from aebnas.nn import EarlyExitNet
     from aebnas.settings import CHECKPOINT_FILE

@@ -85,9 +85,9 @@ def measure(ctx: Context, cpu: dict[str, Any], cuda: dict[str, Any]) -> Outcome:
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
     from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetSettings, SupernetTraining, load_supernet
-    from aebnas.training.supernet_job import space_values_of
-    from aebnas.data.datasets.batches import BatchLoader
-    from aebnas.training.loop import (CandidateTraining, TrainSettings, grad_scaler, make_optimizer, make_scheduler,
+    from aebnas.space_values import space_values_of
+    from aebnas.data.batches import BatchLoader
+    from aebnas.training.loop import (CandidateTraining, TrainSettings, grad_scaler, make_optimizer, make_lr_schedule,
                               train_one_epoch)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +124,7 @@ def measure(ctx: Context, cpu: dict[str, Any], cuda: dict[str, Any]) -> Outcome:
         opt = make_optimizer(model, settings)
         loader = BatchLoader.for_split(sub, "train", batch_size=batch, resolution=resolution, train=True, device=dev)
         clock = _Clock(dev)
-        train_one_epoch(model, loader, opt, make_scheduler(opt, settings, len(loader)), settings, clock,
+        train_one_epoch(model, loader, opt, make_lr_schedule(opt, settings, len(loader)), settings, clock,
                         grad_scaler(amp, dev))
         tv_mmacs = macs_of(1.0, resolution, sub.num_classes)
         row["torchvision img/s"] = clock.rate

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from aebnas.config import NUM_STAGES, PAPER_SPACE, SpaceValues
-
-
-def space_values(base: SpaceValues = PAPER_SPACE, **changes: Any) -> SpaceValues:
-    """``base`` with some value sets replaced; raises ValueError naming a bad set or keyword."""
-    unknown = sorted(set(changes) - set(SpaceValues.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown search-space keyword(s) {unknown}; allowed: "
-                         f"{sorted(SpaceValues.__dataclass_fields__)}")
-    return SpaceValues(**{**base.__dict__, **{k: tuple(v) for k, v in changes.items()}})
+from aebnas.config import NUM_STAGES
+from aebnas.space_values import SpaceValues
 
 
 def choice(values: tuple) -> Any:

@@ -11,7 +11,9 @@ from typing import Any
 
 from aebnas.config import PAPER_SPACE, SpaceValues
 
-from ._common import backbone_space, choice, space_values
+from aebnas.space_values import space_values
+
+from ._common import backbone_space, choice
 
 
 def aebnas_space(values: SpaceValues = PAPER_SPACE, *, min_exits: int = 1, **changes: Any) -> dict[str, Any]:

@@ -11,7 +11,9 @@ from typing import Any
 
 from aebnas.config import PAPER_SPACE, ExitModuleConfig, SpaceValues
 
-from ._common import backbone_space, choice, space_values
+from aebnas.space_values import space_values
+
+from ._common import backbone_space, choice
 
 DEFAULT_BRANCH = ExitModuleConfig(channels=10, kernel=3, expansion=1, pool=1)
 

@@ -6,7 +6,9 @@ from typing import Any
 
 from aebnas.config import EXIT_POSITIONS, PAPER_SPACE, SpaceValues
 
-from ._common import backbone_space, space_values
+from aebnas.space_values import space_values
+
+from ._common import backbone_space
 
 
 def static_space(values: SpaceValues = PAPER_SPACE, **changes: Any) -> dict[str, Any]:

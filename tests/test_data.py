@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
 
-from aebnas.data.datasets.batches import BatchLoader, calibration_loader
+from aebnas.data.batches import BatchLoader, calibration_loader
 import aebnas.data.datasets as data_module
 from aebnas.data.datasets import DATASET_NAMES, Dataset, DatasetNotFoundError, embedded_dataset_path, load_dataset
 

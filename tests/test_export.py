@@ -19,7 +19,7 @@ from torch import nn
 
 from aebnas.cli import main
 from aebnas.config import ExitModuleConfig, uniform_arch
-from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.batches import BatchLoader
 from aebnas.data.datasets import load_dataset
 from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
 from aebnas.deploy.torchscript import DeployedEarlyExitNet, export, load_run, predict
@@ -27,7 +27,8 @@ from aebnas.nn import EarlyExitNet, torch_confidence
 from aebnas.deploy.retrain import RetrainRequest, retrain
 from aebnas.settings import parse_trial_config
 from aebnas.training.loop import load_checkpoint, recalibrate_bn
-from aebnas.search.trials import load_experiment_data, read_experiment_dir
+from aebnas.deploy.pick import load_experiment_data
+from aebnas.search.trials import read_experiment_dir
 from conftest import Evil
 
 EPOCHS = 1  # export and predict need a finished run, not a good one

@@ -12,7 +12,7 @@ import pytest
 from aebnas.cli import main
 from aebnas.config import ArchConfig, SpaceValues, random_arch, uniform_arch
 from aebnas.cost.macs import count_macs, exit_costs
-from aebnas.cost.macs.latency import LatencyTable, covering_archs, space_pieces
+from aebnas.cost.latency import LatencyTable, covering_archs, space_pieces
 from aebnas.deploy.latency_profile import ProfileRequest, profile
 
 pytest.importorskip("onnxruntime")

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from aebnas.data.datasets.batches import BatchLoader  # noqa: E402
+from aebnas.data.batches import BatchLoader  # noqa: E402
 from aebnas.data.datasets import load_dataset  # noqa: E402
 from aebnas.deploy.torchscript import DeployedEarlyExitNet, export, load_run, predict  # noqa: E402
 from aebnas.deploy.onnx_export import export_onnx  # noqa: E402

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from aebnas.data.datasets.batches import BatchLoader
-from aebnas.data.datasets.preprocess import Preprocess, resize
+from aebnas.data.batches import BatchLoader
+from aebnas.data.preprocess import Preprocess, resize
 
 MEAN, STD = (0.5, 0.25, 0.0), (0.5, 0.25, 2.0)
 

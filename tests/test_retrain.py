@@ -3,6 +3,7 @@ trial of a real search, reproduce the trial exactly with its own settings, resum
 kill, learn with the default epochs, read an experiment at a URI, refuse checkpoints that
 carry pickled objects."""
 
+import dataclasses
 import csv
 import json
 import os
@@ -22,15 +23,16 @@ import torch.nn.functional as F
 from aebnas.cli import main
 from aebnas.errors import UsageError
 from aebnas.cost.macs import exit_costs
-from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.batches import BatchLoader
 from aebnas.data.datasets import load_dataset
 from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
 from aebnas.deploy.torchscript import load_run
 from aebnas.deploy.retrain import DEFAULT_EPOCHS, RetrainRequest, retrain
 from aebnas.settings import parse_trial_config
 from aebnas.training.loop import CandidateTraining, evaluate, load_checkpoint
-from aebnas.search.trials import (ExperimentDir, TrialRecord, find_trial, load_experiment_data, read_experiment_dir,
-                           score_trials, trial_arch, val_outputs_from_checkpoint)
+from aebnas.deploy.pick import find_trial, load_experiment_data, score_trials, trial_arch, val_outputs_from_checkpoint
+from aebnas.search.storage import Location
+from aebnas.search.trials import ExperimentRecord, read_experiment_dir
 from conftest import Evil
 
 EPOCHS = 3
@@ -369,7 +371,7 @@ def test_trial_checkpoint_carrying_pickled_objects_is_refused(experiment, tmp_pa
     copy = tmp_path / trial
     shutil.copytree(original.path, copy)
     (copy / "exit_outputs.npz").unlink()  # scores at another target then come from the checkpoint
-    record = TrialRecord(copy, original.config, original.last)
+    record = dataclasses.replace(original, location=Location(copy))
     checkpoint = sorted(copy.glob("checkpoint_*/checkpoint.pt"))[-1]
     marker = tmp_path / "ran"
     _poison(checkpoint, marker)
@@ -379,6 +381,6 @@ def test_trial_checkpoint_carrying_pickled_objects_is_refused(experiment, tmp_pa
         val_outputs_from_checkpoint(record, data)
     assert message in str(exc.value)
     with pytest.raises(UsageError) as exc:  # retrain --best at another target
-        score_trials(ExperimentDir(tmp_path, exp_dir.settings, [record]), exp.target_macs / 2, data)
+        score_trials(ExperimentRecord(Location(tmp_path), exp_dir.settings, [record]), exp.target_macs / 2, data)
     assert message in str(exc.value)
     _assert_it_would_have_run(checkpoint, marker)

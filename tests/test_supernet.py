@@ -656,7 +656,7 @@ def test_compiled_supernet_training_trains_what_the_eager_one_does(data, small_n
     (Weights are compared after one step only: the tiny supernet's training is chaotic enough that two eager
     runs whose weights differ by 1e-7 differ by 20% in some depthwise weights after 4 steps, measured.)"""
     from aebnas.cli import main
-    from aebnas.data.datasets.preprocess import resize
+    from aebnas.data.preprocess import resize
 
     settings = SupernetSettings(epochs=1, batch_size=64, warmup_fraction=0.0, random_subnets=1)
     grads = []

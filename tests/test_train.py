@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aebnas.config import PAPER_SPACE, ArchConfig, ExitModuleConfig, uniform_arch
-from aebnas.data.datasets.batches import BatchLoader
+from aebnas.data.batches import BatchLoader
 from aebnas.data.datasets import load_dataset
 from aebnas.nn import torch_confidence
 from aebnas.nn import EarlyExitNet
@@ -18,7 +18,7 @@ from aebnas.training.loop import (
     TrainSettings,
     evaluate,
     make_optimizer,
-    make_scheduler,
+    make_lr_schedule,
     multi_exit_loss,
     recalibrate_bn,
     train_one_epoch,
@@ -110,13 +110,13 @@ def test_one_epoch_reports_its_loss_and_steps_the_schedule():
     net = _small_net()
     settings = TrainSettings(epochs=2, batch_size=8, lr=0.05)
     opt = make_optimizer(net, settings)
-    sched = make_scheduler(opt, settings, steps_per_epoch=3)
+    sched = make_lr_schedule(opt, settings, steps_per_epoch=3)
     torch.manual_seed(2)
     batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(3)]
     # The same steps by hand, reading each loss at once: the mean train_one_epoch reports.
     twin = copy.deepcopy(net)
     twin_opt = make_optimizer(twin, settings)
-    twin_sched = make_scheduler(twin_opt, settings, steps_per_epoch=3)
+    twin_sched = make_lr_schedule(twin_opt, settings, steps_per_epoch=3)
     by_hand = []
     for x, y in batches:
         loss = multi_exit_loss(twin(x), y, settings.exit_weight, settings.label_smoothing)
@@ -184,7 +184,7 @@ def test_training_on_the_cifar10_subset_learns(two_threads):
     train = BatchLoader.for_split(data, "train", batch_size=settings.batch_size, resolution=32, train=True)
     test = BatchLoader.for_split(data, "test", batch_size=256, resolution=32, train=False)
     opt = make_optimizer(model, settings)
-    sched = make_scheduler(opt, settings, steps_per_epoch=len(train))
+    sched = make_lr_schedule(opt, settings, steps_per_epoch=len(train))
     for epoch in range(settings.epochs):
         stats = train_one_epoch(model, train, opt, sched, settings)
         print(f"epoch {epoch + 1}: loss {stats['loss']:.3f} ({stats['seconds']:.1f} s)")
@@ -202,12 +202,12 @@ def test_training_on_the_cifar10_subset_learns(two_threads):
 @pytest.mark.parametrize("total_steps", range(1, 10))
 def test_the_schedule_runs_for_any_number_of_steps(total_steps):
     """A tiny dataset gives a few steps in all; 4 (pct_start x steps = 1) once divided by zero in OneCycleLR."""
-    from aebnas.training.loop import make_scheduler
+    from aebnas.training.loop import make_lr_schedule
 
     param = torch.nn.Parameter(torch.zeros(1))
     settings = TrainSettings(epochs=total_steps, lr=0.1)
     opt = torch.optim.SGD([param], lr=settings.lr)
-    sched = make_scheduler(opt, settings, steps_per_epoch=1)
+    sched = make_lr_schedule(opt, settings, steps_per_epoch=1)
     lrs = []
     for _ in range(total_steps):
         lrs.append(opt.param_groups[0]["lr"])

@@ -104,7 +104,7 @@ class PieceCosts:
     a dictionary look-up. ``misses`` counts the measurements made.
 
     ``measure(key, build, input_shape)`` gives a piece's cost in ``unit`` (default: ptflops
-    MMACs of ``build()``); :mod:`aebnas.cost.macs.latency` passes one that reads milliseconds from a
+    MMACs of ``build()``); :mod:`aebnas.cost.latency` passes one that reads milliseconds from a
     latency table (``unit="ms"``), or records the pieces a space has, with the same walk over a
     network. A key names a piece in a latency table on disk: keys must not change.
     """

@@ -44,7 +44,7 @@ class BatchLoader:
     defaults to True when there is more than one batch. ``train=False``: every sample in
     order, no augmentation. Images are scaled to [0, 1], normalised with ``mean``/``std``
     (per channel) and resized bilinearly to ``resolution`` when it differs from the native
-    size (:class:`aebnas.data.datasets.preprocess.Preprocess`). ``x`` and ``y`` are numpy arrays (read-only ones too) or tensors; on CPU a numpy
+    size (:class:`aebnas.data.preprocess.Preprocess`). ``x`` and ``y`` are numpy arrays (read-only ones too) or tensors; on CPU a numpy
     array is wrapped, not copied. The uint8 images move to ``device`` once, here; random
     draws for an epoch move once per epoch.
     """

@@ -9,10 +9,10 @@ split's tensors on a device once and caches them on the instance (on CPU they ar
 the arrays), so all loaders of a trial share one device copy.
 
 The splits keep the file's order (validation is a seeded random sample of it), so nothing
-may take "the first N images" of a split: ``aebnas.data.datasets.batches.BatchLoader`` turns a split into normalised
+may take "the first N images" of a split: ``aebnas.data.batches.BatchLoader`` turns a split into normalised
 float batches, training batches in a new seeded order every epoch with a random crop and
 flip computed for the whole batch at once (no PIL, no per-sample Python loop);
-:func:`aebnas.data.datasets.batches.calibration_loader` serves a fixed seeded random sample of the training split for
+:func:`aebnas.data.batches.calibration_loader` serves a fixed seeded random sample of the training split for
 BatchNorm recalibration; evaluation uses every image, so its order does not matter.
 """
 

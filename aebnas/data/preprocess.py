@@ -1,7 +1,7 @@
 """The one input rule of every network: scale to [0, 1], shift by the training mean/std, resize.
 
 ``Preprocess`` is a small ``nn.Module`` holding the rule's constants as buffers, so the
-same module runs in training batches (:class:`aebnas.data.datasets.batches.BatchLoader`), inside the
+same module runs in training batches (:class:`aebnas.data.batches.BatchLoader`), inside the
 TorchScript export (:class:`aebnas.deploy.torchscript.DeployedEarlyExitNet`) and inside the first
 ONNX graph (:class:`aebnas.deploy.onnx_export.OnnxGraph`). The ONNX driver
 (``aebnas/onnx_runner.py``, copied into each export as a numpy-only ``aebnas_onnx.py``)

@@ -1,8 +1,8 @@
 """``aebnas latency profile``: measure every piece a space can build on this machine, with ONNX
 Runtime and PyTorch, and fit how whole deployed networks differ from the sums of their pieces.
 
-The table it writes is read by :class:`aebnas.cost.macs.latency.LatencyTable`; the pieces and the
-networks that cover them come from :mod:`aebnas.cost.macs.latency`. Only the profiler exports ONNX and
+The table it writes is read by :class:`aebnas.cost.latency.LatencyTable`; the pieces and the
+networks that cover them come from :mod:`aebnas.cost.latency`. Only the profiler exports ONNX and
 times modules, so a trial that reads a table never loads this module.
 """
 

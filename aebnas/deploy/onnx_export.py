@@ -19,13 +19,14 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Sequence
+from typing import Any, List, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from .torchscript import _log_export, _plan, _print
+from ..progress import Log, print_line
+from .torchscript import _log_export, _plan
 from ..nn import EarlyExitNet, torch_confidence
 from .. import onnx_runner
 from ..onnx_runner import FORMAT, META_FILE
@@ -105,7 +106,7 @@ def to_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: Seque
 
 
 def export_onnx(run_dir: str | Path, out: str | Path, *, target_macs: float | None = None,
-                thresholds: Sequence[float] | None = None, log: Callable[[str], None] = _print) -> dict[str, Any]:
+                thresholds: Sequence[float] | None = None, log: Log = print_line) -> dict[str, Any]:
     """Write the directory ``out``: ``model.json``, ``segment_k.onnx``, ``exit_j.onnx`` and the driver
     ``aebnas_onnx.py``; returns the metadata. Thresholds as in :func:`aebnas.deploy.torchscript.export`."""
     require_onnx()
@@ -124,7 +125,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, target_macs: float | No
 
 
 def write_onnx(net: EarlyExitNet, mean: Sequence[float], std: Sequence[float], meta: dict[str, Any], out: Path,
-               log: Callable[[str], None] = _print) -> None:
+               log: Log = print_line) -> None:
     """Write ``net``'s graphs, the driver and ``model.json`` (``meta`` plus the graph list) into ``out``.
     ``meta`` needs at least thresholds, classes, resolution, in_channels and exits (as export writes them)."""
     segments, branches = exit_graphs(net, mean, std)

@@ -29,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +41,10 @@ from ..data.datasets import Dataset
 from ..exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, tune_thresholds
 from ..files import atomic_write
 from ..nn import EarlyExitNet
-from ..progress import Progress, duration
+from ..progress import Log, Progress, duration, print_line
 from ..training.supernet import SupernetInfo, check_supernet, inherited_network
-from ..search.trials import find_trial, load_experiment_data, read_experiment_dir, score_trials, split_seed, trial_arch
+from ..search.trials import read_experiment_dir
+from .pick import find_trial, load_experiment_data, score_trials, split_seed, trial_arch
 from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, resolved_config)
 from ..training.loop import CandidateTraining, load_checkpoint, select_device
@@ -57,11 +58,6 @@ LOG_COLUMNS = ("epoch", "loss", "val_accuracy", "val_avg_macs", "val_final_accur
 _TRAINING_KEYS = ("dataset", "epochs", "batch_size", "lr", "weight_decay", "momentum", "exit_weight",
                   "label_smoothing", "bn_recalibration_batches", "seed", "supernet", "finetune_lr")
 
-Log = Callable[[str], None]
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 # ----------------------------------------------------------------- retrain
@@ -91,7 +87,7 @@ class RetrainRequest:
     supernet: str | None = None
 
 
-def retrain(req: RetrainRequest, log: Log = _print) -> dict[str, Any]:
+def retrain(req: RetrainRequest, log: Log = print_line) -> dict[str, Any]:
     """Select, train (or resume), tune and measure; writes the run directory and returns metrics.json."""
     if (req.trial is None) == (not req.best):
         raise UsageError("pass exactly one of --trial ID and --best")

@@ -27,13 +27,10 @@ from ..exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, t
 from ..nn import EarlyExitNet, torch_confidence
 from ..onnx_runner import OnnxEarlyExitNet
 from ..data.preprocess import Preprocess
+from ..progress import Log, print_line
 from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, parse_trial_config)
 from ..training.loop import load_checkpoint
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 class DeployedEarlyExitNet(nn.Module):
@@ -159,14 +156,14 @@ def _plan(run_dir: str | Path, target_macs: float | None,
     return run, th, meta
 
 
-def _log_export(log: Callable[[str], None], what: str, meta: dict[str, Any]) -> None:
+def _log_export(log: Log, what: str, meta: dict[str, Any]) -> None:
     test = meta["test"]
     log(f"exported {what}: thresholds {meta['thresholds']}, test accuracy {test['accuracy']:.2f}% "
         f"at {test['avg_macs']:.3f} MMACs")
 
 
 def export(run_dir: str | Path, out: str | Path, *, target_macs: float | None = None,
-           thresholds: Sequence[float] | None = None, log: Callable[[str], None] = _print) -> dict[str, Any]:
+           thresholds: Sequence[float] | None = None, log: Log = print_line) -> dict[str, Any]:
     """Write the TorchScript file ``out`` and ``out`` with suffix .json; returns that JSON.
 
     Thresholds: the run's (tuned on val for its target), re-tuned on the run's validation

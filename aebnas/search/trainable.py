@@ -28,7 +28,7 @@ from ..cost.macs import exit_costs
 from ..data.datasets import Dataset
 from ..exit_policy import ExitCosts, ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
 from ..cost.latency import LatencyTable, latency_metrics
-from ..progress import Progress
+from ..progress import Progress, print_line
 from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
 from ..training.supernet import inherited_network
@@ -171,7 +171,7 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
 
     ``supernet``: the record of a supernet file; the candidate inherits its weights and
     fine-tunes ``epochs`` epochs (0: its inherited weights are scored once, as epoch 0).
-    ``latency``: a latency table (``aebnas.cost.macs.latency.read_table``); with ``target_ms`` set, the
+    ``latency``: a latency table (``aebnas.cost.latency.read_table``); with ``target_ms`` set, the
     thresholds are tuned for that average latency and ``avg_ms`` is reported beside ``avg_macs``.
     """
     trial_dir = _trial_dir()
@@ -213,7 +213,7 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
         try:
             # progress inside a fine-tuning epoch goes to the trial's output (Ray Tune's trial logs)
             progress = Progress(f"{trial_dir.name} epoch {epoch}/{settings.epochs}", len(run.train_batches),
-                                lambda line: print(line, flush=True))
+                                print_line)
             stats = run.train_epoch(on_step=progress.update) if epoch else {"seconds": 0.0, "images_per_s": 0.0}
             t_eval = time.perf_counter()
             outputs = run.evaluate()

@@ -28,7 +28,8 @@ from .moasha import MOASHA
 from ..settings import EXPERIMENT_FILE
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
 from ..training.supernet import SupernetInfo, SupernetSettings, check_supernet
-from ..training.supernet_job import SupernetRequest, space_values_of, train_supernet
+from ..space_values import space_values_of
+from ..training.supernet_job import SupernetRequest, train_supernet
 from .surrogate import SurrogateSearch
 from ..training.loop import load_checkpoint
 from .trainable import train_candidate
@@ -111,7 +112,7 @@ def tuner_param_space(exp: Experiment, param_space: dict[str, Any]) -> dict[str,
     return {k: v for k, v in param_space.items() if not isinstance(v, Domain)}
 
 
-def make_scheduler(exp: Experiment) -> Any:
+def make_trial_scheduler(exp: Experiment) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if exp.scheduler == "fifo":
@@ -179,7 +180,7 @@ def _build_tuner(exp: Experiment, data: Any, path: str, resources: dict[str, flo
         metric=None if multi_objective else "score", mode=None if multi_objective else "max",
         num_samples=exp.num_samples, time_budget_s=exp.time_budget_s,
         search_alg=make_search_alg(exp, param_space, path),
-        scheduler=make_scheduler(exp),
+        scheduler=make_trial_scheduler(exp),
         max_concurrent_trials=None if exp.search_alg in ("random", "surrogate") else exp.max_concurrent,
         reuse_actors=True,
         trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname)

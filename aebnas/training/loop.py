@@ -113,7 +113,7 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
     return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=True)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings,
+def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle learning rate over all epochs (warm-up 25%, cosine down)."""
     total = max(1, settings.epochs * steps_per_epoch)
@@ -181,7 +181,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
     As Once-for-All does before evaluating a sub-network: after a few epochs the running
     statistics lag behind the weights. ``batches`` must be a sample of the training split
-    that does not depend on the order of images in a file (``aebnas.data.datasets.calibration_loader``).
+    that does not depend on the order of images in a file (``aebnas.data.batches.calibration_loader``).
     Returns the number of batches used.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -326,14 +326,14 @@ class CandidateTraining:
                 raise ValueError("the given model is not of this run's architecture")
             self.model = model
             self.train_settings = dataclasses.replace(self.train_settings, lr=settings.finetune_lr)
-        # Batches come channels_last (aebnas.data.datasets.batches); weights in that layout skip a conversion per layer.
+        # Batches come channels_last (aebnas.data.batches); weights in that layout skip a conversion per layer.
         self.model = self.model.to(device, memory_format=torch.channels_last)
         self.train_batches = BatchLoader.for_split(data, "train", batch_size=settings.batch_size,
                                                    resolution=arch.resolution, train=True, device=device,
                                                    seed=settings.seed)
         self.scorer = Scorer.from_settings(data, arch.resolution, device, settings, confidence=settings.confidence)
         self.optimizer = make_optimizer(self.model, self.train_settings)
-        self.scheduler = make_scheduler(self.optimizer, self.train_settings, len(self.train_batches))
+        self.scheduler = make_lr_schedule(self.optimizer, self.train_settings, len(self.train_batches))
         self.scaler = grad_scaler(settings.amp, device)
         self.epoch = 0
 

@@ -51,7 +51,7 @@ from ..nn import ElasticEarlyExitNet, EarlyExitNet, extract
 from ..data.preprocess import resize
 from ..settings import DEFAULT_CONFIDENCE, SUPERNET_FILE, TrainSettings, supernet_file
 from .loop import (LossWatch, Scorer, autocast, grad_scaler, load_checkpoint, load_optimisation_state,
-                    make_optimizer, make_scheduler, multi_exit_loss, optimisation_state)
+                    make_optimizer, make_lr_schedule, multi_exit_loss, optimisation_state)
 
 EMBEDDED_SUPERNET = Path(__file__).resolve().parents[1] / "_data" / "supernet_cifar10-subset_w0.75.pt"
 """The supernet shipped with the package: the quickstart's space on the embedded CIFAR-10 subset
@@ -355,7 +355,7 @@ class SupernetTraining:
             device=device, seed=settings.seed, shard=(rank, world_size))
         scaled = dataclasses.replace(settings, lr=settings.peak_lr, lr_batch=None)  # lr scaled to the batch size
         self.optimizer = make_optimizer(self.model, scaled)
-        self.scheduler = make_scheduler(self.optimizer, scaled, len(self.train_batches))
+        self.scheduler = make_lr_schedule(self.optimizer, scaled, len(self.train_batches))
         self.scaler = grad_scaler(settings.amp, device)
         self.arch_kwargs = {"width_mult": self.width_mult, "num_classes": data.num_classes,
                             "in_channels": data.in_channels}

@@ -28,27 +28,18 @@ from typing import Any, Callable
 import torch
 from search_spaces import SPACES
 
-from ..config import PAPER_SPACE, SpaceValues
+from ..config import SpaceValues
 from ..data.datasets import Dataset, load_dataset
 from ..errors import ExperimentError
-from ..progress import Progress
+from ..progress import Progress, print_line
 from ..settings import CHECKPOINT_FILE, SUPERNET_FILE
+from ..space_values import space_values_of
 from .supernet import (SupernetSettings, SupernetTraining, load_supernet, read_supernet_info,
                        save_supernet)
 from .loop import load_checkpoint, select_device
 
 REQUEST_FILE = "supernet_request.json"
 RUN_NAME = "train"
-
-
-def space_values_of(space_kwargs: dict[str, Any]) -> SpaceValues:
-    """The value sets a space's keyword arguments give (other keywords, e.g. ``min_exits``, ignored)."""
-    names = {f.name for f in dataclasses.fields(SpaceValues)}
-    try:
-        return SpaceValues(**{**dataclasses.asdict(PAPER_SPACE),
-                              **{k: tuple(v) for k, v in space_kwargs.items() if k in names}})
-    except (TypeError, ValueError) as exc:
-        raise ExperimentError(f"space_kwargs={space_kwargs!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,10 @@ class SupernetRequest:
 
     @property
     def space(self) -> SpaceValues:
-        return space_values_of(self.space_kwargs)
+        try:
+            return space_values_of(self.space_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ExperimentError(f"space_kwargs={self.space_kwargs!r}: {exc}") from None
 
     def validate(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
@@ -221,7 +215,7 @@ def _train_local(request: SupernetRequest, data: Dataset, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"aebnas: training the supernet in this process on {device}", flush=True)
-    run_epochs(run, True, save, log=lambda line: print(line, flush=True))
+    run_epochs(run, True, save, log=print_line)
     shutil.copyfile(ckpt_dir / SUPERNET_FILE, out / SUPERNET_FILE)
 
 
@@ -304,5 +298,5 @@ def train_supernet(request: SupernetRequest, data: Dataset | None = None) -> Pat
     return final
 
 
-__all__ = ["SupernetRequest", "train_supernet", "space_values_of", "run_epochs", "epoch_line", "load_supernet",
+__all__ = ["SupernetRequest", "train_supernet", "run_epochs", "epoch_line", "load_supernet",
            "REQUEST_FILE"]
