@@ -183,7 +183,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_supernet(p: argparse.ArgumentParser) -> None:
-    from .training.supernet import SupernetSettings
+    from .training.supernet_file import SupernetSettings
 
     d = SupernetSettings()
     sub = p.add_subparsers(dest="supernet_command", required=True)
@@ -242,7 +242,7 @@ def _cmd_supernet(args: argparse.Namespace) -> int:
 
 
 def _supernet_train(args: argparse.Namespace) -> int:
-    from .training.supernet import SupernetSettings
+    from .training.supernet_file import SupernetSettings
     from .training.supernet_job import SupernetRequest, train_supernet
 
     try:
@@ -269,7 +269,8 @@ def _supernet_train(args: argparse.Namespace) -> int:
 
 def _supernet_eval(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
-    from .training.supernet import load_supernet, score_subnet
+    from .training.supernet_file import load_supernet
+    from .training.supernet import score_subnet
     from .training.loop import Scorer, select_device
 
     try:

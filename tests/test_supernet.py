@@ -20,8 +20,9 @@ import torch
 from aebnas.config import SpaceValues, largest_arch, random_arch, smallest_arch
 from aebnas.data.datasets import load_dataset
 from aebnas.nn import covers, extract
-from aebnas.training.supernet import (SupernetSettings, SupernetTraining, check_supernet, distillation_loss, image_digests,
-                             load_supernet, read_supernet_info, save_supernet, score_subnet)
+from aebnas.training.supernet_file import (SupernetSettings, check_supernet, image_digests, load_supernet,
+                                          read_supernet_info, save_supernet)
+from aebnas.training.supernet import SupernetTraining, distillation_loss, score_subnet
 from aebnas.training.loop import Scorer, load_checkpoint
 from ray_sandbox import ray_sandbox  # noqa: F401  (fixture)
 
@@ -243,7 +244,7 @@ def _search(storage, small_npz, supernet, **changes):
 
 def test_search_inherits_weights_from_the_supernet(ray_local, trained, small_npz, tmp_path):
     from aebnas.search.tuner import run
-    from aebnas.training.supernet import inherited_network
+    from aebnas.training.supernet_file import inherited_network
 
     _, _, path = trained
     exp = _search(tmp_path, small_npz, path, num_samples=2)
@@ -329,7 +330,7 @@ def test_retrain_inherit_with_0_epochs_is_the_trial_itself(inherited_trial, trai
     from aebnas.exit_policy import load_exit_outputs
     from aebnas.deploy.retrain import RetrainRequest, retrain
     from aebnas.settings import parse_trial_config
-    from aebnas.training.supernet import inherited_network
+    from aebnas.training.supernet_file import inherited_network
 
     path, trial = inherited_trial
     out = path.parent / "r0"
@@ -370,7 +371,7 @@ def test_retrain_inherit_fine_tunes_at_the_given_rate_and_resumes_only_alike(inh
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     # The fine-tuned weights moved away from the inherited ones.
     arch, _ = parse_trial_config(trial.config)
-    from aebnas.training.supernet import inherited_network
+    from aebnas.training.supernet_file import inherited_network
 
     inherited = inherited_network(load_checkpoint(trained[2]), arch, "margin").state_dict()
     weights = load_checkpoint(out / "model.pt")
@@ -517,7 +518,7 @@ def test_shipped_supernet_gives_a_network_worth_having():
     from aebnas.cost.macs import exit_costs
     from aebnas.exit_policy import simulate, tune_thresholds
     from aebnas.settings import PAPER_GRID, PAPER_LAMBDA
-    from aebnas.training.supernet import EMBEDDED_SUPERNET
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET)
     assert info.width_mult == 0.75 and info.resolutions == (32, 36, 40) and info.epochs == 60
@@ -536,7 +537,7 @@ def test_shipped_supernet_gives_a_network_worth_having():
 
 
 def test_supernet_settings_are_typed_and_old_records_still_read():
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetSettings, read_supernet_info
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, SupernetSettings, read_supernet_info
 
     info = read_supernet_info(EMBEDDED_SUPERNET)
     assert isinstance(info.settings, SupernetSettings) and info.settings.label_smoothing == 0.1
@@ -577,7 +578,8 @@ def test_the_supernet_is_built_once_per_process_for_the_same_weights():
     """Trials of a search run one after another in one worker process, each handed the same record:
     the supernet module is built once, candidates take copies, and other weights build another."""
     from aebnas.config import random_arch
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, inherited_network, supernet_from_state
+    from aebnas.training.supernet_file import (EMBEDDED_SUPERNET, SupernetInfo, built_supernet, inherited_network,
+                                              supernet_from_state)
 
     record = load_checkpoint(EMBEDDED_SUPERNET)
     again = {**record, "model": {k: v.clone() for k, v in record["model"].items()}}  # as Ray hands it: a fresh copy

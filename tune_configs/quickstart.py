@@ -12,7 +12,7 @@ import sys
 
 from aebnas.search.experiment import Experiment
 from aebnas.search.flags import main
-from aebnas.training.supernet import EMBEDDED_SUPERNET
+from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
 QUICKSTART = Experiment(
     dataset="cifar10-subset",

@@ -42,7 +42,7 @@ from ..exit_policy import ExitOutputs, SimResult, save_exit_outputs, simulate, t
 from ..files import atomic_write
 from ..nn import EarlyExitNet
 from ..progress import Log, Progress, duration, print_line
-from ..training.supernet import SupernetInfo, check_supernet, inherited_network
+from ..training.supernet_file import SupernetInfo, check_supernet, inherited_network
 from ..search.trials import read_experiment_dir
 from .pick import find_trial, load_experiment_data, score_trials, split_seed, trial_arch
 from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,

@@ -22,7 +22,7 @@ from ..errors import ExperimentError
 from ..cost.latency import read_table
 from ..settings import SUPERNET_FILE, TrialSettings, parse_trial_config, setting, supernet_file
 from .storage import resolve_storage_path
-from ..training.supernet import SupernetInfo, check_supernet, read_supernet_info
+from ..training.supernet_file import SupernetInfo, check_supernet, read_supernet_info
 from .surrogate import require_pymoo
 
 SEARCH_ALGS = ("random", "tpe", "nsga2", "surrogate")

@@ -17,6 +17,7 @@ import resource
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,13 @@ from ray import tune
 from ..config import ArchConfig
 from ..cost.macs import exit_costs
 from ..data.datasets import Dataset
-from ..exit_policy import ExitCosts, ExitOutputs, SimResult, oracle, save_exit_outputs, simulate, tune_thresholds
+from ..exit_policy import (ExitCosts, ExitOutputs, SimResult, TuneResult, oracle, save_exit_outputs, simulate,
+                           tune_thresholds)
 from ..cost.latency import LatencyTable, latency_metrics
 from ..progress import Progress, print_line
 from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, SETTING_KEYS, TrialSettings,
                        parse_trial_config, resolved_config)
-from ..training.supernet import inherited_network
+from ..training.supernet_file import inherited_network
 from .trials import FAILURE_FILE, permanent_failure
 from ..training.loop import CandidateTraining, NonFiniteLossError, load_checkpoint, select_device
 
@@ -165,6 +167,19 @@ def _threads_for_trial() -> int:
     return max(1, int(cpus))
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A trial's candidate, built, and what every epoch scores it with."""
+
+    arch: ArchConfig
+    settings: TrialSettings
+    costs: ExitCosts  # C_i in MMACs
+    ms_costs: ExitCosts | None  # C_i in ms when the trial's cost is latency (target_ms), else None
+    device: torch.device
+    run: CandidateTraining
+    inherited: bool  # its weights come from a supernet
+
+
 def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, Any] | None = None,
                     latency: dict[str, Any] | None = None) -> None:
     """Ray Tune function trainable (use with ``tune.with_parameters(train_candidate, data=...)``).
@@ -180,6 +195,22 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
     if previous is not None:
         raise CandidateFailure(previous + " (failed before; not retried)")
     torch.set_num_threads(_threads_for_trial())
+    cand = _build_candidate(config, data, supernet, latency, trial_dir)
+    resumed = _resume_from_checkpoint(cand)
+    (trial_dir / ARCH_FILE).write_text(json.dumps(resolved_config(cand.arch, cand.settings), indent=1))
+    node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": platform.node(), "pid": os.getpid(),
+            "device": str(cand.device)}
+    for epoch in _epochs_to_run(cand, resumed):
+        stats, t_eval, outputs = _train_and_evaluate(cand, epoch, trial_dir)
+        tuned, val = _tune_thresholds(cand, outputs["val"])
+        cand.run.model.set_thresholds(tuned.thresholds)
+        metrics = _epoch_report(cand, epoch, outputs, stats, tuned, val, t_eval, node)
+        _save_and_report(cand, outputs, tuned, metrics, trial_dir)
+
+
+def _build_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, Any] | None,
+                     latency: dict[str, Any] | None, trial_dir: Path) -> _Candidate:
+    """The trial's candidate; one that cannot be built fails for good, out of memory is retried."""
     try:
         arch, settings = parse_trial_config(config)
         arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels)
@@ -194,67 +225,103 @@ def train_candidate(config: dict[str, Any], data: Dataset, supernet: dict[str, A
         if _is_out_of_memory(exc):
             raise _out_of_memory("building the candidate", exc) from exc
         raise
+    return _Candidate(arch, settings, costs, ms_costs, device, run, inherited=supernet is not None)
 
+
+def _resume_from_checkpoint(cand: _Candidate) -> bool:
+    """Load the trial's Ray Tune checkpoint, if it has one (a retry or a resumed search); whether it had."""
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            run.load_state_dict(load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, device))
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as ckpt_dir:
+        cand.run.load_state_dict(load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, cand.device))
+    return True
 
-    (trial_dir / ARCH_FILE).write_text(json.dumps(resolved_config(arch, settings), indent=1))
-    node = {"node_ip": _node_ip(), "node_id": _node_id(), "hostname": platform.node(), "pid": os.getpid(),
-            "device": str(device)}
 
-    # Epochs still to run; inherited weights with no fine-tuning are scored once, as epoch 0.
-    if settings.epochs:
-        epochs = range(run.epoch + 1, settings.epochs + 1)
-    else:
-        epochs = range(0, 1) if checkpoint is None else range(0)
-    for epoch in epochs:
-        try:
-            # progress inside a fine-tuning epoch goes to the trial's output (Ray Tune's trial logs)
-            progress = Progress(f"{trial_dir.name} epoch {epoch}/{settings.epochs}", len(run.train_batches),
-                                print_line)
-            stats = run.train_epoch(on_step=progress.update) if epoch else {"seconds": 0.0, "images_per_s": 0.0}
-            t_eval = time.perf_counter()
-            outputs = run.evaluate()
-        except NonFiniteLossError as exc:
-            raise _fail(trial_dir, f"epoch {epoch}: {exc}") from exc
-        except (RuntimeError, MemoryError) as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            raise _out_of_memory(f"epoch {epoch}", exc) from exc
-        if ms_costs is None:
-            tuned = tune_thresholds(outputs["val"], costs, settings.target_macs, settings.threshold_grid,
-                                    settings.score_lambda)
-            val = tuned.result
-        else:  # tuned for the target latency; the MAC figures are those of the same thresholds
-            tuned = tune_thresholds(outputs["val"], ms_costs, settings.target_ms, settings.threshold_grid,
-                                    settings.score_lambda)
-            val = simulate(outputs["val"], tuned.thresholds, costs)
-        run.model.set_thresholds(tuned.thresholds)
-        metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], val, tuned.score, costs.static_cost)
-        if ms_costs is not None:
-            metrics.update(latency_metrics(arch, tuned.result), static_ms=ms_costs.static_cost,
-                           target_ms=settings.target_ms)
-        orc = oracle(outputs["val"], costs)
-        if "loss" in stats:
-            metrics["loss"] = stats["loss"]
-        metrics.update({"epoch": epoch, "epochs": settings.epochs, "inherited": supernet is not None,
-                        "train_seconds": stats["seconds"], "eval_seconds": time.perf_counter() - t_eval,
-                        "images_per_s": stats["images_per_s"], "oracle_accuracy": orc.accuracy,
-                        "oracle_macs": orc.avg_cost, "target_macs": settings.target_macs,
-                        "peak_rss_mb": _peak_rss_mb(), **node})
-        if epoch == settings.epochs:
-            test = simulate(outputs["test"], tuned.thresholds, costs)
-            if ms_costs is not None:
-                metrics.update(latency_metrics(arch, simulate(outputs["test"], tuned.thresholds, ms_costs), "test_"))
-            metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_cost,
-                            "test_early_exit": 1.0 - float(test.utilization[-1]),
-                            "test_final_accuracy": float(outputs["test"].exit_accuracy()[-1])})
-        save_exit_outputs(trial_dir / EXIT_OUTPUTS_FILE, outputs, costs)
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({**run.state_dict(), "thresholds": tuned.thresholds}, Path(tmp) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+def _epochs_to_run(cand: _Candidate, resumed: bool) -> range:
+    """Epochs still to run; inherited weights with no fine-tuning are scored once, as epoch 0."""
+    if cand.settings.epochs:
+        return range(cand.run.epoch + 1, cand.settings.epochs + 1)
+    return range(0) if resumed else range(0, 1)
+
+
+def _train_and_evaluate(cand: _Candidate, epoch: int, trial_dir: Path
+                        ) -> tuple[dict[str, float], float, dict[str, ExitOutputs]]:
+    """Train epoch ``epoch`` (epoch 0 trains nothing) and evaluate every exit: (training stats, the
+    time evaluation started, outputs per split). A diverged loss fails the candidate for good; out
+    of memory is retried."""
+    run, settings = cand.run, cand.settings
+    try:
+        # progress inside a fine-tuning epoch goes to the trial's output (Ray Tune's trial logs)
+        progress = Progress(f"{trial_dir.name} epoch {epoch}/{settings.epochs}", len(run.train_batches),
+                            print_line)
+        stats = run.train_epoch(on_step=progress.update) if epoch else {"seconds": 0.0, "images_per_s": 0.0}
+        t_eval = time.perf_counter()
+        outputs = run.evaluate()
+    except NonFiniteLossError as exc:
+        raise _fail(trial_dir, f"epoch {epoch}: {exc}") from exc
+    except (RuntimeError, MemoryError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise _out_of_memory(f"epoch {epoch}", exc) from exc
+    return stats, t_eval, outputs
+
+
+def _tune_thresholds(cand: _Candidate, val_outputs: ExitOutputs) -> tuple[TuneResult, SimResult]:
+    """Thresholds tuned on validation for the target MACs or, with a latency cost, the target ms;
+    with the validation result in MACs of those thresholds."""
+    settings = cand.settings
+    if cand.ms_costs is None:
+        tuned = tune_thresholds(val_outputs, cand.costs, settings.target_macs, settings.threshold_grid,
+                                settings.score_lambda)
+        return tuned, tuned.result
+    # tuned for the target latency; the MAC figures are those of the same thresholds
+    tuned = tune_thresholds(val_outputs, cand.ms_costs, settings.target_ms, settings.threshold_grid,
+                            settings.score_lambda)
+    return tuned, simulate(val_outputs, tuned.thresholds, cand.costs)
+
+
+def _epoch_report(cand: _Candidate, epoch: int, outputs: dict[str, ExitOutputs], stats: dict[str, float],
+                  tuned: TuneResult, val: SimResult, t_eval: float, node: dict[str, Any]) -> dict[str, Any]:
+    """The metrics the trial reports for ``epoch``: the contract's, timings, the oracle, where it runs;
+    the last epoch adds the test split's."""
+    arch, settings, costs = cand.arch, cand.settings, cand.costs
+    metrics: dict[str, Any] = epoch_metrics(arch, outputs["val"], val, tuned.score, costs.static_cost)
+    if cand.ms_costs is not None:
+        metrics.update(latency_metrics(arch, tuned.result), static_ms=cand.ms_costs.static_cost,
+                       target_ms=settings.target_ms)
+    orc = oracle(outputs["val"], costs)
+    if "loss" in stats:
+        metrics["loss"] = stats["loss"]
+    metrics.update({"epoch": epoch, "epochs": settings.epochs, "inherited": cand.inherited,
+                    "train_seconds": stats["seconds"], "eval_seconds": time.perf_counter() - t_eval,
+                    "images_per_s": stats["images_per_s"], "oracle_accuracy": orc.accuracy,
+                    "oracle_macs": orc.avg_cost, "target_macs": settings.target_macs,
+                    "peak_rss_mb": _peak_rss_mb(), **node})
+    if epoch == settings.epochs:
+        metrics.update(_test_metrics(cand, outputs["test"], tuned.thresholds))
+    return metrics
+
+
+def _test_metrics(cand: _Candidate, test_outputs: ExitOutputs, thresholds: list[float]) -> dict[str, Any]:
+    """The test split at the thresholds tuned on validation (never tuned on test)."""
+    test = simulate(test_outputs, thresholds, cand.costs)
+    metrics: dict[str, Any] = {}
+    if cand.ms_costs is not None:
+        metrics.update(latency_metrics(cand.arch, simulate(test_outputs, thresholds, cand.ms_costs), "test_"))
+    metrics.update({"test_accuracy": test.accuracy, "test_avg_macs": test.avg_cost,
+                    "test_early_exit": 1.0 - float(test.utilization[-1]),
+                    "test_final_accuracy": float(test_outputs.exit_accuracy()[-1])})
+    return metrics
+
+
+def _save_and_report(cand: _Candidate, outputs: dict[str, ExitOutputs], tuned: TuneResult,
+                     metrics: dict[str, Any], trial_dir: Path) -> None:
+    """Write the epoch's exit outputs in the trial directory, then report its metrics with a checkpoint."""
+    save_exit_outputs(trial_dir / EXIT_OUTPUTS_FILE, outputs, cand.costs)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({**cand.run.state_dict(), "thresholds": tuned.thresholds}, Path(tmp) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def _latency_costs(arch: ArchConfig, settings: TrialSettings, latency: dict[str, Any] | None

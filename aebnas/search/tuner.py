@@ -27,7 +27,7 @@ from ..cost.latency import LatencyTable, covering_archs, read_table, space_piece
 from .moasha import MOASHA
 from ..settings import EXPERIMENT_FILE
 from .storage import is_empty, read_experiment_settings, resolve_storage_path, write_experiment_settings
-from ..training.supernet import SupernetInfo, SupernetSettings, check_supernet
+from ..training.supernet_file import SupernetInfo, SupernetSettings, check_supernet
 from ..space_values import space_values_of
 from ..training.supernet_job import SupernetRequest, train_supernet
 from .surrogate import SurrogateSearch

@@ -34,8 +34,8 @@ from ..errors import ExperimentError
 from ..progress import Progress, print_line
 from ..settings import CHECKPOINT_FILE, SUPERNET_FILE
 from ..space_values import space_values_of
-from .supernet import (SupernetSettings, SupernetTraining, load_supernet, read_supernet_info,
-                       save_supernet)
+from .supernet_file import SupernetSettings, load_supernet, read_supernet_info, save_supernet
+from .supernet import SupernetTraining
 from .loop import load_checkpoint, select_device
 
 REQUEST_FILE = "supernet_request.json"
