@@ -107,6 +107,49 @@ def test_nothing_imports_the_command_line(path):
     assert not bad, f"{path.name} imports aebnas.cli: {bad}"
 
 
+# The layers of the package, bottom up: a module imports only from its own layer or below (the same
+# order docs/design.md draws). Inside a layer, test_every_module_imports_first finds any circle.
+LAYERS = (
+    ("errors", "files", "progress", "space_values", "config", "settings", "onnx_runner", "exit_policy", "reference",
+     "cluster"),  # the foundations at the package's root
+    ("data",),
+    ("nn",),
+    ("cost",),
+    ("training",),
+    ("search",),
+    ("deploy",),
+    ("pipeline", "cli"),
+)
+
+
+def _layer(module: str) -> int:
+    """The layer of an aebnas module given as ``search.tuner`` / ``config`` ("": the package itself, -1)."""
+    unit = module.split(".")[0]
+    if not unit:
+        return -1
+    return next(i for i, names in enumerate(LAYERS) if unit in names)
+
+
+def test_every_module_has_a_layer():
+    assert sorted(_name(p).split(".")[0] for p in _modules() if _name(p) and "." not in _name(p)
+                  and _name(p) not in {n for names in LAYERS for n in names}) == []
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_name)
+def test_imports_go_down_the_layers(path):
+    """No module imports from a layer above its own: the house reads from the bottom up."""
+    here = _layer(_name(path))
+    up = [f"{line}: {imported}" for line, imported in _package_imports(path, ast.parse(path.read_text()))
+          if _layer(imported) > here]
+    assert not up, f"{_name(path)} (layer {here}: {LAYERS[here]}) imports from a layer above: {up}"
+
+
+def test_the_layer_check_sees_an_import_running_up():
+    path = PACKAGE / "data" / "probe.py"
+    found = _package_imports(path, ast.parse("from ..search.tuner import run\nfrom .npz import read\n"))
+    assert [(line, _layer(name) > _layer("data.probe")) for line, name in found] == [(1, True), (2, False)]
+
+
 MODULES = sorted(f"aebnas.{_name(p)}" if _name(p) else "aebnas" for p in _modules())
 # For each module: forget every aebnas module, then import that one first; no order of
 # imports may reveal a circle. torch and ray stay loaded, so this takes seconds.
