@@ -30,7 +30,7 @@ from torch import nn
 from ..config import SpaceValues, random_arch
 from .torchscript import DeployedEarlyExitNet
 from ..files import atomic_write
-from ..cost.latency import TABLE_FORMAT, LatencyTable, covering_archs, space_pieces
+from ..cost.latency import TABLE_FORMAT, LatencyTable, Piece, covering_archs, space_pieces
 from ..nn import EarlyExitNet, torch_confidence
 from .onnx_export import write_onnx
 from ..onnx_runner import OnnxEarlyExitNet
@@ -150,6 +150,29 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
     A table at ``out`` with the same settings is resumed (its pieces are not measured again);
     one with other settings is refused. Returns the table.
     """
+    _require_onnxruntime(request)
+    out = Path(request.out).expanduser()
+    table = _new_or_resumed_table(request, out)
+    pieces = space_pieces(covering_archs(request.space, **_arch_kwargs(request)))
+    todo = [(b, pid) for b in request.backends for pid in pieces if pid not in table["backends"][b]]
+    for backend in {b for b, _ in todo}:  # pieces measured now: that backend's calibration is fitted again
+        table.get("calibration", {}).pop(backend, None)
+    log(f"latency profile: {len(pieces)} pieces × {len(request.backends)} backend(s), "
+        f"{len(pieces) * len(request.backends) - len(todo)} already in {out}; measuring {len(todo)} "
+        f"(batch {request.batch}, {request.threads} thread(s), {request.warmup} warm-up + {request.repeats} runs)")
+    torch.set_num_threads(request.threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _measure_pieces(request, table, pieces, todo, out, log)
+    calibrated = _calibrate_missing(request, table, out, log)
+    if todo or calibrated or "date" not in table:  # the date the table was finished
+        table["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    _write(out, table)
+    log(f"wrote {out}")
+    return table
+
+
+def _require_onnxruntime(request: ProfileRequest) -> None:
+    """Refuse the onnxruntime backend, before anything is measured, when onnxruntime is not installed."""
     if "onnxruntime" in request.backends:
         try:
             import onnxruntime
@@ -158,7 +181,16 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
         if onnxruntime is None:
             raise ValueError('the onnxruntime backend needs onnxruntime: pip install "aebnas[onnx]" '
                              "(or --backends torch)")
-    out = Path(request.out).expanduser()
+
+
+def _arch_kwargs(request: ProfileRequest) -> dict[str, Any]:
+    """What every network of the request has in common besides its space."""
+    return {"width_mult": request.width_mult, "num_classes": request.num_classes, "in_channels": request.in_channels}
+
+
+def _new_or_resumed_table(request: ProfileRequest, out: Path) -> dict[str, Any]:
+    """An empty table for ``request``, or the one at ``out`` to go on with; ValueError if that one has other
+    settings."""
     settings = request.settings()
     table: dict[str, Any] = {"format": TABLE_FORMAT, "settings": settings, "machine": machine_info(),
                              "unit": "ms", "statistic": "median", "backends": {b: {} for b in request.backends}}
@@ -175,38 +207,19 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
             table["calibration"] = kept
         if "date" in old:
             table["date"] = old["date"]
-    kw = {"width_mult": request.width_mult, "num_classes": request.num_classes, "in_channels": request.in_channels}
-    pieces = space_pieces(covering_archs(request.space, **kw))
-    todo = [(b, pid) for b in request.backends for pid in pieces if pid not in table["backends"][b]]
-    for backend in {b for b, _ in todo}:  # pieces measured now: that backend's calibration is fitted again
-        table.get("calibration", {}).pop(backend, None)
-    log(f"latency profile: {len(pieces)} pieces × {len(request.backends)} backend(s), "
-        f"{len(pieces) * len(request.backends) - len(todo)} already in {out}; measuring {len(todo)} "
-        f"(batch {request.batch}, {request.threads} thread(s), {request.warmup} warm-up + {request.repeats} runs)")
-    torch.set_num_threads(request.threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return table
+
+
+def _measure_pieces(request: ProfileRequest, table: dict[str, Any], pieces: dict[str, Piece],
+                    todo: list[tuple[str, str]], out: Path, log: Callable[[str], None]) -> None:
+    """Time the ``todo`` (backend, piece) pairs into ``table``, ``SAVE_EVERY`` at a time, writing the table
+    after each chunk (a killed profile resumes); a progress line at most every 5 s."""
     t0, last_report = time.perf_counter(), 0.0
     torch.manual_seed(0)
     done = 0
     for start in range(0, len(todo), SAVE_EVERY):
         chunk = todo[start:start + SAVE_EVERY]
-        runs: list[Callable[[], list[float]]] = []
-        for backend, pid in chunk:  # build every piece of the chunk, then time them in interleaved rounds
-            piece = pieces[pid]
-            module = piece.build().eval()
-            x = torch.randn(request.batch, *piece.shape)
-            if backend == "torch":
-                time_torch(module, x, request.warmup, 0)
-                runs.append(lambda m=module, x=x, n=0: time_torch(m, x, 0, n))
-            else:
-                session = onnx_session(module, x, request.threads)
-                time_onnx(session, x.numpy(), request.warmup, 0)
-                runs.append(lambda s=session, x=x.numpy(), n=0: time_onnx(s, x, 0, n))
-        times: list[list[float]] = [[] for _ in chunk]
-        per_round = [request.repeats // ROUNDS + (r < request.repeats % ROUNDS) for r in range(ROUNDS)]
-        for n_runs in per_round:
-            for i, run in enumerate(runs):
-                times[i] += run(n=n_runs)
+        times = _interleaved_times(_warm_runs(request, pieces, chunk), request.repeats)
         for (backend, pid), t in zip(chunk, times):
             table["backends"][backend][pid] = statistics.median(t)
         _write(out, table)
@@ -217,19 +230,50 @@ def profile(request: ProfileRequest, log: Callable[[str], None] = print) -> dict
             backend, pid = chunk[-1]
             log(f"  [{done}/{len(todo)}] {backend} {pieces[pid].key[0]}: {table['backends'][backend][pid]:.3f} ms  "
                 f"({elapsed:.0f} s, ETA {elapsed / done * (len(todo) - done):.0f} s)")
-    changed = bool(todo)
-    if request.calibration_networks:
-        table.setdefault("calibration", {})
-        for backend in request.backends:
-            if backend not in table["calibration"]:
-                table["calibration"][backend] = calibrate(request, table, backend, log)
-                _write(out, table)
-                changed = True
-    if changed or "date" not in table:  # the date the table was finished
-        table["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    _write(out, table)
-    log(f"wrote {out}")
-    return table
+
+
+def _warm_runs(request: ProfileRequest, pieces: dict[str, Piece], chunk: list[tuple[str, str]]
+               ) -> list[Callable[..., list[float]]]:
+    """Build every piece of the chunk and warm it up; for each, ``run(n=…)`` times that many calls."""
+    runs: list[Callable[..., list[float]]] = []
+    for backend, pid in chunk:
+        piece = pieces[pid]
+        module = piece.build().eval()
+        x = torch.randn(request.batch, *piece.shape)
+        if backend == "torch":
+            time_torch(module, x, request.warmup, 0)
+            runs.append(lambda m=module, x=x, n=0: time_torch(m, x, 0, n))
+        else:
+            session = onnx_session(module, x, request.threads)
+            time_onnx(session, x.numpy(), request.warmup, 0)
+            runs.append(lambda s=session, x=x.numpy(), n=0: time_onnx(s, x, 0, n))
+    return runs
+
+
+def _interleaved_times(runs: list[Callable[..., list[float]]], repeats: int) -> list[list[float]]:
+    """Milliseconds of ``repeats`` timed calls of each run, spread over ``ROUNDS`` rounds through all of them."""
+    times: list[list[float]] = [[] for _ in runs]
+    per_round = [repeats // ROUNDS + (r < repeats % ROUNDS) for r in range(ROUNDS)]
+    for n_runs in per_round:
+        for i, run in enumerate(runs):
+            times[i] += run(n=n_runs)
+    return times
+
+
+def _calibrate_missing(request: ProfileRequest, table: dict[str, Any], out: Path,
+                       log: Callable[[str], None]) -> bool:
+    """Fit the calibration of every backend that lacks one (if the request asks for any), writing the table
+    after each; whether any was fitted."""
+    if not request.calibration_networks:
+        return False
+    table.setdefault("calibration", {})
+    fitted = False
+    for backend in request.backends:
+        if backend not in table["calibration"]:
+            table["calibration"][backend] = calibrate(request, table, backend, log)
+            _write(out, table)
+            fitted = True
+    return fitted
 
 
 # ----------------------------------------------------------------- calibration
@@ -247,7 +291,7 @@ def calibrate(request: ProfileRequest, table: dict[str, Any], backend: str,
     + per_image_ms``: P_i the pieces' sum up to exit i, A_i the exits a sample leaving at i
     has evaluated, u_i the fraction that left there. :class:`LatencyTable` applies it.
     """
-    kw = {"width_mult": request.width_mult, "num_classes": request.num_classes, "in_channels": request.in_channels}
+    kw = _arch_kwargs(request)
     raw = LatencyTable(table, backend)
     rng, rows, measured = random.Random(12345), [], []
     torch.manual_seed(12345)
