@@ -35,7 +35,7 @@ def setup(ctx: Context, warmup: int, repeats: int, calibration_networks: int,
     from aebnas.data.datasets import load_dataset
     from aebnas.cost.latency import LatencyTable
     from aebnas.deploy.latency_profile import ProfileRequest, profile
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, load_supernet
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)

@@ -39,7 +39,7 @@ MIN_SPEEDUP = 1.1
 
 def _train(ctx: Context, compile: bool, epochs: int, resolutions: tuple[int, ...], width_mult: float,
            cuda: bool) -> list[dict[str, Any]]:
-    from aebnas.training.supernet import read_supernet_info
+    from aebnas.training.supernet_file import read_supernet_info
 
     name = "compiled" if compile else "eager"
     out = ctx.scratch / name
@@ -60,7 +60,7 @@ def _train(ctx: Context, compile: bool, epochs: int, resolutions: tuple[int, ...
 def measure(ctx: Context, epochs: int, resolutions: tuple[int, ...], width_mult: float) -> Outcome:
     import torch
 
-    from aebnas.training.supernet import SupernetSettings
+    from aebnas.training.supernet_file import SupernetSettings
 
     if epochs < 3:
         raise ValueError(f"epochs={epochs}: 2 epochs compile, at least one more gives the steady speed")

@@ -42,7 +42,7 @@ from supernet_equal_compute_fashion_mnist import CLAIM as EQUAL_COMPUTE  # noqa:
 from supernet_ranking_fashion_mnist import CLAIM as RANKING  # noqa: E402
 
 from aebnas.pipeline import DEPLOY_DIR, JOB_FILE, PREDICT_FILE, job_name  # noqa: E402
-from aebnas.training.supernet import read_supernet_info  # noqa: E402
+from aebnas.training.supernet_file import read_supernet_info  # noqa: E402
 
 RESULTS_MD = REPO / "docs" / "results.md"
 RESULTS_DIR = REPO / "docs" / "results"

@@ -36,7 +36,8 @@ def measure(ctx: Context, epochs: int, width_mult: float, resolutions: str, cand
     from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.training.supernet import load_supernet, score_subnet
+    from aebnas.training.supernet import score_subnet
+    from aebnas.training.supernet_file import load_supernet
     from aebnas.training.loop import CandidateTraining, Scorer
 
     if not torch.cuda.is_available() and not ctx.quick:

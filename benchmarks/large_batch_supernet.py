@@ -35,7 +35,7 @@ BASE_BATCH, BASE_LR = 128, 0.1
 
 
 def measure(ctx: Context, epochs: int, batches: Sequence[int], seeds: Sequence[int]) -> Outcome:
-    from aebnas.training.supernet import SupernetSettings, read_supernet_info
+    from aebnas.training.supernet_file import SupernetSettings, read_supernet_info
     from aebnas.training.supernet_job import SupernetRequest, train_supernet
     from aebnas.training.loop import select_device
 

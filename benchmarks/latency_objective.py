@@ -32,7 +32,7 @@ from _latency import (TABLE_QUICK, TABLE_SETTINGS, inherited_network, per_image_
                       write_onnx_export)
 from _picks import ahead, validation_pick
 
-from aebnas.training.supernet import EMBEDDED_SUPERNET
+from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
 CLAIM = Claim(21, "latency_objective", "Does the latency objective pay?",
               "the network a search for a target in ms picks (on validation, within ±10% of the target) is closer "

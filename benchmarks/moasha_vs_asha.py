@@ -20,7 +20,7 @@ from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, 
                      search_figures, stop_ray)
 from _picks import ahead, reference_macs
 
-from aebnas.training.supernet import EMBEDDED_SUPERNET
+from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
 CLAIM = Claim(18, "moasha_vs_asha", "MO-ASHA vs ASHA on score",
               "MO-ASHA's validation hypervolume per CPU-hour above ASHA's by more than one standard error of the "

@@ -107,7 +107,7 @@ def fingerprint(out: Path, tree: Path, table: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(tree))
     from aebnas.data.datasets import embedded_dataset_path
-    from aebnas.training.supernet import EMBEDDED_SUPERNET
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
     small = out / "small.npz"
     with np.load(embedded_dataset_path()) as z:

@@ -65,7 +65,7 @@ def inherited_trial_phases(dev: torch.device, amp: bool, candidates: int) -> lis
     from aebnas.data.datasets import load_dataset
     from aebnas.exit_policy import oracle, simulate, tune_thresholds
     from aebnas.settings import TrialSettings
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, supernet_from_state
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, supernet_from_state
     from aebnas.nn import extract
     from aebnas.search.trainable import save_exit_outputs
     from aebnas.training.loop import CandidateTraining, load_checkpoint
@@ -171,7 +171,8 @@ def main() -> int:
     from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetSettings, SupernetTraining, load_supernet
+    from aebnas.training.supernet import SupernetTraining
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, SupernetSettings, load_supernet
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda"

@@ -51,7 +51,7 @@ def measure(ctx: Context, archs: int, target_fraction: float, threads: tuple[int
     from aebnas.data.datasets import load_dataset
     from aebnas.deploy.torchscript import DeployedEarlyExitNet, quiet_torchscript
     from aebnas.onnx_runner import OnnxEarlyExitNet
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, load_supernet
 
     supernet, info = load_supernet(EMBEDDED_SUPERNET, "cpu")
     data = load_dataset(info.dataset, val_size=info.val_size, seed=info.split_seed)

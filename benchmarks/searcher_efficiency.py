@@ -21,7 +21,7 @@ from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_image, 
                      run_search, search_figures, stop_ray)
 from _picks import ahead, in_proposal_order, reference_macs, validation_pick
 
-from aebnas.training.supernet import EMBEDDED_SUPERNET
+from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
 CLAIM = Claim(16, "searcher_efficiency", "Sample efficiency of the searchers",
               "SurrogateSearch reaches random search's final validation hypervolume within 1/3 of the evaluations, "

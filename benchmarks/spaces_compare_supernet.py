@@ -14,7 +14,7 @@ from _common import Claim, main
 from _spaces import measure_search_spaces
 from search_spaces import SPACES
 
-from aebnas.training.supernet import EMBEDDED_SUPERNET
+from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
 CLAIM = Claim(12, "spaces_compare_supernet", "Searched vs fixed branches vs no exits, with the supernet",
               "aebnas ahead of fixed_exits and static on test hypervolume and on the test accuracy of the trial "

@@ -102,7 +102,7 @@ def _one_seed(ctx: Context, seed: int, supernet_epochs: int, num_samples: int, s
               target_macs: float, tolerance: float, width_mult: float, resolutions: Sequence[int], batch_size: int,
               dataset: str, val_size: int | None, split_seed: int, tag: bool) -> dict[str, Any]:
     """Both arms for one seed; ``tag``: name the runs after the seed (several seeds)."""
-    from aebnas.training.supernet import SupernetSettings, read_supernet_info
+    from aebnas.training.supernet_file import SupernetSettings, read_supernet_info
     from aebnas.training.supernet_job import SupernetRequest, train_supernet
 
     suffix = f"_s{seed}" if tag else ""

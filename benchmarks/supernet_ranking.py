@@ -50,7 +50,7 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
     at random with a fixed seed, instead of all of them (a size the machine affords; None: all)."""
     from aebnas.config import largest_arch, random_arch, smallest_arch
     from aebnas.data.datasets import DEFAULT_VAL_SIZE
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, read_supernet_info
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, read_supernet_info
     from aebnas.training.loop import select_device
 
     supernet_file = EMBEDDED_SUPERNET if supernet == "embedded" else Path(supernet)
@@ -177,7 +177,7 @@ def _load_worker(device: str, batch_size: int, threads: int, supernet_file: str,
     import torch
 
     from aebnas.data.datasets import load_dataset
-    from aebnas.training.supernet import load_supernet
+    from aebnas.training.supernet_file import load_supernet
 
     torch.set_num_threads(threads)
     supernet, info = load_supernet(supernet_file, device)

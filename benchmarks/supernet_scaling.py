@@ -27,7 +27,7 @@ QUICK = {"workers": (1, 2), "epochs": 1, "width_mult": 0.25, "resolutions": (32,
 
 def measure(ctx: Context, workers: Sequence[int], epochs: int, width_mult: float, resolutions: Sequence[int],
             batch_size: int) -> Outcome:
-    from aebnas.training.supernet import SupernetSettings, read_supernet_info
+    from aebnas.training.supernet_file import SupernetSettings, read_supernet_info
     from aebnas.training.supernet_job import SupernetRequest, train_supernet
 
     start_ray()

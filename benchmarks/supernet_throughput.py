@@ -38,7 +38,7 @@ def measure(ctx: Context, archs: int, scratch_epochs: int, finetune_epochs: int,
     from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, load_supernet
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, load_supernet
     from aebnas.training.loop import CandidateTraining
 
     torch.set_num_threads(2)  # CPU-seconds count both threads; wall time is halved

@@ -84,7 +84,8 @@ def measure(ctx: Context, cpu: dict[str, Any], cuda: dict[str, Any]) -> Outcome:
     from aebnas.data.datasets import load_dataset
     from aebnas.nn import extract
     from aebnas.settings import TrialSettings
-    from aebnas.training.supernet import EMBEDDED_SUPERNET, SupernetSettings, SupernetTraining, load_supernet
+    from aebnas.training.supernet import SupernetTraining
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, SupernetSettings, load_supernet
     from aebnas.space_values import space_values_of
     from aebnas.data.batches import BatchLoader
     from aebnas.training.loop import (CandidateTraining, TrainSettings, grad_scaler, make_optimizer, make_lr_schedule,
