@@ -183,6 +183,13 @@ def _table(frame: pd.DataFrame, columns: dict[str, str], digits: int = 2) -> str
 
 def summary_markdown(a: Analysis) -> str:
     """The short report: experiments, best trial at the target with its exits, the fronts, hypervolumes."""
+    lines = (_experiments_lines(a) + _best_trial_lines(a) + _front_lines(a) + _sweep_front_lines(a)
+             + _left_out_lines(a))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _experiments_lines(a: Analysis) -> list[str]:
+    """The title, each experiment's trials by status, and what the numbers below are."""
     t = a.results.trials
     lines = [f"# Analysis of {', '.join(a.results.settings)}", ""]
     for name in a.results.settings:
@@ -192,23 +199,21 @@ def summary_markdown(a: Analysis) -> str:
     budget = f", at most {a.budget_macs:g} MMACs" if a.budget_macs else ""
     lines += ["", f"Thresholds re-tuned on validation for a target of **{a.target_macs:g} MMACs**{budget} "
               "(the paper's score); test numbers use those thresholds (never tuned on test).", ""]
+    return lines
+
+
+def _best_trial_lines(a: Analysis) -> list[str]:
+    """The best trial at the target: its figures, its exits, its oracle bound and its checkpoint."""
     b = a.best
     row = a.results.trial(b["trial_id"], b["experiment"])
-    lines += ["## Best trial at the target", "",
-              f"**{b['trial_id']}** ({b['experiment']}, {b['status']}, {row['epochs_run']}/{row['epochs']} epochs): "
-              f"validation {b['accuracy']:.2f}% at {b['avg_macs']:.3f} MMACs (score {b['score']:.2f}); "
-              + (f"test {b['test_accuracy']:.2f}% at {b['test_avg_macs']:.3f} MMACs." if pd.notna(b["test_accuracy"])
-                 else "no test numbers."),
-              f"Resolution {row.get('resolution')}, exits after stages {row.get('exit_positions') or '(none)'}, "
-              f"thresholds {b['thresholds']}.", ""]
-    try:
-        ex = exit_breakdown(row, a.target_macs, budget_macs=a.budget_macs).reset_index()
-        ex["util"] = 100 * ex["util"]
-        lines += [_table(ex, {"exit": "exit", "threshold": "threshold", "macs": "C_i (MMACs)",
-                              "util": "leave here (%)", "accuracy": "accuracy alone (%)",
-                              "taken_accuracy": "accuracy of leavers (%)"}), ""]
-    except ValueError as exc:
-        lines += [f"(exits unknown: {exc})", ""]
+    lines = ["## Best trial at the target", "",
+             f"**{b['trial_id']}** ({b['experiment']}, {b['status']}, {row['epochs_run']}/{row['epochs']} epochs): "
+             f"validation {b['accuracy']:.2f}% at {b['avg_macs']:.3f} MMACs (score {b['score']:.2f}); "
+             + (f"test {b['test_accuracy']:.2f}% at {b['test_avg_macs']:.3f} MMACs." if pd.notna(b["test_accuracy"])
+                else "no test numbers."),
+             f"Resolution {row.get('resolution')}, exits after stages {row.get('exit_positions') or '(none)'}, "
+             f"thresholds {b['thresholds']}.", ""]
+    lines += _exit_lines(a, row)
     orc = a.oracle[(a.oracle["trial_id"] == b["trial_id"]) & (a.oracle["experiment"] == b["experiment"])]
     if len(orc):
         o = orc.iloc[0]
@@ -216,24 +221,52 @@ def summary_markdown(a: Analysis) -> str:
                   f"{o['oracle_macs']:.3f} MMACs on validation, {o['test_oracle_accuracy']:.2f}% on test.", ""]
     if row.get("checkpoint"):
         lines += [f"Checkpoint: `{row['checkpoint']}`", ""]
+    return lines
+
+
+def _exit_lines(a: Analysis, row: pd.Series) -> list[str]:
+    """The table of a trial's exits at the target, or why they are unknown."""
+    try:
+        ex = exit_breakdown(row, a.target_macs, budget_macs=a.budget_macs).reset_index()
+        ex["util"] = 100 * ex["util"]
+        return [_table(ex, {"exit": "exit", "threshold": "threshold", "macs": "C_i (MMACs)",
+                            "util": "leave here (%)", "accuracy": "accuracy alone (%)",
+                            "taken_accuracy": "accuracy of leavers (%)"}), ""]
+    except ValueError as exc:
+        return [f"(exits unknown: {exc})", ""]
+
+
+def _front_lines(a: Analysis) -> list[str]:
+    """The Pareto front at the target with its hypervolume (and each experiment's, for several)."""
     ref = f"({a.reference[0]:g} %, {a.reference[1]:.4g} MMACs)" + ("" if a.reference_given else
                                                                     ", the default: 0 % and 1.1 × the largest MACs")
-    lines += ["## Pareto front at the target (validation accuracy ↑, average MACs ↓)", "",
-              _table(a.front, {"trial_id": "trial", "experiment": "experiment", "status": "status",
-                               "accuracy": "val acc (%)", "avg_macs": "MMACs", "test_accuracy": "test acc (%)",
-                               "thresholds": "thresholds"}), "",
-              f"Hypervolume: **{a.hypervolume:.2f} %·MMACs** against the reference point {ref}."]
+    lines = ["## Pareto front at the target (validation accuracy ↑, average MACs ↓)", "",
+             _table(a.front, {"trial_id": "trial", "experiment": "experiment", "status": "status",
+                              "accuracy": "val acc (%)", "avg_macs": "MMACs", "test_accuracy": "test acc (%)",
+                              "thresholds": "thresholds"}), "",
+             f"Hypervolume: **{a.hypervolume:.2f} %·MMACs** against the reference point {ref}."]
     if len(a.results.settings) > 1:
         for name, group in a.points.groupby("experiment"):
             f = pareto_front(group)
             lines.append(f"- {name}: {hypervolume(f['accuracy'], f['avg_macs'], a.reference):.2f} %·MMACs")
-    lines += [""]
-    if len(a.sweep_front):
-        n_trials = a.sweep["trial_id"].nunique()
-        hv = hypervolume(a.sweep_front["accuracy"], a.sweep_front["avg_macs"], a.reference)
-        lines += ["## Front over trials × thresholds (post-hoc sweep)", "",
-                  f"{len(a.sweep)} threshold vectors of {n_trials} trials; {len(a.sweep_front)} on the front, "
-                  f"hypervolume {hv:.2f} %·MMACs (same reference). Selected on validation; see `sweep_front.csv`.", ""]
+    return lines + [""]
+
+
+def _sweep_front_lines(a: Analysis) -> list[str]:
+    """The front over trials × threshold vectors of the post-hoc sweep (none when nothing was swept)."""
+    if not len(a.sweep_front):
+        return []
+    n_trials = a.sweep["trial_id"].nunique()
+    hv = hypervolume(a.sweep_front["accuracy"], a.sweep_front["avg_macs"], a.reference)
+    return ["## Front over trials × thresholds (post-hoc sweep)", "",
+            f"{len(a.sweep)} threshold vectors of {n_trials} trials; {len(a.sweep_front)} on the front, "
+            f"hypervolume {hv:.2f} %·MMACs (same reference). Selected on validation; see `sweep_front.csv`.", ""]
+
+
+def _left_out_lines(a: Analysis) -> list[str]:
+    """The trials the sweep could not use (no exit outputs) and the errored ones with their error."""
+    t = a.results.trials
+    lines: list[str] = []
     missing = t[t["exit_outputs"].isna() & t["accuracy"].notna()]
     if len(missing):
         lines += [f"{len(missing)} trial(s) have no `exit_outputs.npz` ({', '.join(missing['trial_id'])}): their "
@@ -241,7 +274,7 @@ def summary_markdown(a: Analysis) -> str:
     errored = t[t["status"] == "errored"]
     for _, e in errored.iterrows():
         lines.append(f"- errored {e['trial_id']}: {e['error']}")
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def run_analysis(paths: Sequence[str], out: str | Path, target_macs: float | None = None,
