@@ -94,45 +94,70 @@ class Experiment(TrialSettings):
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ExperimentError naming the first bad setting."""
-        def bad(name: str, why: str) -> ExperimentError:
-            return ExperimentError(f"{name}={getattr(self, name)!r} {why}")
+        self._check_choices()
+        self._check_counts()
+        self._check_training()
+        self._check_resources()
+        self._check_searcher()
+        self._check_cost()
+        self.trial_settings()  # lr, confidence, grid, …
+        self._check_a_candidate()
 
+    def _bad(self, name: str, why: str) -> ExperimentError:
+        """The error for setting ``name``, with its value and ``why`` it is refused."""
+        return ExperimentError(f"{name}={getattr(self, name)!r} {why}")
+
+    def _check_choices(self) -> None:
+        """The space, searcher and scheduler are ones there are."""
         if self.space not in SPACES:
-            raise bad("space", f"is not one of {tuple(SPACES)}")
+            raise self._bad("space", f"is not one of {tuple(SPACES)}")
         if self.search_alg not in SEARCH_ALGS:
-            raise bad("search_alg", f"is not one of {SEARCH_ALGS}")
+            raise self._bad("search_alg", f"is not one of {SEARCH_ALGS}")
         if self.scheduler not in SCHEDULERS:
-            raise bad("scheduler", f"is not one of {SCHEDULERS}")
+            raise self._bad("scheduler", f"is not one of {SCHEDULERS}")
+
+    def _check_counts(self) -> None:
+        """Settings that count something are whole numbers: ≥ 1, or ≥ 0 where 0 has a meaning."""
         for name in ("num_samples", "grace_period", "batch_size", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise bad(name, "must be an integer ≥ 1")
+                raise self._bad(name, "must be an integer ≥ 1")
         if not isinstance(self.supernet_epochs, int) or self.supernet_epochs < 0:
-            raise bad("supernet_epochs", "must be an integer ≥ 0 (0: no supernet is trained)")
+            raise self._bad("supernet_epochs", "must be an integer ≥ 0 (0: no supernet is trained)")
         if not isinstance(self.supernet_workers, int) or self.supernet_workers < 0:
-            raise bad("supernet_workers", "must be an integer ≥ 0 (0: trained in the driver's process)")
+            raise self._bad("supernet_workers", "must be an integer ≥ 0 (0: trained in the driver's process)")
+
+    def _check_training(self) -> None:
+        """Where a supernet can be trained, the epochs, the target, ASHA's rungs and the supernet file."""
         if self.supernet is None and self.supernet_epochs and "://" in self.storage_path:
-            raise bad("supernet_epochs", "trains a supernet under a local storage_path only; with a URI train one "
-                      "with `aebnas supernet train` and pass --supernet")
+            raise self._bad("supernet_epochs", "trains a supernet under a local storage_path only; with a URI train "
+                            "one with `aebnas supernet train` and pass --supernet")
         if not isinstance(self.epochs, int) or self.epochs < (0 if self.supernet_path() else 1):
-            raise bad("epochs", "must be an integer ≥ 1 (≥ 0 with a supernet: 0 scores inherited weights only)")
+            raise self._bad("epochs", "must be an integer ≥ 1 (≥ 0 with a supernet: 0 scores inherited weights "
+                            "only)")
         if not self.target_macs > 0:
-            raise bad("target_macs", "must be > 0 (MMACs)")
+            raise self._bad("target_macs", "must be > 0 (MMACs)")
         if not self.reduction_factor > 1:
-            raise bad("reduction_factor", "must be > 1")
+            raise self._bad("reduction_factor", "must be > 1")
         if self.grace_period > max(self.epochs, 1):
-            raise bad("grace_period", f"must be ≤ epochs ({self.epochs})")
+            raise self._bad("grace_period", f"must be ≤ epochs ({self.epochs})")
         if self.supernet is not None:
             self.supernet_info()
+
+    def _check_resources(self) -> None:
+        """What each trial reserves, how many run at once, how often one is retried, how long the search runs."""
         if not self.cpus_per_trial > 0:
-            raise bad("cpus_per_trial", "must be > 0")
+            raise self._bad("cpus_per_trial", "must be > 0")
         if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
-            raise bad("gpus_per_trial", "must be ≥ 0 (or None: one GPU per trial when the cluster has GPUs)")
+            raise self._bad("gpus_per_trial", "must be ≥ 0 (or None: one GPU per trial when the cluster has GPUs)")
         if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise bad("max_concurrent", "must be ≥ 1 (or None for no limit)")
+            raise self._bad("max_concurrent", "must be ≥ 1 (or None for no limit)")
         if self.max_failures < 0:
-            raise bad("max_failures", "must be ≥ 0")
+            raise self._bad("max_failures", "must be ≥ 0")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise bad("time_budget_s", "must be > 0 seconds (or None: no time limit)")
+            raise self._bad("time_budget_s", "must be > 0 seconds (or None: no time limit)")
+
+    def _check_searcher(self) -> None:
+        """The searcher's optional library is installed (Optuna for tpe / nsga2, pymoo for surrogate); its batch."""
         if self.search_alg in ("tpe", "nsga2"):
             try:
                 import optuna
@@ -149,10 +174,7 @@ class Experiment(TrialSettings):
             except ImportError as exc:
                 raise ExperimentError(str(exc)) from None
         if not isinstance(self.surrogate_batch, int) or self.surrogate_batch < 1:
-            raise ExperimentError(f"surrogate_batch={self.surrogate_batch!r} must be an integer ≥ 1")
-        self._check_cost()
-        self.trial_settings()  # lr, confidence, grid, …
-        self._check_a_candidate()
+            raise self._bad("surrogate_batch", "must be an integer ≥ 1")
 
     def _check_cost(self) -> None:
         if self.cost not in COSTS:
