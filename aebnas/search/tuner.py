@@ -213,6 +213,25 @@ def run(exp: Experiment) -> Any:
     address = exp.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_address_reachable(address)  # fail fast: before the dataset is loaded (or downloaded)
+    exp, path = _named_experiment(exp)
+    data = _load_data(exp)
+    exp, supernet = _supernet_record(exp, data)
+    latency = latency_table_for(exp, data)
+    resources = _connect_and_reserve(exp, address)
+    if not exp.resume:
+        write_experiment_settings(path, exp)  # as given: gpus_per_trial=None is resolved again on resume
+    if exp.resume and not tune.Tuner.can_restore(path):
+        raise ExperimentError(f"Ray Tune cannot restore {path}: the driver stopped before saving any state; "
+                              "start it again without --resume")
+    tuner = _build_tuner(exp, data, path, resources, supernet, latency)
+    results = tuner.fit()
+    _print_summary(exp, results, path)
+    return results
+
+
+def _named_experiment(exp: Experiment) -> tuple[Experiment, str]:
+    """``exp`` with its name (a new search without one gets one) and its directory, checked: a resume
+    needs the saved experiment and its settings, a new search a directory that holds none."""
     if exp.resume and not exp.name:
         raise ExperimentError("resume=True needs the name of the experiment to continue (--name)")
     if not exp.name:
@@ -223,27 +242,42 @@ def run(exp: Experiment) -> Any:
     elif not is_empty(path):
         raise ExperimentError(f"an experiment already exists at {path}; pass --resume to continue it "
                               "or another --name to start a new one")
+    return exp, path
 
+
+def _load_data(exp: Experiment) -> Any:
+    """The search's dataset, loaded once in the driver (trials get it through the object store)."""
     try:
         data = load_dataset(exp.dataset, data_dir=exp.data_dir, download=exp.download,
                             val_size=exp.val_size, seed=exp.data_split_seed)
     except ValueError as exc:  # a malformed .npz, a bad val_size, an unknown dataset name
         raise ExperimentError(str(exc)) from None
     print(f"aebnas: {data.summary()}", flush=True)
+    return data
+
+
+def _supernet_record(exp: Experiment, data: Any) -> tuple[Experiment, dict[str, Any] | None]:
+    """The record of the supernet the candidates inherit from, checked against the space and the data
+    (None: they train from scratch); with ``supernet_epochs`` and no ``supernet`` it is trained first
+    (or reused) and the returned ``exp`` names its file."""
     if exp.supernet is None and exp.supernet_epochs:
         exp = dataclasses.replace(exp, supernet=train_supernet_first(exp, data))
-    supernet = None
-    if exp.supernet is not None:
-        supernet = load_checkpoint(exp.supernet)
-        info = SupernetInfo.from_record(supernet, exp.supernet)
-        try:
-            check_supernet(info, needs=space_needs(exp.param_space(data.num_classes, data.in_channels)),
-                           width_mult=exp.width_mult, data=data)
-        except ValueError as exc:
-            raise ExperimentError(f"supernet={exp.supernet!r}: {exc}") from None
-        print(f"aebnas: candidates inherit their weights from {exp.supernet} ({info.describe()}) and fine-tune "
-              f"{exp.epochs} epoch(s) at lr {exp.finetune_lr}", flush=True)
-    latency = latency_table_for(exp, data)
+    if exp.supernet is None:
+        return exp, None
+    supernet = load_checkpoint(exp.supernet)
+    info = SupernetInfo.from_record(supernet, exp.supernet)
+    try:
+        check_supernet(info, needs=space_needs(exp.param_space(data.num_classes, data.in_channels)),
+                       width_mult=exp.width_mult, data=data)
+    except ValueError as exc:
+        raise ExperimentError(f"supernet={exp.supernet!r}: {exc}") from None
+    print(f"aebnas: candidates inherit their weights from {exp.supernet} ({info.describe()}) and fine-tune "
+          f"{exp.epochs} epoch(s) at lr {exp.finetune_lr}", flush=True)
+    return exp, supernet
+
+
+def _connect_and_reserve(exp: Experiment, address: str | None) -> dict[str, float]:
+    """Connect to the cluster (or start local Ray); what each trial reserves, checked to fit on it."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our chosen columns
     connect_ray(exp.address)
     import ray
@@ -252,15 +286,7 @@ def run(exp: Experiment) -> Any:
     resources = trial_resources(exp, cluster)
     print(f"aebnas: {describe_resources(resources, cluster)}", flush=True)
     check_trial_fits(resources, cluster_may_grow=bool(address))
-    if not exp.resume:
-        write_experiment_settings(path, exp)  # as given: gpus_per_trial=None is resolved again on resume
-    if exp.resume and not tune.Tuner.can_restore(path):
-        raise ExperimentError(f"Ray Tune cannot restore {path}: the driver stopped before saving any state; "
-                              "start it again without --resume")
-    tuner = _build_tuner(exp, data, path, resources, supernet, latency)
-    results = tuner.fit()
-    _print_summary(exp, results, path)
-    return results
+    return resources
 
 
 def train_supernet_first(exp: Experiment, data: Any) -> str:
