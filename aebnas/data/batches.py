@@ -35,6 +35,46 @@ def _is_integer(a: np.ndarray | torch.Tensor) -> bool:
     return np.issubdtype(a.dtype, np.integer)
 
 
+def _check_images_and_labels(x: object, y: object) -> None:
+    """``x`` uint8 images (N, C, H, W), N ≥ 1, and ``y`` one integer label per image; ValueError saying what is
+    wrong."""
+    arrays = (np.ndarray, torch.Tensor)
+    if not isinstance(x, arrays) or not _is_uint8(x) or x.ndim != 4:
+        got = f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, arrays) else type(x).__name__
+        raise ValueError(f"x has {got}; expected a uint8 numpy array or tensor (N, C, H, W)")
+    if not isinstance(y, arrays) or y.ndim != 1 or len(y) != len(x):
+        got = f"shape {tuple(y.shape)}" if isinstance(y, arrays) else type(y).__name__
+        raise ValueError(
+            f"y has {got}; expected a 1-D numpy array or tensor with one label per image ({len(x)})"
+        )
+    if not _is_integer(y):
+        raise ValueError(f"y has dtype {y.dtype}; expected integer class labels")
+    if len(x) == 0:
+        raise ValueError("x has no images; expected at least one")
+
+
+def _checked_shard(shard: tuple[int, int], train: bool, num_images: int) -> tuple[int, int]:
+    """``shard`` as (rank, world size): a worker's share of training batches, with an image for every worker."""
+    rank, world = shard
+    _require_int("shard world size", world, 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"shard={shard!r}: expected (rank, world_size) with 0 <= rank < world_size")
+    if train is False and world != 1:
+        raise ValueError("shard is for training batches (train=True); evaluation reads the whole split")
+    if num_images < world:
+        raise ValueError(f"{num_images} images cannot be shared by {world} workers")
+    return rank, world
+
+
+def _per_channel(mean: Sequence[float], std: Sequence[float], channels: int
+                 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean`` and ``std`` as tuples of floats, one per channel (ValueError otherwise)."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean={mean} and std={std} must have one value per channel ({channels})")
+    return mean, std
+
+
 class BatchLoader:
     """Iterates (images float32 normalized (B,C,R,R) on device, labels int64 on device).
 
@@ -66,35 +106,13 @@ class BatchLoader:
         drop_last: bool | None = None,
         shard: tuple[int, int] = (0, 1),
     ) -> None:
-        arrays = (np.ndarray, torch.Tensor)
-        if not isinstance(x, arrays) or not _is_uint8(x) or x.ndim != 4:
-            got = f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, arrays) else type(x).__name__
-            raise ValueError(f"x has {got}; expected a uint8 numpy array or tensor (N, C, H, W)")
-        if not isinstance(y, arrays) or y.ndim != 1 or len(y) != len(x):
-            got = f"shape {tuple(y.shape)}" if isinstance(y, arrays) else type(y).__name__
-            raise ValueError(
-                f"y has {got}; expected a 1-D numpy array or tensor with one label per image ({len(x)})"
-            )
-        if not _is_integer(y):
-            raise ValueError(f"y has dtype {y.dtype}; expected integer class labels")
-        if len(x) == 0:
-            raise ValueError("x has no images; expected at least one")
+        _check_images_and_labels(x, y)
         _require_int("batch_size", batch_size, 1)
         _require_int("resolution", resolution, 8)
         _require_int("crop_padding", crop_padding, 0)
         _require_int("seed", seed, 0)
-        rank, world = shard
-        _require_int("shard world size", world, 1)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
-            raise ValueError(f"shard={shard!r}: expected (rank, world_size) with 0 <= rank < world_size")
-        if train is False and world != 1:
-            raise ValueError("shard is for training batches (train=True); evaluation reads the whole split")
-        if len(x) < world:
-            raise ValueError(f"{len(x)} images cannot be shared by {world} workers")
-        channels = x.shape[1]
-        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean={mean} and std={std} must have one value per channel ({channels})")
+        rank, world = _checked_shard(shard, train, len(x))
+        mean, std = _per_channel(mean, std, x.shape[1])
         self.device = torch.device(device)
         self.preprocess = Preprocess(mean, std, resolution, device=self.device)
 
