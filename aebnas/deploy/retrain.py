@@ -43,7 +43,7 @@ from ..files import atomic_write
 from ..nn import EarlyExitNet
 from ..progress import Log, Progress, duration, print_line
 from ..training.supernet_file import SupernetInfo, check_supernet, inherited_network
-from ..search.trials import read_experiment_dir
+from ..search.trials import ExperimentRecord, TrialRecord, read_experiment_dir
 from .pick import find_trial, load_experiment_data, score_trials, split_seed, trial_arch
 from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
                        TrialSettings, resolved_config)
@@ -108,15 +108,7 @@ def retrain(req: RetrainRequest, log: Log = print_line) -> dict[str, Any]:
     if trial is not None:
         selected_by = f"--trial {req.trial}"
     else:
-        ranking = score_trials(exp, target, data, device)
-        log(f"trials ranked by validation score at {target:g} MMACs:")
-        for s in ranking:
-            value = "      -" if s.score is None else f"{s.score:7.2f}"
-            log(f"  {s.trial.name:<28} {value}  ({s.source})")
-        if ranking[0].score is None:
-            raise UsageError(f"no trial of {exp.path} has a score; trials: {exp.trial_names()}")
-        trial = ranking[0].trial
-        selected_by = f"--best at {target:g} MMACs (search score {ranking[0].score:.2f})"
+        trial, selected_by = _best_trial(exp, target, data, device, log)
 
     arch, trial_settings = trial_arch(trial, data)
     supernet = _supernet_of(req, trial.name, trial_settings)
@@ -129,12 +121,7 @@ def retrain(req: RetrainRequest, log: Log = print_line) -> dict[str, Any]:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     model = None if supernet is None else _inherited_network(supernet, arch, settings.confidence, data, log)
-    if req.out:
-        run_dir = Path(req.out).expanduser()
-    elif "://" in str(req.experiment_dir):  # exp.path is a local copy: keep the run where the user is
-        run_dir = Path.cwd() / f"retrain_{trial.name}"
-    else:
-        run_dir = exp.path / f"retrain_{trial.name}"
+    run_dir = _run_dir(req, exp, trial)
     start = "from scratch" if supernet is None else f"from the supernet's weights at lr {settings.finetune_lr:g}"
     log(f"retraining {trial.name} ({selected_by}) {start} for {settings.epochs} epochs on {device} into {run_dir}")
     run = _Run(run_dir, arch, settings, data, device, log, model)
@@ -145,6 +132,28 @@ def retrain(req: RetrainRequest, log: Log = print_line) -> dict[str, Any]:
               "search_metrics": {k: trial.last.get(k) for k in ("score", "accuracy", "avg_macs", "epoch",
                                                                "test_accuracy")} if trial.last else None}
     return run.finish(source)
+
+
+def _best_trial(exp: ExperimentRecord, target: float, data: Dataset, device: torch.device,
+                log: Log) -> tuple[TrialRecord, str]:
+    """The trial with the best validation score at ``target`` (the ranking is logged), and how it was selected."""
+    ranking = score_trials(exp, target, data, device)
+    log(f"trials ranked by validation score at {target:g} MMACs:")
+    for s in ranking:
+        value = "      -" if s.score is None else f"{s.score:7.2f}"
+        log(f"  {s.trial.name:<28} {value}  ({s.source})")
+    if ranking[0].score is None:
+        raise UsageError(f"no trial of {exp.path} has a score; trials: {exp.trial_names()}")
+    return ranking[0].trial, f"--best at {target:g} MMACs (search score {ranking[0].score:.2f})"
+
+
+def _run_dir(req: RetrainRequest, exp: ExperimentRecord, trial: TrialRecord) -> Path:
+    """``--out``, else ``retrain_<trial>`` in the experiment directory (the working directory for one under a URI)."""
+    if req.out:
+        return Path(req.out).expanduser()
+    if "://" in str(req.experiment_dir):  # exp.path is a local copy: keep the run where the user is
+        return Path.cwd() / f"retrain_{trial.name}"
+    return exp.path / f"retrain_{trial.name}"
 
 
 def _supernet_of(req: RetrainRequest, trial: str, trial_settings: TrialSettings) -> str | None:
