@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from _common import (Claim, Context, Outcome, SearchRun, main, md_table, priority_note, provenance_note, run_search,
-                     search_figures, search_window, stop_ray, timestamp)
+from harness.claims import Claim
+from harness.common import (Context, Outcome, SearchRun, main, md_table, priority_note, provenance_note, run_search,
+                            search_figures, search_window, stop_ray, timestamp)
 
 CLAIM = Claim(2, "asha_vs_fifo", "ASHA vs FIFO",
               "ASHA reaches FIFO's best score with less compute (ratio of CPU-seconds FIFO / ASHA > 1)")
@@ -43,10 +44,52 @@ def score_differences(fifo: pd.DataFrame, asha: pd.DataFrame) -> pd.Series:
 
 def measure_asha_vs_fifo(ctx: Context, search: dict[str, Any], schedulers: Sequence[str]) -> Outcome:
     """Claim 2: the same search under each scheduler; CPU-seconds, trial-epochs and best score."""
-    from analysis.results import load_experiment, trials_with_results
-
     if sorted(schedulers) != ["asha", "fifo"]:
         raise ValueError(f"schedulers={tuple(schedulers)} must be ('fifo', 'asha') in some order")
+    runs, trials, history, rows = run_both(ctx, search, schedulers)
+    fifo, asha = rows["fifo"], rows["asha"]
+    epochs = int(search["epochs"])
+    cpu_ratio = fifo["CPU-seconds (Σ time_total_s)"] / asha["CPU-seconds (Σ time_total_s)"]
+    epoch_ratio = fifo["trial-epochs"] / asha["trial-epochs"]
+    per_epoch = {s: r["CPU-seconds (Σ time_total_s)"] / r["trial-epochs"] for s, r in rows.items()}
+    differ, candidates = same_candidates_note(trials)
+    same_candidates = not differ
+    # Does one candidate train the same way in both searches? (Same seed: same initial weights and data order.)
+    diffs = score_differences(history["fifo"], history["asha"]) if same_candidates else pd.Series(dtype=float)
+    compute = (f"FIFO spent ×{cpu_ratio:.2f} the CPU-seconds of ASHA (×{epoch_ratio:.2f} the trial-epochs): ASHA "
+               + ("used less compute" if cpu_ratio > 1 else "used as much compute or more")
+               + f". Per trial-epoch, FIFO's trials took {per_epoch['fifo']:.1f} s and ASHA's "
+               f"{per_epoch['asha']:.1f} s.")
+    best = best_candidates(fifo, asha, trials["asha"], epochs, same_candidates)
+    details = "\n".join([
+        f"Settings: {', '.join(f'{k}={v}' for k, v in search.items())}; the two searches differ only in the "
+        f"scheduler. ASHA: grace period {search.get('grace_period', 1)} epoch(s), reduction factor "
+        f"{search.get('reduction_factor', 2)}, on `score`. Compute = Σ over trials of Ray's `time_total_s` (each "
+        "trial holds one CPU, so these are CPU-seconds); trial-epochs is the same count free of machine noise. "
+        + candidates + " " + order_note(runs) + " " + priority_note(list(runs.values())) + " "
+        + provenance_note(list(runs.values())), "",
+        md_table(list(rows.values()), 2), "",
+        " ".join(s for s in (compute, best["found"], repeat_note(diffs), best["verdict"]) if s),
+    ])
+    return Outcome(measured=(f"FIFO/ASHA compute ×{cpu_ratio:.2f} CPU-s (×{epoch_ratio:.2f} trial-epochs); best "
+                             f"score FIFO {fifo['best score']:.2f}, ASHA {asha['best score']:.2f} ("
+                             + ("same candidate" if fifo["best trial #"] == asha["best trial #"] and same_candidates
+                                else "different candidates" if same_candidates else
+                                "the searches sampled different candidates") + ")"),
+                   holds=bool(best["reached"] and cpu_ratio > 1),
+                   figures={"rows": rows, "cpu_ratio": cpu_ratio, "trial_epoch_ratio": epoch_ratio,
+                            "same_candidates": same_candidates, "different_trial_numbers": differ,
+                            "max_score_difference_same_candidate_epoch": None if diffs.empty else float(diffs.max()),
+                            "asha_epochs_of_fifo_best": best["epochs_of_fifo_best"], "reached": bool(best["reached"]),
+                            "searches": search_figures(runs.values())},
+                   details=details)
+
+
+def run_both(ctx: Context, search: dict[str, Any], schedulers: Sequence[str]) -> tuple[
+        dict[str, SearchRun], dict[str, pd.DataFrame], dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
+    """The search under each scheduler: (the searches, their trials, their per-epoch histories, a table row each:
+    compute, trial-epochs and the best trial)."""
+    from analysis.results import load_experiment, trials_with_results
 
     runs: dict[str, SearchRun] = {}
     trials, history, rows = {}, {}, {}
@@ -64,53 +107,52 @@ def measure_asha_vs_fifo(ctx: Context, search: dict[str, Any], schedulers: Seque
                        "its val acc (%)": float(best["accuracy"]), "its MMACs": float(best["avg_macs"]),
                        "finished trials": int((t["status"] == "finished").sum())}
     stop_ray()
-    fifo, asha = rows["fifo"], rows["asha"]
-    epochs = int(search["epochs"])
-    cpu_ratio = fifo["CPU-seconds (Σ time_total_s)"] / asha["CPU-seconds (Σ time_total_s)"]
-    epoch_ratio = fifo["trial-epochs"] / asha["trial-epochs"]
-    per_epoch = {s: r["CPU-seconds (Σ time_total_s)"] / r["trial-epochs"] for s, r in rows.items()}
+    return runs, trials, history, rows
 
-    # Were the candidates the same? (A seeded random search should sample them in the same order.)
+
+def same_candidates_note(trials: dict[str, pd.DataFrame]) -> tuple[list[int], str]:
+    """Were the candidates the same? (A seeded random search should sample them in the same order.)
+    Returns (the trial numbers whose architectures differ, a sentence)."""
     arch_f, arch_a = architectures(trials["fifo"]), architectures(trials["asha"])
     differ = sorted(n for n in set(arch_f) | set(arch_a) if arch_f.get(n) != arch_a.get(n))
-    same_candidates = not differ
-    if same_candidates:
-        candidates = (f"Both searches sampled the same {len(arch_f)} candidates in the same order (checked: the "
-                      "architectures of equal trial numbers are equal), so a trial number names one candidate.")
-    else:
-        candidates = (f"The two searches did not sample the same candidates: trial number(s) "
-                      f"{', '.join(f'#{n}' for n in differ)} hold different architectures, so comparing a trial "
-                      "number across the two searches compares different networks.")
+    if not differ:
+        return differ, (f"Both searches sampled the same {len(arch_f)} candidates in the same order (checked: the "
+                        "architectures of equal trial numbers are equal), so a trial number names one candidate.")
+    return differ, (f"The two searches did not sample the same candidates: trial number(s) "
+                    f"{', '.join(f'#{n}' for n in differ)} hold different architectures, so comparing a trial "
+                    "number across the two searches compares different networks.")
 
-    # Does one candidate train the same way in both searches? (Same seed: same initial weights and data order.)
-    diffs = score_differences(history["fifo"], history["asha"]) if same_candidates else pd.Series(dtype=float)
+
+def repeat_note(diffs: pd.Series) -> str:
+    """Whether one candidate trained the same way in both searches, from its score differences."""
     if diffs.empty:
-        repeat = ""
-    elif diffs.max() <= SAME_SCORE:
-        repeat = (f"Over the {len(diffs)} (candidate, epoch) pairs both searches ran, the scores are identical: a "
-                  "candidate trains the same way under both schedulers, so differences below come from the "
-                  "scheduler alone.")
-    else:
-        (n_worst, e_worst) = diffs.idxmax()
-        repeat = (f"Over the {len(diffs)} (candidate, epoch) pairs both searches ran, the scores differ by up to "
-                  f"{diffs.max():.2f} points (candidate #{n_worst}, epoch {e_worst}; median {diffs.median():.2f}): "
-                  "the same candidate does not train identically in the two runs, so score differences of that "
-                  "size are training noise, not the scheduler.")
+        return ""
+    if diffs.max() <= SAME_SCORE:
+        return (f"Over the {len(diffs)} (candidate, epoch) pairs both searches ran, the scores are identical: a "
+                "candidate trains the same way under both schedulers, so differences below come from the "
+                "scheduler alone.")
+    (n_worst, e_worst) = diffs.idxmax()
+    return (f"Over the {len(diffs)} (candidate, epoch) pairs both searches ran, the scores differ by up to "
+            f"{diffs.max():.2f} points (candidate #{n_worst}, epoch {e_worst}; median {diffs.median():.2f}): "
+            "the same candidate does not train identically in the two runs, so score differences of that "
+            "size are training noise, not the scheduler.")
 
+
+def order_note(runs: dict[str, SearchRun]) -> str:
+    """Whether the two searches ran one after the other or shared the machine."""
     windows = {s: search_window(r.path) for s, r in runs.items()}
     (f0, f1), (a0, a1) = windows["fifo"], windows["asha"]
     when = f"FIFO from {timestamp(f0)} to {timestamp(f1)}, ASHA from {timestamp(a0)} to {timestamp(a1)}"
-    order = (f"The two searches ran one after the other ({when})." if f1 <= a0 or a1 <= f0 else
-             f"The two searches overlapped in time ({when}), so they shared the machine for part of it.")
+    return (f"The two searches ran one after the other ({when})." if f1 <= a0 or a1 <= f0 else
+            f"The two searches overlapped in time ({when}), so they shared the machine for part of it.")
 
-    compute = (f"FIFO spent ×{cpu_ratio:.2f} the CPU-seconds of ASHA (×{epoch_ratio:.2f} the trial-epochs): ASHA "
-               + ("used less compute" if cpu_ratio > 1 else "used as much compute or more")
-               + f". Per trial-epoch, FIFO's trials took {per_epoch['fifo']:.1f} s and ASHA's "
-               f"{per_epoch['asha']:.1f} s.")
 
-    # The best candidates, and how far ASHA trained FIFO's best one.
+def best_candidates(fifo: dict[str, Any], asha: dict[str, Any], asha_trials: pd.DataFrame, epochs: int,
+                    same_candidates: bool) -> dict[str, Any]:
+    """The best candidates, how far ASHA trained FIFO's best one, and whether ASHA reached FIFO's best score:
+    {"found", "verdict": sentences, "reached", "epochs_of_fifo_best"}."""
     best_f, best_a = fifo["best trial #"], asha["best trial #"]
-    asha_by_n = trials["asha"].assign(n=trials["asha"]["trial_id"].map(trial_number)).set_index("n")
+    asha_by_n = asha_trials.assign(n=asha_trials["trial_id"].map(trial_number)).set_index("n")
     epochs_of_fifo_best = int(asha_by_n.loc[best_f, "epochs_run"]) if best_f in asha_by_n.index else 0
     asha_trained_fifo_best = same_candidates and epochs_of_fifo_best == epochs
     gap = asha["best score"] - fifo["best score"]
@@ -138,29 +180,7 @@ def measure_asha_vs_fifo(ctx: Context, search: dict[str, Any], schedulers: Seque
                    "to the end: at this budget ASHA's saving came with a worse result.")
     else:
         verdict = f"ASHA's best score is {gap:+.2f} points from FIFO's: it did not reach FIFO's best score."
-
-    details = "\n".join([
-        f"Settings: {', '.join(f'{k}={v}' for k, v in search.items())}; the two searches differ only in the "
-        f"scheduler. ASHA: grace period {search.get('grace_period', 1)} epoch(s), reduction factor "
-        f"{search.get('reduction_factor', 2)}, on `score`. Compute = Σ over trials of Ray's `time_total_s` (each "
-        "trial holds one CPU, so these are CPU-seconds); trial-epochs is the same count free of machine noise. "
-        + candidates + " " + order + " " + priority_note(list(runs.values())) + " "
-        + provenance_note(list(runs.values())), "",
-        md_table(list(rows.values()), 2), "",
-        " ".join(s for s in (compute, found, repeat, verdict) if s),
-    ])
-    return Outcome(measured=(f"FIFO/ASHA compute ×{cpu_ratio:.2f} CPU-s (×{epoch_ratio:.2f} trial-epochs); best "
-                             f"score FIFO {fifo['best score']:.2f}, ASHA {asha['best score']:.2f} ("
-                             + ("same candidate" if best_f == best_a and same_candidates else
-                                "different candidates" if same_candidates else
-                                "the searches sampled different candidates") + ")"),
-                   holds=bool(reached and cpu_ratio > 1),
-                   figures={"rows": rows, "cpu_ratio": cpu_ratio, "trial_epoch_ratio": epoch_ratio,
-                            "same_candidates": same_candidates, "different_trial_numbers": differ,
-                            "max_score_difference_same_candidate_epoch": None if diffs.empty else float(diffs.max()),
-                            "asha_epochs_of_fifo_best": epochs_of_fifo_best, "reached": bool(reached),
-                            "searches": search_figures(runs.values())},
-                   details=details)
+    return {"found": found, "verdict": verdict, "reached": reached, "epochs_of_fifo_best": epochs_of_fifo_best}
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import subprocess
 import sys
 from typing import Any
 
-from _common import REPO, Claim, Context, Outcome, main, md_table
+from harness.claims import Claim
+from harness.common import REPO, Context, Outcome, main, md_table
 
 CLAIM = Claim(27, "compile_speed", "torch.compile of the supernet's fixed subnets: does it pay?",
               "steady sandwich epochs ≥ 1.1× the eager images/s, and the compile's cost paid back within the "

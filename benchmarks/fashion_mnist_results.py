@@ -4,12 +4,15 @@ Reads what the runs wrote and measures nothing itself:
 
 - the whole job, ``python tune_configs/fashion_mnist.py`` run from the repository root
   (supernet, search, retrain, ONNX export, the export classifying the 10,000 test images);
-- claim 23, ``python benchmarks/spaces_compare_fashion_mnist.py`` (aebnas, fixed_exits and static,
-  3 seeds each, inherited from the same supernet, picked on validation at the target);
-- claims 25 and 26 (``supernet_ranking_fashion_mnist.py``, ``supernet_equal_compute_fashion_mnist.py``):
-  claims 14 and 15 on the job's data, their records in docs/benchmarks/;
+- claim 23, ``python benchmarks/spaces_compare.py --variant fashion_mnist`` (aebnas, fixed_exits and
+  static, 3 seeds each, inherited from the same supernet, picked on validation at the target);
+- claims 25 and 26 (``supernet_ranking.py --variant fashion_mnist``, ``supernet_equal_compute.py --variant
+  fashion_mnist``): claims 14 and 15 on the job's data, their records in docs/benchmarks/;
 - torchvision's ``mobilenet_v3_small`` scaled to the target and trained alone
-  (``python benchmarks/_baseline.py ... --out results/benchmarks/baseline_mnv3_fashion-mnist_3mmacs_s0``).
+  (``python benchmarks/harness/baseline.py ... --out results/benchmarks/baseline_mnv3_fashion-mnist_3mmacs_s0``).
+
+The job's settings and the three claims are shared with the scripts that measure them through
+``harness.fashion_mnist``.
 
 Writes docs/results.md, docs/results/fashion_mnist.json (one record per row) and
 docs/results/fashion_mnist_pareto.png. A missing input leaves its rows out and says so. What the
@@ -35,11 +38,11 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from _common import DOCS_DIR, REPO, SCRATCH, code_state, machine, md_table  # noqa: E402
-from report import holds_text  # noqa: E402
-from spaces_compare_fashion_mnist import CLAIM, JOB, SUPERNET  # noqa: E402
-from supernet_equal_compute_fashion_mnist import CLAIM as EQUAL_COMPUTE  # noqa: E402
-from supernet_ranking_fashion_mnist import CLAIM as RANKING  # noqa: E402
+from harness.claims import Claim  # noqa: E402
+from harness.common import DOCS_DIR, REPO, SCRATCH, code_state, machine, md_table  # noqa: E402
+from harness.fashion_mnist import (JOB, SPACES_COMPARE, SUPERNET, SUPERNET_EQUAL_COMPUTE,  # noqa: E402
+                                   SUPERNET_RANKING, command)
+from harness.report import holds_text  # noqa: E402
 
 from aebnas.pipeline import DEPLOY_DIR, JOB_FILE, PREDICT_FILE, job_name  # noqa: E402
 from aebnas.training.supernet_file import read_supernet_info  # noqa: E402
@@ -123,7 +126,7 @@ def job_and_supernet(job_dir: Path) -> tuple[dict[str, Any] | None, list[dict[st
 
 def space_rows() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The validation picks of claim 23 (inherited, every space and seed)."""
-    record = _json(DOCS_DIR / f"{CLAIM.key}.json")
+    record = _json(DOCS_DIR / f"{SPACES_COMPARE.key}.json")
     if record is None:
         return [], None
     rows = [{"model": r["space"] + " (inherited)", "space": r["space"], "seed": r["seed"],
@@ -183,7 +186,7 @@ def _draw(ax: Any, rows: list[dict[str, Any]], trials: Any, legend: bool) -> Non
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Everything on a log MACs axis (left), and the networks at the target close up (right)."""
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12.5, 5), gridspec_kw={"width_ratios": [1.35, 1]})
-    trials_csv = SCRATCH / CLAIM.key / "trials.csv"
+    trials_csv = SCRATCH / SPACES_COMPARE.key / "trials.csv"
     trials = None
     if trials_csv.is_file():
         import pandas as pd
@@ -218,24 +221,45 @@ def pct(v: float | None, digits: int = 2) -> str:
 def write(job_dir: Path) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     supernet, deployed, job, saved = job_and_supernet(job_dir)
-    supernet_s = supernet["seconds"] if supernet else 0.0
     spaces, claim = space_rows()
     baselines = baseline_rows()
     # claims 14 and 15 at this size: their records, as benchmarks/report.py reads them
-    others = [(c, _json(DOCS_DIR / f"{c.key}.json")) for c in (RANKING, EQUAL_COMPUTE)]
+    others = [(c, _json(DOCS_DIR / f"{c.key}.json")) for c in (SUPERNET_RANKING, SUPERNET_EQUAL_COMPUTE)]
     rows = deployed + spaces + baselines + PUBLISHED
-    records = [{"model": r.get("space") or ("aebnas" if r["model"].startswith("aebnas") else "mobilenet_v3_small"
-                                            if r["model"].startswith("mobilenet") else r["model"]),
-                "variant": r["model"], "seed": r.get("seed"), "test_accuracy": r["test_accuracy"],
-                "avg_macs": r["avg_macs"], "early_exit_share": r.get("early_exit_share")} for r in rows]
-    (RESULTS_DIR / "fashion_mnist.json").write_text(json.dumps(records, indent=1) + "\n")
+    (RESULTS_DIR / "fashion_mnist.json").write_text(json.dumps(records(rows), indent=1) + "\n")
     png = plot(rows, RESULTS_DIR / "fashion_mnist_pareto.png")
-
     missing = [what for what, have in (("the job (python tune_configs/fashion_mnist.py)", job),
-                                       (f"claim {CLAIM.number} (python benchmarks/{CLAIM.key}.py)", claim),
-                                       ("the mobilenet_v3_small baseline (benchmarks/_baseline.py)", baselines),
-                                       *((f"claim {c.number} (python benchmarks/{c.key}.py)", r) for c, r in others))
+                                       (f"claim {SPACES_COMPARE.number} ({command(SPACES_COMPARE)})", claim),
+                                       ("the mobilenet_v3_small baseline (benchmarks/harness/baseline.py)", baselines),
+                                       *((f"claim {c.number} ({command(c)})", r) for c, r in others))
                if not have]
+    lines = header_section(rows, png, missing, saved) + deployed_section(job)
+    compute, total = compute_rows(supernet, job, claim, others, baselines)
+    lines += ["## Compute", ""]
+    if compute:
+        lines += [md_table(compute), "", "No GPU was lent for these runs: GPU-minutes not measured.", ""]
+    goals = goal_rows(deployed, claim, baselines, others, total)
+    lines += ["## Goals", "", md_table(goals) if goals else "Nothing measured yet.", ""]
+    # What the table shows and why is written by hand below DISCUSSION: kept when the tables are rewritten.
+    kept = RESULTS_MD.read_text().partition(DISCUSSION)[2] if RESULTS_MD.is_file() else ""
+    lines += [DISCUSSION + (kept or "\n\n(not written yet)\n")]
+    RESULTS_MD.write_text("\n".join(lines))
+    print(f"wrote {RESULTS_MD.relative_to(REPO)}, {png.relative_to(REPO)} and docs/results/fashion_mnist.json"
+          + (f"; missing: {'; '.join(missing)}" if missing else ""))
+    return 0
+
+
+def records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """docs/results/fashion_mnist.json: one record per row of the table."""
+    return [{"model": r.get("space") or ("aebnas" if r["model"].startswith("aebnas") else "mobilenet_v3_small"
+                                         if r["model"].startswith("mobilenet") else r["model"]),
+             "variant": r["model"], "seed": r.get("seed"), "test_accuracy": r["test_accuracy"],
+             "avg_macs": r["avg_macs"], "early_exit_share": r.get("early_exit_share")} for r in rows]
+
+
+def header_section(rows: list[dict[str, Any]], png: Path, missing: list[str],
+                   saved: dict[str, Any] | None) -> list[str]:
+    """The title, what the page is and where it came from, what is missing, and the table of every row."""
     table = [{"network": r["model"], "seed": pct(r.get("seed"), 0) if r.get("seed") is not None else "–",
               "test accuracy (%)": pct(r["test_accuracy"]), "average MMACs": pct(r["avg_macs"], 3),
               "test images leaving early (%)": pct(None if r.get("early_exit_share") is None
@@ -254,23 +278,35 @@ def write(job_dir: Path) -> int:
                   f"{JOB_RECORD.name}): the job's run ({saved['job_dir']}) is not on this machine, or not finished; "
                   f"this script read them on {saved['read_on']} (commit {saved['commit']})"
                   + (f". {saved['note']}" if saved.get("note") else "") + ".", ""]
-    lines += [md_table(table), "", f"![Test accuracy against average MMACs]({png.relative_to(RESULTS_MD.parent)})",
-              "", "Rows also as JSON: [results/fashion_mnist.json](results/fashion_mnist.json).", ""]
-    if job:
-        m, p = job["metrics"], job["predict"]
-        lines += ["## The deployed network", "",
-                  f"`python tune_configs/fashion_mnist.py`: the search's validation pick, retrained "
-                  f"{m['epochs']} epoch(s) from the supernet's weights, thresholds tuned on "
-                  f"validation: test accuracy **{m['test']['accuracy']:.2f}%** at **{m['test']['avg_macs']:.3f} "
-                  f"MMACs** on average (static network {m.get('static_macs', float('nan')):.3f} MMACs)."]
-        if p:
-            lines += [f"Its ONNX export classified the {p['images']:,} test images, written as PNG files: "
-                      f"{p['accuracy']:.2f}% ({p['images_per_s']:.0f} images/s), "
-                      f"{100 * p['early_exit_share']:.1f}% leaving at an early exit."]
-        lines += ["", md_table([{"exit": i + 1 if i < len(m["test"]["utilization"]) - 1 else "final",
-                                 "test images taking it (%)": 100 * u}
-                                for i, u in enumerate(m["test"]["utilization"])]), ""]
-    lines += ["## Compute", ""]
+    image = f"![Test accuracy against average MMACs]({png.relative_to(RESULTS_MD.parent)})"
+    return lines + [md_table(table), "", image, "",
+                    "Rows also as JSON: [results/fashion_mnist.json](results/fashion_mnist.json).", ""]
+
+
+def deployed_section(job: dict[str, Any] | None) -> list[str]:
+    """The deployed network: retrained accuracy and MACs, its ONNX export on the PNG test images, exit shares."""
+    if not job:
+        return []
+    m, p = job["metrics"], job["predict"]
+    lines = ["## The deployed network", "",
+             f"`python tune_configs/fashion_mnist.py`: the search's validation pick, retrained "
+             f"{m['epochs']} epoch(s) from the supernet's weights, thresholds tuned on "
+             f"validation: test accuracy **{m['test']['accuracy']:.2f}%** at **{m['test']['avg_macs']:.3f} "
+             f"MMACs** on average (static network {m.get('static_macs', float('nan')):.3f} MMACs)."]
+    if p:
+        lines += [f"Its ONNX export classified the {p['images']:,} test images, written as PNG files: "
+                  f"{p['accuracy']:.2f}% ({p['images_per_s']:.0f} images/s), "
+                  f"{100 * p['early_exit_share']:.1f}% leaving at an early exit."]
+    return lines + ["", md_table([{"exit": i + 1 if i < len(m["test"]["utilization"]) - 1 else "final",
+                                   "test images taking it (%)": 100 * u}
+                                  for i, u in enumerate(m["test"]["utilization"])]), ""]
+
+
+def compute_rows(supernet: dict[str, Any] | None, job: dict[str, Any] | None, claim: dict[str, Any] | None,
+                 others: list[tuple[Claim, dict[str, Any] | None]], baselines: list[dict[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], float | None]:
+    """(hours of each stage of the job, the whole job, and of the runs outside it; the whole job's hours)."""
+    supernet_s = supernet["seconds"] if supernet else 0.0
     compute = []
     if supernet:
         compute.append({"stage": f"supernet ({supernet['epochs']} epochs)", "wall hours (2 CPU cores)":
@@ -283,7 +319,7 @@ def write(job_dir: Path) -> int:
         compute.append({"stage": "whole job", "wall hours (2 CPU cores)": total, "CPU-hours": 2 * total})
     # outside the job: the comparison's searches and the baselines
     if claim:
-        compute.append({"stage": f"claim {CLAIM.number}: 9 searches (not part of the job)",
+        compute.append({"stage": f"claim {SPACES_COMPARE.number}: 9 searches (not part of the job)",
                         "wall hours (2 CPU cores)": claim["wall_s"] / 3600, "CPU-hours": 2 * claim["wall_s"] / 3600})
     for c, r in others:
         if r:
@@ -292,9 +328,12 @@ def write(job_dir: Path) -> int:
     for b in baselines:
         compute.append({"stage": f"{b['model']} (not part of the job)", "wall hours (2 CPU cores)":
                         b["seconds"] / 3600, "CPU-hours": 2 * b["seconds"] / 3600})
-    if compute:
-        lines += [md_table(compute), "", "No GPU was lent for these runs: GPU-minutes not measured.", ""]
-    lines += ["## Goals", ""]
+    return compute, total
+
+
+def goal_rows(deployed: list[dict[str, Any]], claim: dict[str, Any] | None, baselines: list[dict[str, Any]],
+              others: list[tuple[Claim, dict[str, Any] | None]], total: float | None) -> list[dict[str, Any]]:
+    """Each goal of the full-size run, what was measured, and whether it was met."""
     goals = []
     if deployed:
         d = deployed[0]
@@ -323,14 +362,7 @@ def write(job_dir: Path) -> int:
     if total is not None:
         goals.append({"goal": "whole job ≤ 6 hours on 2 CPU cores", "measured": f"{total:.2f} h",
                       "met": "yes" if total <= 6 else "**no**"})
-    lines += [md_table(goals) if goals else "Nothing measured yet.", ""]
-    # What the table shows and why is written by hand below DISCUSSION: kept when the tables are rewritten.
-    kept = RESULTS_MD.read_text().partition(DISCUSSION)[2] if RESULTS_MD.is_file() else ""
-    lines += [DISCUSSION + (kept or "\n\n(not written yet)\n")]
-    RESULTS_MD.write_text("\n".join(lines))
-    print(f"wrote {RESULTS_MD.relative_to(REPO)}, {png.relative_to(REPO)} and docs/results/fashion_mnist.json"
-          + (f"; missing: {'; '.join(missing)}" if missing else ""))
-    return 0
+    return goals
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from _common import (PROVENANCE_FILE, SCRATCH, Claim, Context, Outcome, arch_summary, load_trials, main, md_table,
-                     median)
+from harness.claims import Claim
+from harness.common import PROVENANCE_FILE, SCRATCH, Context, Outcome, arch_summary, load_trials, main, md_table, median
 
 CLAIM = Claim(5, "inference_latency", "Dynamic inference pays in time",
               "CPU speed-up of `infer` over the same network run to the final exit ≥ 0.7 × the MAC speed-up "
@@ -68,23 +68,15 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
                               threads: Sequence[int], repeats: int, warmup: int) -> Outcome:
     """Claim 5: ``infer`` with tuned thresholds vs the same network to the final exit (thresholds 1.0)."""
     from analysis.posthoc import load_outputs, retune
-    from aebnas.config import ArchConfig
     from aebnas.cost.macs import exit_costs
-    from aebnas.data.batches import BatchLoader
-    from aebnas.data.datasets import load_dataset
-    from aebnas.nn import EarlyExitNet
-    from aebnas.settings import CHECKPOINT_FILE
-    from aebnas.training.loop import load_checkpoint
 
     paths = [Path(p) for p in experiments]
     missing = [p for p in paths if not p.is_dir()]
     if missing or not paths:
         raise SystemExit(f"experiments {missing or '(none)'} not found: run benchmarks/spaces_compare.py first")
     trial = pick_trial(paths)
-    state = load_checkpoint(Path(trial["checkpoint"]) / CHECKPOINT_FILE)
-    arch = ArchConfig.from_flat(state["arch"])
-    model = EarlyExitNet(arch).eval()
-    model.load_state_dict(state["model"])
+    state, model = load_network(trial)
+    arch = model.arch
     costs = exit_costs(arch)
     # Re-tuned on validation (the trial's saved outputs, same weights) for a deeper cut, so that exits
     # are really taken: on this small, briefly trained subset the search's own thresholds rarely exit.
@@ -92,39 +84,7 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
     budget = target_fraction * costs.static_cost
     tuned = retune(outputs, costs, budget, budget_macs=budget, grid=grid)
     thresholds = tuned.thresholds
-    off = [1.0] * arch.num_exits
-    c_tuned = costs.cumulative(np.asarray(thresholds) < 1.0)
-    data = load_dataset("cifar10-subset")
-    test = BatchLoader.for_split(data, "test", batch_size=len(data.y_test), resolution=arch.resolution, train=False)
-    x_all = next(iter(test))[0]
-
-    rows = []
-    for n_threads in threads:
-        torch.set_num_threads(n_threads)
-        for bs in batch_sizes:
-            n = images[bs]
-            batches = [x_all[i:i + bs] for i in range(0, n, bs)]
-            with torch.inference_mode():
-                exit_idx = torch.cat([model.infer(b, thresholds)[1] for b in batches]).numpy()
-                run = {"dynamic": lambda: [model.infer(b, thresholds) for b in batches],
-                       "final exit": lambda: [model.infer(b, off) for b in batches]}
-                for fn in run.values():
-                    time_passes(fn, warmup)
-                times = {k: [] for k in run}
-                for rep in range(repeats):  # alternate, so load changes hit both alike
-                    for k in (run if rep % 2 == 0 else reversed(list(run))):
-                        times[k] += time_passes(run[k], 1)
-            mac_dyn = float(c_tuned[exit_idx].mean())
-            mac_speedup = costs.static_cost / mac_dyn
-            t_dyn, t_full = median(times["dynamic"]) / n, median(times["final exit"]) / n
-            speedup = t_full / t_dyn
-            rows.append({"threads": n_threads, "batch": bs, "images": n,
-                         "early exits (%)": 100.0 * float((exit_idx < arch.num_exits).mean()),
-                         "final exit (ms/image)": 1000 * t_full, "dynamic (ms/image)": 1000 * t_dyn,
-                         "measured speed-up": speedup, "MAC speed-up": mac_speedup,
-                         "measured / MAC": speedup / mac_speedup})
-            print(f"  {n_threads} thread(s), batch {bs}: ×{speedup:.2f} measured vs ×{mac_speedup:.2f} MACs",
-                  flush=True)
+    rows = time_grid(model, costs, thresholds, threads, batch_sizes, images, repeats, warmup)
     worst = min(r["measured / MAC"] for r in rows)
     measured = "measured/MAC speed-up " + ", ".join(
         f"{r['measured / MAC']:.2f} (b{r['batch']}, {r['threads']}t)" for r in rows) + \
@@ -152,6 +112,62 @@ def measure_inference_latency(ctx: Context, experiments: Sequence[str], target_f
     return Outcome(measured=measured, holds=bool(worst >= 0.7),
                    figures={"trial": trial["trial_id"], "experiment": trial["experiment"], "thresholds": thresholds,
                             "rows": rows}, details=details)
+
+
+def load_network(trial: pd.Series) -> tuple[dict[str, Any], Any]:
+    """(the trial's last checkpoint, its network with those weights, in eval mode)."""
+    from aebnas.config import ArchConfig
+    from aebnas.nn import EarlyExitNet
+    from aebnas.settings import CHECKPOINT_FILE
+    from aebnas.training.loop import load_checkpoint
+
+    state = load_checkpoint(Path(trial["checkpoint"]) / CHECKPOINT_FILE)
+    model = EarlyExitNet(ArchConfig.from_flat(state["arch"])).eval()
+    model.load_state_dict(state["model"])
+    return state, model
+
+
+def time_grid(model: Any, costs: Any, thresholds: list[float], threads: Sequence[int], batch_sizes: Sequence[int],
+              images: dict[int, int], repeats: int, warmup: int) -> list[dict[str, Any]]:
+    """Per thread count and batch size: ``infer`` with ``thresholds`` against every threshold 1.0 on the first
+    test images, alternated; the measured speed-up and the MAC speed-up of the exits taken."""
+    from aebnas.data.batches import BatchLoader
+    from aebnas.data.datasets import load_dataset
+
+    arch = model.arch
+    off = [1.0] * arch.num_exits
+    c_tuned = costs.cumulative(np.asarray(thresholds) < 1.0)
+    data = load_dataset("cifar10-subset")
+    test = BatchLoader.for_split(data, "test", batch_size=len(data.y_test), resolution=arch.resolution, train=False)
+    x_all = next(iter(test))[0]
+    rows = []
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for bs in batch_sizes:
+            n = images[bs]
+            batches = [x_all[i:i + bs] for i in range(0, n, bs)]
+            with torch.inference_mode():
+                exit_idx = torch.cat([model.infer(b, thresholds)[1] for b in batches]).numpy()
+                run = {"dynamic": lambda: [model.infer(b, thresholds) for b in batches],
+                       "final exit": lambda: [model.infer(b, off) for b in batches]}
+                for fn in run.values():
+                    time_passes(fn, warmup)
+                times = {k: [] for k in run}
+                for rep in range(repeats):  # alternate, so load changes hit both alike
+                    for k in (run if rep % 2 == 0 else reversed(list(run))):
+                        times[k] += time_passes(run[k], 1)
+            mac_dyn = float(c_tuned[exit_idx].mean())
+            mac_speedup = costs.static_cost / mac_dyn
+            t_dyn, t_full = median(times["dynamic"]) / n, median(times["final exit"]) / n
+            speedup = t_full / t_dyn
+            rows.append({"threads": n_threads, "batch": bs, "images": n,
+                         "early exits (%)": 100.0 * float((exit_idx < arch.num_exits).mean()),
+                         "final exit (ms/image)": 1000 * t_full, "dynamic (ms/image)": 1000 * t_dyn,
+                         "measured speed-up": speedup, "MAC speed-up": mac_speedup,
+                         "measured / MAC": speedup / mac_speedup})
+            print(f"  {n_threads} thread(s), batch {bs}: ×{speedup:.2f} measured vs ×{mac_speedup:.2f} MACs",
+                  flush=True)
+    return rows
 
 
 if __name__ == "__main__":

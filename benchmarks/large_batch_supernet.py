@@ -22,8 +22,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from _common import Claim, Context, Outcome, main, md_table
-from _picks import ahead
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table
+from harness.picks import ahead
 
 CLAIM = Claim(24, "large_batch_supernet", "Large-batch supernet training: as accurate, and faster?",
               "at the same epochs, the large batch's largest and smallest validation accuracy at the end not lower "

@@ -26,11 +26,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search, stop_ray,
-                     trial_config)
-from _latency import (TABLE_QUICK, TABLE_SETTINGS, inherited_network, per_image_ms, random_archs, setup, table_path,
-                      write_onnx_export)
-from _picks import ahead, validation_pick
+from harness.claims import Claim
+from harness.common import (Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search, stop_ray,
+                            trial_config)
+from harness.latency import (TABLE_QUICK, TABLE_SETTINGS, inherited_network, per_image_ms, random_archs, setup,
+                             table_path, write_onnx_export)
+from harness.picks import ahead, validation_pick
 
 from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import Claim, Context, Outcome, main, md_table
-from _latency import TABLE_QUICK, TABLE_SETTINGS, per_image_ms, random_dynamic_networks, setup, write_onnx_export
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table
+from harness.latency import TABLE_QUICK, TABLE_SETTINGS, per_image_ms, random_dynamic_networks, setup, write_onnx_export
 
 CLAIM = Claim(19, "latency_prediction", "Latency table predicts the dynamic network's latency",
               "mean absolute error of predicted vs measured average latency ≤ 10%, worst ≤ 20% (≥ 20 random "

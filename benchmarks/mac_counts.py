@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from _common import Claim, Context, Outcome, main, md_table
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table
 
 CLAIM = Claim(6, "mac_counts", "MAC counts",
               "`aebnas.cost.macs` agrees with an independent per-layer count on 20 random architectures of the "

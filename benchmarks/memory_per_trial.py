@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from _common import Claim, Context, Outcome, main, md_table, start_ray, stop_ray
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table, start_ray, stop_ray
 
 CLAIM = Claim(8, "memory_per_trial", "Memory per trial",
               "with numpy arrays in the object store, the peak RSS of 2 concurrent trials is lower than with "
@@ -219,6 +220,43 @@ def measure_memory_per_trial(ctx: Context, search: dict[str, Any], train_images:
     sizes = (f"{len(numpy_data.y_train):,} train / {len(numpy_data.y_val):,} val / {len(numpy_data.y_test):,} test "
              f"images of {'×'.join(map(str, numpy_data.x_train.shape[1:]))}")
     print(f"  {os.path.relpath(path)}: {sizes}, {data_mb:.1f} MiB", flush=True)
+    runs = run_modes(ctx, numpy_data, path, val_size, trials, search)
+    before, after = runs[MODES[0]], runs[MODES[1]]
+    ratio = after["sum_peak_rss_mb"] / before["sum_peak_rss_mb"]
+    saved_per_trial = (before["sum_peak_rss_mb"] - after["sum_peak_rss_mb"]) / trials
+    holds = bool(after["sum_peak_rss_mb"] < before["sum_peak_rss_mb"])
+    if not (before["overlap"] and after["overlap"]):
+        holds = f"cannot tell: the {trials} trials of a mode did not run at the same time"
+    uss_before, uss_after = before["sampled_peak_sum"]["uss"], after["sampled_peak_sum"]["uss"]
+    uss_ratio = uss_after / uss_before if uss_before else float("nan")
+    uss_saved_per_trial = (uss_before - uss_after) / trials
+    measured = (f"Σ peak RSS of {trials} concurrent trials {before['sum_peak_rss_mb']:.0f} MiB (torch tensors) → "
+                f"{after['sum_peak_rss_mb']:.0f} MiB (numpy arrays): ×{ratio:.2f}, {saved_per_trial:.0f} MiB less "
+                f"per trial ({data_mb:.0f} MiB dataset)")
+    full_size = " (full CIFAR-10's size)" if (train_images, test_images) == (50_000, 10_000) else ""
+    where = os.path.relpath(path, Path(__file__).resolve().parents[1])
+    data = (f"Data: the embedded CIFAR-10 subset (3,805 train / 761 test images) **tiled** (its images repeated) to "
+            f"{train_images:,} training images{full_size}, {val_size:,} of them split off for validation, and "
+            f"{test_images:,} test images, written to `{where}` (scratch, git-ignored): {sizes}, {data_mb:.1f} "
+            "MiB of arrays. Repeated images change nothing here: memory depends on the number of images, not on their "
+            "content (the accuracies of these trials mean nothing).")
+    result = (f"Σ peak RSS of the {trials} concurrent trials: **{before['sum_peak_rss_mb']:.0f} MiB with torch "
+              f"tensors, {after['sum_peak_rss_mb']:.0f} MiB with numpy arrays (×{ratio:.2f})**, i.e. "
+              f"{saved_per_trial:.0f} MiB less per trial for a {data_mb:.0f} MiB dataset. Private memory (USS), peak "
+              f"of the sum: {uss_before:.0f} → {uss_after:.0f} MiB (×{uss_ratio:.2f}, {uss_saved_per_trial:.0f} MiB "
+              "less per trial). "
+              + reading(saved_per_trial, uss_saved_per_trial, data_mb, ratio, uss_ratio))
+    details = section(runs, search, trials, data, result)
+    figures = {"dataset_mib": data_mb, "ratio_sum_peak_rss": ratio, "saved_per_trial_mib": saved_per_trial,
+               "ratio_peak_sum_uss": uss_ratio,
+               "uss_saved_per_trial_mib": uss_saved_per_trial, "zero_copy_torch_env_unset": zero_copy_env,
+               "runs": {MODE_NAMES[m]: runs[m] for m in MODES}}
+    return Outcome(measured=measured, holds=holds, figures=figures, details=details)
+
+
+def run_modes(ctx: Context, numpy_data: Any, path: Path, val_size: int, trials: int,
+              search: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`run_mode` for each of MODES, the dataset as torch tensors first, then as numpy arrays."""
     runs = {}
     for mode in MODES:
         data = as_torch(numpy_data) if mode == MODES[0] else numpy_data
@@ -227,14 +265,29 @@ def measure_memory_per_trial(ctx: Context, search: dict[str, Any], train_images:
         print(f"  {mode}: peak RSS per trial {[round(r['peak_rss_mb']) for r in search_run['trials']]} MiB, "
               f"sum {search_run['sum_peak_rss_mb']:.0f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
         del data
+    return runs
 
-    before, after = runs[MODES[0]], runs[MODES[1]]
-    ratio = after["sum_peak_rss_mb"] / before["sum_peak_rss_mb"]
-    saved_per_trial = (before["sum_peak_rss_mb"] - after["sum_peak_rss_mb"]) / trials
-    holds = bool(after["sum_peak_rss_mb"] < before["sum_peak_rss_mb"])
-    if not (before["overlap"] and after["overlap"]):
-        holds = f"cannot tell: the {trials} trials of a mode did not run at the same time"
 
+def reading(saved_per_trial: float, uss_saved_per_trial: float, data_mb: float, ratio: float,
+            uss_ratio: float) -> str:
+    """What the RSS and the private memory (USS) savings say together."""
+    copies = saved_per_trial / data_mb
+    if abs(uss_saved_per_trial - saved_per_trial) <= 0.25 * data_mb:
+        return (f"RSS and private memory show the same saving, about {copies:.1f} × the dataset per trial: with "
+                "torch tensors each trial holds a private copy that it deserialized from the store's bytes; with "
+                "numpy arrays it reads the store's pages in place. Those pages are counted in every trial's RSS "
+                "(not in its USS) but are one physical copy for the node, there in both modes; relative to the "
+                f"whole, the saving is larger in private memory (×{uss_ratio:.2f}) than in RSS (×{ratio:.2f}), "
+                "which also counts the libraries all trials share.")
+    if uss_saved_per_trial > saved_per_trial:
+        return ("RSS understates the saving: with numpy arrays a trial's RSS still counts the object store's "
+                "pages of the dataset that it reads in place (one physical copy for the node, counted in every "
+                "trial's RSS), which its private memory does not.")
+    return "Private memory shows a smaller saving than RSS here."
+
+
+def section(runs: dict[str, dict[str, Any]], search: dict[str, Any], trials: int, data: str, result: str) -> str:
+    """The section's markdown: how the trials ran, ``data``, what each figure is, the tables, ``result``."""
     rows = []
     for mode in MODES:
         for i, t in enumerate(runs[mode]["trials"], 1):
@@ -249,29 +302,7 @@ def measure_memory_per_trial(ctx: Context, search: dict[str, Any], train_images:
              "peak of Σ USS, sampled": runs[mode]["sampled_peak_sum"]["uss"],
              "dataset object in the store (MiB)": runs[mode]["object_store_mb"],
              "trials overlapped": "yes" if runs[mode]["overlap"] else "**no**"} for mode in MODES]
-    uss_before, uss_after = before["sampled_peak_sum"]["uss"], after["sampled_peak_sum"]["uss"]
-    uss_ratio = uss_after / uss_before if uss_before else float("nan")
-    uss_saved_per_trial = (uss_before - uss_after) / trials
-    measured = (f"Σ peak RSS of {trials} concurrent trials {before['sum_peak_rss_mb']:.0f} MiB (torch tensors) → "
-                f"{after['sum_peak_rss_mb']:.0f} MiB (numpy arrays): ×{ratio:.2f}, {saved_per_trial:.0f} MiB less "
-                f"per trial ({data_mb:.0f} MiB dataset)")
-    full_size = " (full CIFAR-10's size)" if (train_images, test_images) == (50_000, 10_000) else ""
-    where = os.path.relpath(path, Path(__file__).resolve().parents[1])
-    copies = saved_per_trial / data_mb
-    if abs(uss_saved_per_trial - saved_per_trial) <= 0.25 * data_mb:
-        reading = (f"RSS and private memory show the same saving, about {copies:.1f} × the dataset per trial: with "
-                   "torch tensors each trial holds a private copy that it deserialized from the store's bytes; with "
-                   "numpy arrays it reads the store's pages in place. Those pages are counted in every trial's RSS "
-                   "(not in its USS) but are one physical copy for the node, there in both modes; relative to the "
-                   f"whole, the saving is larger in private memory (×{uss_ratio:.2f}) than in RSS (×{ratio:.2f}), "
-                   "which also counts the libraries all trials share.")
-    elif uss_saved_per_trial > saved_per_trial:
-        reading = ("RSS understates the saving: with numpy arrays a trial's RSS still counts the object store's "
-                   "pages of the dataset that it reads in place (one physical copy for the node, counted in every "
-                   "trial's RSS), which its private memory does not.")
-    else:
-        reading = "Private memory shows a smaller saving than RSS here."
-    details = "\n".join([
+    return "\n".join([
         f"The same {trials} candidates (random search, seed {search['seed']}; width {search['width_mult']}, "
         f"resolution 32, {search['epochs']} epoch, batch {search['batch_size']}), run {trials} at once with one "
         "CPU each, through `tune.with_parameters(train_candidate, data=…)` as `aebnas.search.experiment.run` ships the "
@@ -283,11 +314,7 @@ def measure_memory_per_trial(ctx: Context, search: dict[str, Any], train_images:
         "deserializes its own copy). The networks are small, so that the dataset is a large part of a trial's "
         "memory and one epoch stays short.",
         "",
-        f"Data: the embedded CIFAR-10 subset (3,805 train / 761 test images) **tiled** (its images repeated) to "
-        f"{train_images:,} training images{full_size}, {val_size:,} of them split off for validation, and "
-        f"{test_images:,} test images, written to `{where}` (scratch, git-ignored): {sizes}, {data_mb:.1f} MiB of "
-        "arrays. Repeated images change nothing here: memory depends on the number of images, not on their "
-        "content (the accuracies of these trials mean nothing).",
+        data,
         "",
         "'getrusage' is the `peak_rss_mb` each trial reports (`resource.getrusage` of its worker process: its "
         "peak over the whole trial); Σ adds the trials' peaks. 'Sampled' figures were read by the driver "
@@ -301,17 +328,8 @@ def measure_memory_per_trial(ctx: Context, search: dict[str, Any], train_images:
         "",
         md_table(rows, 0), "",
         md_table(sums, 0), "",
-        f"Σ peak RSS of the {trials} concurrent trials: **{before['sum_peak_rss_mb']:.0f} MiB with torch tensors, "
-        f"{after['sum_peak_rss_mb']:.0f} MiB with numpy arrays (×{ratio:.2f})**, i.e. {saved_per_trial:.0f} MiB "
-        f"less per trial for a {data_mb:.0f} MiB dataset. Private memory (USS), peak of the sum: "
-        f"{uss_before:.0f} → {uss_after:.0f} MiB (×{uss_ratio:.2f}, {uss_saved_per_trial:.0f} MiB less per trial). "
-        + reading,
+        result,
     ])
-    figures = {"dataset_mib": data_mb, "ratio_sum_peak_rss": ratio, "saved_per_trial_mib": saved_per_trial,
-               "ratio_peak_sum_uss": uss_ratio,
-               "uss_saved_per_trial_mib": uss_saved_per_trial, "zero_copy_torch_env_unset": zero_copy_env,
-               "runs": {MODE_NAMES[m]: runs[m] for m in MODES}}
-    return Outcome(measured=measured, holds=holds, figures=figures, details=details)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from typing import Sequence
 
 import pandas as pd
 
-from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search,
-                     search_figures, stop_ray)
-from _picks import ahead, reference_macs
+from harness.claims import Claim
+from harness.common import (Context, Outcome, fmt, load_trials, main, md_table, provenance_note, run_search,
+                            search_figures, stop_ray)
+from harness.picks import ahead, reference_macs
 
 from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 

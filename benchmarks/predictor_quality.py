@@ -18,8 +18,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from _common import SCRATCH, Claim, Context, Outcome, load_trials, main, md_image, md_table
-from _picks import in_proposal_order
+from harness.claims import Claim
+from harness.common import SCRATCH, Context, Outcome, load_trials, main, md_image, md_table
+from harness.picks import in_proposal_order
 
 CLAIM = Claim(17, "predictor_quality", "Accuracy predictors: Kendall τ on held-out candidates",
               "τ of RBF, GP, trees and MLP as the archive grows; a figure")

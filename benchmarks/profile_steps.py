@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from _common import SCRATCH, machine, md_table, tune_config
+from harness.common import SCRATCH, machine, md_table, tune_config
 
 
 class Phases:

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from _common import Claim, Context, Outcome, main, md_table
-from _latency import per_image_ms, random_dynamic_networks, write_onnx_export
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table
+from harness.latency import per_image_ms, random_dynamic_networks, write_onnx_export
 
 CLAIM = Claim(20, "runtime_compare", "ONNX Runtime vs PyTorch eager vs TorchScript",
               "figures: per-image latency of the same dynamic network in each runtime, batch 1 and 64 "

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from _common import Claim, Context, Outcome, load_trials, main, md_table, priority_note, run_search, stop_ray
+from harness.claims import Claim
+from harness.common import Context, Outcome, load_trials, main, md_table, priority_note, run_search, stop_ray
 
 CLAIM = Claim(7, "search_throughput", "Search throughput scaling",
               "trials per hour with 1 and 2 concurrent trials (one CPU each); what to expect on a cluster")

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from _common import (Claim, Context, Outcome, fmt, load_trials, main, md_image, md_table, provenance_note,
-                     run_search, search_figures, stop_ray)
-from _picks import ahead, in_proposal_order, reference_macs, validation_pick
+from harness.claims import Claim
+from harness.common import (Context, Outcome, fmt, load_trials, main, md_image, md_table, provenance_note, run_search,
+                            search_figures, stop_ray)
+from harness.picks import ahead, in_proposal_order, reference_macs, validation_pick
 
 from aebnas.training.supernet_file import EMBEDDED_SUPERNET
 
@@ -65,15 +66,11 @@ def plot(png: Path, fine: dict[tuple[str, int], list[float]], fine_points: Seque
     plt.close(fig)
 
 
-def measure(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], num_samples: int, step: int,
-            target_macs: float, tolerance: float, width_mult: float, resolutions: Sequence[int],
-            batch_size: int) -> Outcome:
-    budget = dict(dataset="cifar10-subset", space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
-                  target_macs=target_macs, epochs=0, num_samples=num_samples, scheduler="fifo", batch_size=batch_size,
-                  supernet=str(EMBEDDED_SUPERNET), split_seed=0)
-    ref = (0.0, reference_macs(width_mult, resolutions))
-    points = list(range(step, num_samples + 1, step))
-    fine_points = list(range(min(5, step), num_samples + 1, min(5, step)))  # for the figure
+def run_searches(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], budget: dict[str, Any],
+                 ref: tuple[float, float], points: Sequence[int], fine_points: Sequence[int], target_macs: float,
+                 tolerance: float) -> tuple[dict, list[dict[str, Any]], dict, dict, dict]:
+    """One search per searcher and seed with the same ``budget``: (the searches, a row each, the hypervolume
+    curve at ``points`` and at ``fine_points``, the trials in proposal order), keyed by (searcher, seed)."""
     runs, rows, curves, fine, found = {}, [], {}, {}, {}
     for seed in seeds:  # seeds outermost: a change of load hits every searcher alike
         for alg in searchers:
@@ -88,20 +85,40 @@ def measure(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], num_sa
                          "wall_s": runs[alg, seed].wall_s})
             print(f"  {alg} seed {seed}: hypervolume {curves[alg, seed][-1]:.1f}", flush=True)
     stop_ray()
+    return runs, rows, curves, fine, found
+
+
+def with_extremes(rows: list[dict[str, Any]], found: dict[tuple[str, int], pd.DataFrame],
+                  extremes: dict[int, pd.DataFrame], ref: tuple[float, float]) -> list[float]:
+    """The control: SurrogateSearch's initial design starts with the space's smallest and largest networks,
+    which the other searchers rarely draw, and a front's hypervolume rewards its ends. Every searcher's final
+    hypervolume with those two points (``extremes``, as measured in the surrogate's search of the same seed:
+    an inherited network scores the same in any search), one per row."""
+    from analysis.pareto import hypervolume
+
+    return [hypervolume(both["accuracy"], both["avg_macs"], ref)
+            for both in (pd.concat([found[r["searcher"], r["seed"]], extremes[r["seed"]]]) for r in rows)]
+
+
+def measure(ctx: Context, searchers: Sequence[str], seeds: Sequence[int], num_samples: int, step: int,
+            target_macs: float, tolerance: float, width_mult: float, resolutions: Sequence[int],
+            batch_size: int) -> Outcome:
+    budget = dict(dataset="cifar10-subset", space_kwargs={"resolutions": tuple(resolutions)}, width_mult=width_mult,
+                  target_macs=target_macs, epochs=0, num_samples=num_samples, scheduler="fifo", batch_size=batch_size,
+                  supernet=str(EMBEDDED_SUPERNET), split_seed=0)
+    ref = (0.0, reference_macs(width_mult, resolutions))
+    points = list(range(step, num_samples + 1, step))
+    fine_points = list(range(min(5, step), num_samples + 1, min(5, step)))  # for the figure
+    runs, rows, curves, fine, found = run_searches(ctx, searchers, seeds, budget, ref, points, fine_points,
+                                                   target_macs, tolerance)
     per_seed = pd.DataFrame(rows).astype({"pick_test_acc": float})
     mean_curve = {alg: np.mean([curves[alg, s] for s in seeds], axis=0) for alg in searchers}
     random_final = float(mean_curve["random"][-1])
     reach = next((k for k, hv in zip(points, mean_curve["surrogate"]) if hv >= random_final), None)
-    # Control: SurrogateSearch's initial design starts with the space's smallest and largest networks, which
-    # the other searchers rarely draw, and a front's hypervolume rewards its ends. Give every searcher those
-    # two points (as measured in the surrogate's search of the same seed: an inherited network scores the
-    # same in any search) and compare again; and compare the validation-picked networks at the target.
-    from analysis.pareto import hypervolume
-
+    # Control: every searcher's front with the space's smallest and largest networks, as the surrogate's initial
+    # design measured them (:func:`with_extremes`); and the validation-picked networks at the target.
     extremes = {s: found["surrogate", s].iloc[:2] for s in seeds}
-    per_seed["hv_with_extremes"] = [
-        hypervolume(both["accuracy"], both["avg_macs"], ref)
-        for both in (pd.concat([found[r["searcher"], r["seed"]], extremes[r["seed"]]]) for r in rows)]
+    per_seed["hv_with_extremes"] = with_extremes(rows, found, extremes, ref)
     by_seed = per_seed.pivot(index="seed", columns="searcher")
     diff, sem, is_ahead = ahead(by_seed["hv_final"]["surrogate"], by_seed["hv_final"]["nsga2"])
     holds = bool(reach is not None and reach <= num_samples / 3 and is_ahead)

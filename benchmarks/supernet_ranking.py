@@ -1,12 +1,24 @@
-"""Claim 14: ranking fidelity — does the supernet rank candidates as training them alone would?
+"""Claims 14 and 25: ranking fidelity — does the supernet rank candidates as training them alone would?
 
-For architectures spread over a supernet's space (the shipped one by default; claim 25 runs
-it on the Fashion-MNIST supernet) (smallest, largest, random),
+For architectures spread over a supernet's space (smallest, largest, random),
 the validation accuracy of the final classifier (a) as inherited (0 fine-tuning epochs),
 (b) after 1 fine-tuning epoch, against (c) stand-alone training from scratch for each of
 ``standalone_epochs`` (15 and 40) epochs, twice with different seeds. Kendall τ between (a) and the
 mean stand-alone accuracy, and the noise ceiling: τ between the two stand-alone seeds; the goal is
-judged at the longest training, whose ranking is the least noisy.
+judged at the longest training, whose ranking is the least noisy. Two variants, each its own section
+(``--variant``):
+
+- ``cifar10_subset`` (claim 14, the default): the supernet shipped with the package, on the embedded
+  CIFAR-10 subset it was trained on.
+- ``fashion_mnist`` (claim 25): claim 14 at full size, on the supernet that ``tune_configs/fashion_mnist.py``
+  trains (width 0.5, 28 and 32 px, 16 epochs on 54,000 images), scored on its 6,000 validation images, where
+  one image is 0.017 points instead of 0.2 on the CIFAR-10 subset. The size this 2-core machine affords: the
+  stand-alone networks (12 architectures × 2 seeds) and the 1-epoch fine-tunings train on 12,000 of the
+  54,000 training images, drawn at random, for 3 epochs (36,000 images each, two thirds of an epoch of the
+  full split). The 24 stand-alone trainings took about 12 minutes on 2 cores (two single-threaded at a
+  time), the inherited and fine-tuned scores 2. With a GPU, raise ``train_size`` and the epochs. Needs that
+  supernet: run ``python tune_configs/fashion_mnist.py`` from the repository root first.
+
 Runs on CUDA when there is one (``device=auto``); on 2 CPU cores the stand-alone
 trainings take several hours (about 8–15 s per epoch and network, two at a time; an H200 does it all in 9 minutes), so every accuracy measured is kept in
 ``results/benchmarks/<claim>/measured.json`` as soon as it is known, keyed by the network, the seed, the
@@ -27,20 +39,33 @@ import os
 import random
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from _common import Claim, Context, Outcome, main, md_table
+from harness import fashion_mnist
+from harness.claims import Claim, Variant
+from harness.common import Context, Outcome, main_with_variants, md_table
 
 from aebnas.search.predictors import kendall_tau
 
-CLAIM = Claim(14, "supernet_ranking", "Ranking fidelity of inherited accuracy",
+CIFAR10_SUBSET = {"archs": 12, "standalone_epochs": (15, 40), "seeds": (0, 1), "batch_size": 64, "jobs": 0,
+                  "supernet": "embedded", "train_size": None}
+FASHION_MNIST = {"archs": 12, "standalone_epochs": (3,), "seeds": (0, 1), "batch_size": fashion_mnist.JOB.batch_size,
+                 "jobs": 0, "supernet": str(fashion_mnist.SUPERNET), "train_size": 12_000}
+VARIANTS = {
+    "cifar10_subset": Variant(
+        Claim(14, "supernet_ranking", "Ranking fidelity of inherited accuracy",
               "Kendall τ(inherited, stand-alone ≥ 15 epochs) ≥ 0.8 × τ(stand-alone seed 0, seed 1) over ≥ 12 "
-              "architectures")
-SETTINGS = {"archs": 12, "standalone_epochs": (15, 40), "seeds": (0, 1), "batch_size": 64, "jobs": 0,
-            "supernet": "embedded", "train_size": None}
-QUICK = {"archs": 3, "standalone_epochs": (1,), "seeds": (0, 1), "batch_size": 64, "jobs": 0,
-         "supernet": "embedded", "train_size": None}
+              "architectures"),
+        CIFAR10_SUBSET,
+        quick={"archs": 3, "standalone_epochs": (1,), "seeds": (0, 1), "batch_size": 64, "jobs": 0,
+               "supernet": "embedded", "train_size": None}),
+    fashion_mnist.VARIANT: Variant(
+        fashion_mnist.SUPERNET_RANKING, FASHION_MNIST,
+        quick=dict(FASHION_MNIST, archs=3, standalone_epochs=(1,), train_size=500),
+        needs=fashion_mnist.SUPERNET, missing=fashion_mnist.NO_SUPERNET),
+}
 
 
 def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: Sequence[int], batch_size: int,
@@ -48,90 +73,146 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
     """``supernet``: its file ("embedded": the shipped one); the data is the split it was trained on.
     ``train_size``: train (stand-alone and fine-tuning) on that many images of its training split, drawn
     at random with a fixed seed, instead of all of them (a size the machine affords; None: all)."""
-    from aebnas.config import largest_arch, random_arch, smallest_arch
-    from aebnas.data.datasets import DEFAULT_VAL_SIZE
-    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, read_supernet_info
     from aebnas.training.loop import select_device
+    from aebnas.training.supernet_file import EMBEDDED_SUPERNET, read_supernet_info
 
     supernet_file = EMBEDDED_SUPERNET if supernet == "embedded" else Path(supernet)
     device = select_device("auto")
     info = read_supernet_info(supernet_file)
+    chosen = _architectures(info, archs)
+    jobs, threads = _processes(jobs, device)
+    store = AccuracyStore.open(ctx.scratch / "measured.json", batch_size, _code_id(info, train_size),
+                               hashlib.sha256(supernet_file.read_bytes()).hexdigest(), str(device))
+    # The stand-alone trainings first: the longest work, and it does not need the supernet's weights.
+    wanted = [(arch, epochs, seed, False) for epochs in standalone_epochs for arch in chosen for seed in seeds]
+    wanted += [(arch, 0, 0, True) for arch in chosen] + [(arch, 1, 0, True) for arch in chosen]
+    missing = [job for job in wanted if store.key(*job) not in store.measured]
+    store.kept["from the store"] = len(wanted) - len(missing)
+    print(f"  {len(wanted)} accuracies, {store.kept['from the store']} already stored; measuring {len(missing)} "
+          f"on {device} with {jobs} process(es)", flush=True)
+    _measure_missing(store, missing, (str(device), batch_size, threads, str(supernet_file), train_size), jobs)
+    rows = _accuracy_rows(store, chosen, standalone_epochs, seeds)
+    taus = _taus(rows, standalone_epochs, seeds)
+    return _outcome(rows, taus, store, info, supernet, supernet_file, standalone_epochs, seeds, batch_size,
+                    device, jobs, train_size)
+
+
+def _architectures(info: Any, archs: int) -> list[Any]:
+    """``archs`` architectures of the supernet's space: the smallest, the largest and random ones (seed 1)."""
+    from aebnas.config import largest_arch, random_arch, smallest_arch
+
     kw = {"width_mult": info.width_mult, "num_classes": info.num_classes, "in_channels": info.in_channels}
     rng = random.Random(1)
     chosen = [smallest_arch(info.space, **kw), largest_arch(info.space, **kw)]
-    chosen += [random_arch(info.space, rng, **kw) for _ in range(archs - 2)]
+    return chosen + [random_arch(info.space, rng, **kw) for _ in range(archs - 2)]
+
+
+def _processes(jobs: int, device: Any) -> tuple[int, int]:
+    """(trainings at once, torch threads of each)."""
     cores = os.cpu_count() or 1
     if jobs == 0:  # auto: a GPU is launch-bound and takes several trainings at once; on a CPU, one per core,
         # single-threaded, trains these small networks faster than one training on every core (on 2 cores,
         # 7.8 s against 11.2 s per network-epoch: a small network's operators parallelise poorly)
         jobs = min(8, max(1, cores // 2)) if device.type == "cuda" else cores
-    threads = max(1, cores // jobs)
+    return jobs, max(1, cores // jobs)
 
-    store = ctx.scratch / "measured.json"
-    measured = json.loads(store.read_text()) if store.is_file() else {}
-    # What decides an accuracy: the code that trains and scores a network, the data (the supernet's split,
-    # train_size) and, for an inherited network only, the supernet's bytes.
+
+def _code_id(info: Any, train_size: int | None) -> str:
+    """What decides an accuracy besides the network: the code that trains and scores a network and the data
+    (the supernet's split, train_size)."""
     code = hashlib.sha256(json.dumps([info.dataset, info.val_size, info.split_seed, train_size]).encode())
     package = Path(__file__).resolve().parents[1] / "aebnas"
     for f in sorted([*(package / n for n in ("train.py", "batches.py", "data.py", "config.py", "settings.py",
                                              "exit_policy.py", "supernet.py")), *(package / "nn").glob("*.py")]):
         code.update(f.read_bytes())
-    code_id = code.hexdigest()
-    supernet_id = hashlib.sha256(supernet_file.read_bytes()).hexdigest()
+    return code.hexdigest()
 
-    def key(arch, epochs: int, seed: int, inherit: bool) -> str:
-        return json.dumps([arch.to_flat(), epochs, seed, inherit, batch_size, code_id,
-                           supernet_id if inherit else None, str(device)], sort_keys=True)
 
-    # The stand-alone trainings first: the longest work, and it does not need the supernet's weights.
-    wanted = [(arch, epochs, seed, False) for epochs in standalone_epochs for arch in chosen for seed in seeds]
-    wanted += [(arch, 0, 0, True) for arch in chosen] + [(arch, 1, 0, True) for arch in chosen]
-    missing = [job for job in wanted if key(*job) not in measured]
-    kept = {"from the store": len(wanted) - len(missing), "now": 0}
-    print(f"  {len(wanted)} accuracies, {kept['from the store']} already stored; measuring {len(missing)} "
-          f"on {device} with {jobs} process(es)", flush=True)
+@dataclass
+class AccuracyStore:
+    """Every accuracy measured (``path``, rewritten whole after each), keyed by the network, the epochs, the
+    seed, whether inherited, and what else decides it; ``kept``: how many came from the file, how many now."""
 
-    def keep(job, accuracy: float) -> None:
-        measured[key(*job)] = accuracy
-        kept["now"] += 1
-        tmp = store.with_suffix(".tmp")
-        tmp.write_text(json.dumps(measured))
-        tmp.replace(store)
-        print(f"  [{kept['now']}/{len(missing)}] {'inherited' if job[3] else 'alone'}, {job[1]} epochs, "
+    path: Path
+    batch_size: int
+    code_id: str
+    supernet_id: str  # for an inherited network only: a stand-alone training does not depend on it
+    device: str
+    measured: dict[str, float]
+    kept: dict[str, int] = field(default_factory=lambda: {"from the store": 0, "now": 0})
+
+    @classmethod
+    def open(cls, path: Path, batch_size: int, code_id: str, supernet_id: str, device: str) -> AccuracyStore:
+        measured = json.loads(path.read_text()) if path.is_file() else {}
+        return cls(path, batch_size, code_id, supernet_id, device, measured)
+
+    def key(self, arch: Any, epochs: int, seed: int, inherit: bool) -> str:
+        return json.dumps([arch.to_flat(), epochs, seed, inherit, self.batch_size, self.code_id,
+                           self.supernet_id if inherit else None, self.device], sort_keys=True)
+
+    def val_accuracy(self, arch: Any, epochs: int, seed: int, inherit: bool) -> float:
+        return self.measured[self.key(arch, epochs, seed, inherit)]
+
+    def keep(self, job: tuple[Any, int, int, bool], accuracy: float, missing: int) -> None:
+        self.measured[self.key(*job)] = accuracy
+        self.kept["now"] += 1
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.measured))
+        tmp.replace(self.path)
+        print(f"  [{self.kept['now']}/{missing}] {'inherited' if job[3] else 'alone'}, {job[1]} epochs, "
               f"seed {job[2]}: {accuracy:.1f}", flush=True)
 
+
+def _measure_missing(store: AccuracyStore, missing: list[tuple[Any, int, int, bool]], worker: tuple[Any, ...],
+                     jobs: int) -> None:
+    """Train and score the ``missing`` networks, ``jobs`` at a time in spawned processes (in this one when 1);
+    ``worker``: :func:`_load_worker`'s arguments."""
     if jobs == 1:
-        _load_worker(str(device), batch_size, threads, str(supernet_file), train_size)
+        _load_worker(*worker)
         for job in missing:
-            keep(job, _train_and_score(*job))
+            store.keep(job, _train_and_score(*job), len(missing))
     elif missing:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_load_worker,
-                                 initargs=(str(device), batch_size, threads, str(supernet_file), train_size)) as pool:
+                                 initargs=worker) as pool:
             futures = {pool.submit(_train_and_score, *job): job for job in missing}
             for future in as_completed(futures):
-                keep(futures[future], future.result())
+                store.keep(futures[future], future.result(), len(missing))
 
-    def val_accuracy(arch, epochs: int, seed: int, inherit: bool) -> float:
-        return measured[key(arch, epochs, seed, inherit)]
 
+def _accuracy_rows(store: AccuracyStore, chosen: list[Any], standalone_epochs: Sequence[int],
+                   seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per architecture: inherited, +1 epoch, and each stand-alone training and their mean."""
     rows: list[dict[str, Any]] = []
     for i, arch in enumerate(chosen):
         row = {"arch": i, "resolution": arch.resolution, "depths": "".join(str(s.depth) for s in arch.stages),
-               "inherited": val_accuracy(arch, 0, 0, True), "+1 epoch": val_accuracy(arch, 1, 0, True)}
+               "inherited": store.val_accuracy(arch, 0, 0, True), "+1 epoch": store.val_accuracy(arch, 1, 0, True)}
         for epochs in standalone_epochs:
             for seed in seeds:
-                row[f"{epochs} ep s{seed}"] = val_accuracy(arch, epochs, seed, False)
+                row[f"{epochs} ep s{seed}"] = store.val_accuracy(arch, epochs, seed, False)
             row[f"{epochs} ep mean"] = sum(row[f"{epochs} ep s{s}"] for s in seeds) / len(seeds)
         rows.append(row)
         print(f"  arch {i}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return rows
 
+
+def _taus(rows: list[dict[str, Any]], standalone_epochs: Sequence[int],
+          seeds: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Per stand-alone training: τ of inherited and +1 epoch against the seeds' mean, and the ceiling."""
     def col(name: str) -> list[float]:
         return [r[name] for r in rows]
 
-    taus = {epochs: {"inherited": kendall_tau(col("inherited"), col(f"{epochs} ep mean")),
+    return {epochs: {"inherited": kendall_tau(col("inherited"), col(f"{epochs} ep mean")),
                      "+1 epoch": kendall_tau(col("+1 epoch"), col(f"{epochs} ep mean")),
                      "ceiling": kendall_tau(col(f"{epochs} ep s{seeds[0]}"), col(f"{epochs} ep s{seeds[1]}"))}
             for epochs in standalone_epochs}
+
+
+def _outcome(rows: list[dict[str, Any]], taus: dict[int, dict[str, float]], store: AccuracyStore, info: Any,
+             supernet: str, supernet_file: Path, standalone_epochs: Sequence[int], seeds: Sequence[int],
+             batch_size: int, device: Any, jobs: int, train_size: int | None) -> Outcome:
+    """The verdict (judged at the longest stand-alone training), the table line and the section."""
+    from aebnas.data.datasets import DEFAULT_VAL_SIZE
+
     # The goal is judged against the longest stand-alone training: its ranking is the least noisy.
     last = taus[standalone_epochs[-1]]
     # A ceiling at or below 0: the stand-alone seeds do not agree on any order, so there is nothing to match.
@@ -163,8 +244,8 @@ def measure(ctx: Context, archs: int, standalone_epochs: Sequence[int], seeds: S
          "by chance" if n_val else "Close accuracies swap places by chance")
         + ("; the longer training separates the networks more, which is why the goal is judged against it."
            if len(standalone_epochs) > 1 else "."),
-        f"{kept['now']} accuracies were measured in this run and {kept['from the store']} kept from an earlier "
-        "run of the same command (same networks, seeds, epochs, supernet, code and device)."])
+        f"{store.kept['now']} accuracies were measured in this run and {store.kept['from the store']} kept from an "
+        "earlier run of the same command (same networks, seeds, epochs, supernet, code and device)."])
     return Outcome(measured, holds, {"rows": rows, "taus": taus}, details)
 
 
@@ -213,4 +294,4 @@ def _train_and_score(arch, epochs: int, seed: int, inherit: bool) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main(CLAIM, measure, SETTINGS, QUICK))
+    sys.exit(main_with_variants(VARIANTS, measure))

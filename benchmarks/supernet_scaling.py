@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from _common import Claim, Context, Outcome, main, md_table, start_ray, stop_ray
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table, start_ray, stop_ray
 
 WHY = (" Each worker runs as many steps as one worker would, on half the images: per-step work that does not "
        "shrink with the batch (Python dispatch of four subnets' sliced layers, the optimizer step, the all-reduce) "

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from _common import Claim, Context, Outcome, main, md_table
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table
 
 CLAIM = Claim(11, "supernet_throughput", "Candidates per CPU-hour: inherited vs from scratch",
               "inheriting (0 fine-tuning epochs) scores ≥ 50× more candidates per CPU-hour than training "

@@ -11,7 +11,8 @@ from unittest import mock
 
 import numpy as np
 
-from _common import Claim, Context, Outcome, main, md_table, median
+from harness.claims import Claim
+from harness.common import Context, Outcome, main, md_table, median
 
 CLAIM = Claim(4, "threshold_speed", "Threshold tuning speed",
               "`tune_thresholds` gives identical results ≥ 100× faster than a per-sample Python loop "
@@ -53,23 +54,16 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def measure_threshold_speed(ctx: Context, num_samples: int, accuracies: Sequence[float], target_fraction: float,
-                            repeats: int, seed: int) -> Outcome:
-    """Claim 4: ``tune_thresholds`` vs the per-sample loop and vs the numpy walk on the same outputs:
-    same answer, time ratios."""
-    from aebnas.config import uniform_arch
-    from aebnas.cost.macs import exit_costs
-    from aebnas.exit_policy import PAPER_GRID, PAPER_LAMBDA, ROUND_TO_ONE_ABOVE, simulate_many, threshold_grid, \
-        tune_thresholds
+def time_three_ways(outputs: Any, costs: Any, target: float, repeats: int
+                    ) -> tuple[Any, list[float], Any, list[float], Any, float]:
+    """``tune_thresholds`` (joint histograms) and its numpy walk ``repeats`` times each, alternated, and the
+    per-sample loop once, in the middle (load changes hit all alike): (histograms' result, their seconds,
+    the walk's result, its seconds, the loop's result, its seconds)."""
+    from aebnas.exit_policy import PAPER_GRID, PAPER_LAMBDA, ROUND_TO_ONE_ABOVE, tune_thresholds
     from aebnas.reference import loop_tune_thresholds
 
-    exits = len(accuracies) - 1
-    outputs = synthetic_exit_outputs(num_samples, accuracies, 10, seed)
-    # Real per-exit costs: a mid-size network of the paper's space with an exit after stages 1–4.
-    costs = exit_costs(uniform_arch(3, 5, 4, exits=tuple(range(1, exits + 1)), resolution=48))
-    target = target_fraction * costs.static_cost
     fast_times, walk_times, loop, loop_time = [], [], None, None
-    for rep in range(repeats):  # alternated, the loop once in the middle: load changes hit all alike
+    for rep in range(repeats):
         if rep == repeats // 2:
             loop, loop_time = timed(lambda: loop_tune_thresholds(outputs, costs, target, PAPER_GRID, PAPER_LAMBDA,
                                                                  round_above=ROUND_TO_ONE_ABOVE))
@@ -78,8 +72,15 @@ def measure_threshold_speed(ctx: Context, num_samples: int, accuracies: Sequence
         with numpy_walk():
             walk, t = timed(lambda: tune_thresholds(outputs, costs, target))
         walk_times.append(t)
+    return fast, fast_times, walk, walk_times, loop, loop_time
 
-    # Every vector, not only the best: accuracy and MACs of the loop vs each numpy path.
+
+def agreement(outputs: Any, costs: Any, exits: int, loop: Any, fast: Any, walk: Any
+              ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
+    """Every vector, not only the best: accuracy and MACs of the loop vs each numpy path. Returns (the
+    threshold vectors, per path its largest differences from the loop and whether it is identical)."""
+    from aebnas.exit_policy import simulate_many, threshold_grid
+
     vectors = threshold_grid(exits)
     if [list(v) for v, _, _ in loop.evaluated] != vectors.tolist():
         raise RuntimeError("the loop and threshold_grid enumerate different threshold vectors")
@@ -94,6 +95,24 @@ def measure_threshold_speed(ctx: Context, num_samples: int, accuracies: Sequence
         same_best = result.thresholds == loop.thresholds
         check[name] = {"max_acc_diff": max_acc, "max_macs_diff": max_macs, "same_best": same_best,
                        "identical": bool(same_best and max_acc < 1e-9 and max_macs < 1e-9)}
+    return vectors, check
+
+
+def measure_threshold_speed(ctx: Context, num_samples: int, accuracies: Sequence[float], target_fraction: float,
+                            repeats: int, seed: int) -> Outcome:
+    """Claim 4: ``tune_thresholds`` vs the per-sample loop and vs the numpy walk on the same outputs:
+    same answer, time ratios."""
+    from aebnas.config import uniform_arch
+    from aebnas.cost.macs import exit_costs
+    from aebnas.exit_policy import PAPER_GRID, PAPER_LAMBDA, ROUND_TO_ONE_ABOVE
+
+    exits = len(accuracies) - 1
+    outputs = synthetic_exit_outputs(num_samples, accuracies, 10, seed)
+    # Real per-exit costs: a mid-size network of the paper's space with an exit after stages 1–4.
+    costs = exit_costs(uniform_arch(3, 5, 4, exits=tuple(range(1, exits + 1)), resolution=48))
+    target = target_fraction * costs.static_cost
+    fast, fast_times, walk, walk_times, loop, loop_time = time_three_ways(outputs, costs, target, repeats)
+    vectors, check = agreement(outputs, costs, exits, loop, fast, walk)
     identical = check["histograms"]["identical"] and check["walk"]["identical"]
     t_fast, t_walk = median(fast_times), median(walk_times)
     ratio_loop, ratio_walk = loop_time / t_fast, t_walk / t_fast

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 
 import torch
 
-from _common import (Claim, Context, Outcome, arch_summary, main, md_table, median, run_search, search_window,
-                     start_ray, stop_ray)
+from harness.claims import Claim
+from harness.common import (Context, Outcome, arch_summary, main, md_table, median, run_search, search_window,
+                            start_ray, stop_ray)
 
 CLAIM = Claim(3, "tune_overhead", "Ray Tune overhead",
               "training images/s inside a trial within 5% of a plain process with the same threads")

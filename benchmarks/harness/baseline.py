@@ -7,7 +7,7 @@ are held out as the supernet's were) with aebnas's optimiser, schedule and augme
 split. Grayscale inputs are repeated to 3 channels (no MACs: the first convolution is counted
 with 3 input channels, as the model is). Checkpointed every epoch: rerunning resumes.
 
-    python benchmarks/_baseline.py --dataset fashion-mnist --val-size 6000 --target-macs 3 \
+    python benchmarks/harness/baseline.py --dataset fashion-mnist --val-size 6000 --target-macs 3 \
         --epochs 21 --out results/benchmarks/baseline_mnv3_3mmacs_s0
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import Context
+from .common import Context
 
 from aebnas.settings import LATENCY_BACKENDS
 

@@ -1,10 +1,11 @@
 """The benchmark harness: the machine, the result files, searches and their provenance.
 
-A script under ``benchmarks/`` states one claim's settings, holds its own ``measure``
-function and calls :func:`main`. ``main`` records the machine, the date and the load
+A script under ``benchmarks/`` states one claim's settings (or, measuring its claim on several setups,
+one :class:`~harness.claims.Variant` per setup), holds its own ``measure`` function and calls
+:func:`main` (or :func:`main_with_variants`). ``main`` records the machine, the date and the load
 average before and after, runs the measurement, writes the claim's small result file
 ``docs/benchmarks/<claim>.json`` (figures + the markdown of its section) and rebuilds
-``docs/benchmarks.md`` (:mod:`report`). ``--quick`` runs the script's tiny settings and
+``docs/benchmarks.md`` (:mod:`harness.report`). ``--quick`` runs the script's tiny settings and
 writes under the git-ignored ``results/benchmarks/quick/`` instead, so the docs only ever
 show real runs. Experiments, trial directories and other bulky outputs go to
 ``results/benchmarks/`` (git-ignored).
@@ -41,7 +42,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from .claims import Claim, Variant
+
+REPO = Path(__file__).resolve().parents[2]
 DOCS_DIR = REPO / "docs" / "benchmarks"   # one JSON per claim + figures (committed)
 SCRATCH = REPO / "results" / "benchmarks"  # experiments and bulky outputs (git-ignored)
 ENV_SETTINGS = ("RAY_worker_niceness", "OMP_NUM_THREADS")  # recorded in a result's command when set
@@ -64,16 +67,6 @@ def tune_config(file: str, name: str) -> Any:
 
 
 # ======================================================================== recording
-@dataclass(frozen=True)
-class Claim:
-    """One claim of docs/benchmarks.md: its place in the table and what would make it hold."""
-
-    number: int
-    key: str    # file name of its result, e.g. "spaces_compare"
-    title: str
-    goal: str
-
-
 @dataclass
 class Outcome:
     """What a measurement returns: the table cells, the numbers and the section's markdown."""
@@ -115,7 +108,40 @@ def main(claim: Claim, measure: Callable[..., Outcome], settings: dict[str, Any]
          reusable: bool = False) -> int:
     """Command line of a benchmark script: run ``measure`` with ``settings`` (``--quick``: ``quick``).
     ``reusable``: the claim's searches may be re-analysed with ``--reuse``."""
+    return main_with_variants({"": Variant(claim, settings, quick)}, measure, reusable)
+
+
+def main_with_variants(variants: dict[str, Variant], measure: Callable[..., Outcome], reusable: bool = False) -> int:
+    """Command line of a script that measures its claim on several setups: ``--variant NAME`` picks one of
+    ``variants`` (the first by default; a single one named "" has no flag), run as :func:`main` runs a claim."""
+    args = _parse_args(variants, reusable)
+    variant = variants[args.variant]
+    if variant.needs is not None and not variant.needs.is_file():
+        raise SystemExit(variant.missing)
+    ctx = _context(variant.claim, args)
+    chosen = variant.quick if args.quick else variant.settings
+    load_start, started, t0 = os.getloadavg(), dt.datetime.now().astimezone(), time.perf_counter()
+    print(f"benchmark {ctx.claim.number} ({ctx.claim.key}): load average {load_start[0]:.2f} on "
+          f"{os.cpu_count()} cores", flush=True)
+    outcome = measure(ctx, **chosen)
+    record = _record(ctx.claim, outcome, chosen, started, time.perf_counter() - t0, load_start)
+    path = ctx.docs / f"{ctx.claim.key}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return _rebuild_page(ctx, outcome, path, args)
+
+
+def _parse_args(variants: dict[str, Variant], reusable: bool) -> argparse.Namespace:
+    """The flags of a benchmark script (``--variant`` when it has several); the description is its first
+    variant's claim."""
+    claim = next(iter(variants.values())).claim
     parser = argparse.ArgumentParser(description=f"Benchmark {claim.number}: {claim.title}. Goal: {claim.goal}")
+    if len(variants) > 1:
+        parser.add_argument("--variant", choices=list(variants), default=next(iter(variants)),
+                            help="the setup to measure the claim on, each its own section of docs/benchmarks.md: "
+                                 + "; ".join(f"{name}{' (default)' if i == 0 else ''}: benchmark {v.claim.number}, "
+                                             f"{v.claim.title}" for i, (name, v) in enumerate(variants.items())))
+    else:
+        parser.set_defaults(variant=next(iter(variants)))
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings to check the script works; writes under results/benchmarks/quick/ only")
     if reusable:
@@ -126,37 +152,45 @@ def main(claim: Claim, measure: Callable[..., Outcome], settings: dict[str, Any]
                                  "with the same settings")
     parser.add_argument("--docs-dir", type=Path, help="write the result file here instead of docs/benchmarks/ "
                         "(a run on another machine, copied back by hand)")
-    args = parser.parse_args()
-    chosen = quick if args.quick else settings
+    return parser.parse_args()
+
+
+def _context(claim: Claim, args: argparse.Namespace) -> Context:
+    """Where the run writes (created): quick runs under results/benchmarks/quick/, real ones in docs/."""
     root = SCRATCH / "quick" if args.quick else SCRATCH
     docs = args.docs_dir or (root / "docs" if args.quick else DOCS_DIR)
     ctx = Context(claim=claim, scratch=root / claim.key, docs=docs,
                   quick=args.quick, reuse=getattr(args, "reuse", False))
     ctx.scratch.mkdir(parents=True, exist_ok=True)
     ctx.docs.mkdir(parents=True, exist_ok=True)
-    load_start, started, t0 = os.getloadavg(), dt.datetime.now().astimezone(), time.perf_counter()
-    print(f"benchmark {claim.number} ({claim.key}): load average {load_start[0]:.2f} on {os.cpu_count()} cores",
-          flush=True)
-    outcome = measure(ctx, **chosen)
-    record = {
+    return ctx
+
+
+def _record(claim: Claim, outcome: Outcome, chosen: dict[str, Any], started: dt.datetime, wall_s: float,
+            load_start: tuple[float, float, float]) -> dict[str, Any]:
+    """The result file's content: the claim, the outcome, the command that ran it, when and where."""
+    return {
         "number": claim.number, "key": claim.key, "title": claim.title, "goal": claim.goal,
         "measured": outcome.measured, "holds": outcome.holds,
         "command": " ".join([f"{k}={os.environ[k]}" for k in ENV_SETTINGS if k in os.environ]
                             + ["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
-        "date": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),
+        "date": started.isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
         "machine": machine(), "load_start": [round(v, 2) for v in load_start],
         "load_end": [round(v, 2) for v in os.getloadavg()], "settings": plain(chosen),
         "figures": plain(outcome.figures), "details": outcome.details,
     }
-    path = ctx.docs / f"{claim.key}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    from report import build_report  # benchmarks/ is on sys.path when a script runs
+
+
+def _rebuild_page(ctx: Context, outcome: Outcome, path: Path, args: argparse.Namespace) -> int:
+    """docs/benchmarks.md rebuilt with the new result (the quick page under results/ for --quick); nothing
+    with --docs-dir (the result is copied back by hand)."""
+    from .report import build_report
 
     if args.docs_dir:
-        print(f"{claim.title}: {outcome.measured} → holds: {outcome.holds}\nwrote {path}", flush=True)
+        print(f"{ctx.claim.title}: {outcome.measured} → holds: {outcome.holds}\nwrote {path}", flush=True)
         return 0
     out = build_report(ctx.docs, ctx.docs.parent / "benchmarks.md" if not args.quick else ctx.docs / "benchmarks.md")
-    print(f"{claim.title}: {outcome.measured} → holds: {outcome.holds}"
+    print(f"{ctx.claim.title}: {outcome.measured} → holds: {outcome.holds}"
           f"\nwrote {path.relative_to(REPO)} and {out.relative_to(REPO)}", flush=True)
     return 0
 

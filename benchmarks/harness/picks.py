@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from _common import report_start
+from .common import report_start
 
 
 def reference_macs(width_mult: float, resolutions: Sequence[int]) -> float:
