@@ -23,8 +23,8 @@ Runs on CUDA when there is one (``device=auto``); on 2 CPU cores the stand-alone
 trainings take several hours (about 8–15 s per epoch and network, two at a time; an H200 does it all in 9 minutes), so every accuracy measured is kept in
 ``results/benchmarks/<claim>/measured.json`` as soon as it is known, keyed by the network, the seed, the
 epochs, the device, the data (the supernet's split, ``train_size``), a hash of the code that trains and scores
-(train, batches, data, config, settings, exit_policy, supernet, nn) and, for an inherited network, of the
-supernet file (a stand-alone training does not depend on it): a killed run started again measures
+(the modules of ``TRAINING_CODE`` and nn/) and, for an inherited network, of the supernet file (a
+stand-alone training does not depend on it): a killed run started again measures
 only what is missing, and a change to that code measures everything again. Several trainings run at
 once in spawned processes (``jobs``: 0 = up to 8 on a GPU, since one small network leaves a GPU idle; one per core,
 single-threaded, on a CPU).
@@ -117,13 +117,18 @@ def _processes(jobs: int, device: Any) -> tuple[int, int]:
     return jobs, max(1, cores // jobs)
 
 
+# The modules of aebnas/ (besides nn/) that train and score a network: the training loop, the batches, the data,
+# the architecture and its value sets, the settings, the exit policy, the supernet and its file.
+TRAINING_CODE = ("training/loop.py", "data/batches.py", "data/datasets.py", "config.py", "space_values.py",
+                 "settings.py", "exit_policy.py", "training/supernet.py", "training/supernet_file.py")
+
+
 def _code_id(info: Any, train_size: int | None) -> str:
     """What decides an accuracy besides the network: the code that trains and scores a network and the data
     (the supernet's split, train_size)."""
     code = hashlib.sha256(json.dumps([info.dataset, info.val_size, info.split_seed, train_size]).encode())
     package = Path(__file__).resolve().parents[1] / "aebnas"
-    for f in sorted([*(package / n for n in ("train.py", "batches.py", "data.py", "config.py", "settings.py",
-                                             "exit_policy.py", "supernet.py")), *(package / "nn").glob("*.py")]):
+    for f in sorted([*(package / n for n in TRAINING_CODE), *(package / "nn").glob("*.py")]):
         code.update(f.read_bytes())
     return code.hexdigest()
 
