@@ -1,7 +1,7 @@
 """What a candidate network *is*: the architecture as plain dataclasses.
 
 Ray Tune hands each trial a flat dict of plain values (``stage2_depth``,
-``exit1_m2_channels``, ``resolution`` …). :meth:`ArchConfig.from_flat` is the only parser
+``exit1_m2_resize``, ``resolution`` …). :meth:`ArchConfig.from_flat` is the only parser
 of that dict and :meth:`ArchConfig.to_flat` its inverse.
 
 The whole network is data, as torchvision's ``InvertedResidualConfig`` rows: an
@@ -14,16 +14,18 @@ Flat keys (``s`` = stage 1…5, ``b`` = block 0…depth-1, ``i`` = exit position
 
     resolution, width_mult, num_classes, in_channels, min_exits
     stage{s}_depth, stage{s}_block{b}_kernel, stage{s}_block{b}_expansion
-    exit{i}_enabled, exit{i}_m1_{channels,kernel,expansion,pool},
-    exit{i}_m2_{channels,kernel,expansion,pool}   (m2_channels = 0: no second module)
+    exit{i}_enabled, exit{i}_branch ("aebnas", the default, or "edanas"),
+    exit{i}_m1_{resize,kernel,expansion,pool},
+    exit{i}_m2_{resize,kernel,expansion,pool}   (m2_resize = 0: no second module)
 
-Keys of blocks beyond a stage's depth, and of the modules of a disabled exit, are
-accepted and validated but not used: Ray Tune samples every key of a space whatever the
-depth it picked.
+Keys of blocks beyond a stage's depth, and of the modules of a disabled exit or of an
+``edanas`` exit (it has no modules), are accepted and validated but not used: Ray Tune
+samples every key of a space whatever the depth it picked.
 
 ``min_exits`` is the documented repair rule for samples that enable too few exits: the
-deepest disabled positions are enabled (with the branch architecture their keys give)
-until ``min_exits`` exits exist. The paper's space sets ``min_exits=1``; a static
+deepest disabled positions that have a branch (``exit{i}_m1_resize`` keys, or
+``exit{i}_branch="edanas"``) are enabled, with the branch their keys give, until
+``min_exits`` exits exist. The paper's space sets ``min_exits=1``; a static
 network (no exits) uses 0.
 """
 
@@ -31,10 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from .space_values import EXIT_POSITIONS, LIMITS, PAPER_SPACE, Allowed, SpaceValues
+from .space_values import EXIT_BRANCHES, EXIT_POSITIONS, LIMITS, PAPER_SPACE, Allowed, SpaceValues
 
 NUM_STAGES = 5
 # Once-for-All MobileNetV3 macro-architecture (see docs/design.md).
@@ -46,7 +49,13 @@ STAGE_USE_SE = (False, True, False, True, True)
 STAGE_ACTIVATION = ("relu", "relu", "hswish", "hswish", "hswish")
 HEAD_EXPAND_CHANNELS = 960
 HEAD_FEATURE_CHANNELS = 1280
-EXIT_ACTIVATION = "hswish"
+# The paper's exit module (its authors' ``ExitBlock_Modified``): an unpadded convolution of stride 2, ReLU.
+EXIT_MODULE_STRIDE = 2
+EXIT_MODULE_ACTIVATION = "relu"
+# EDANAS's exit (``ExitBlock``): 1×1 conv C → 6C (BN, h-swish), global pool, 1×1 conv 6C → 8C (h-swish), linear.
+EDANAS_EXPAND = 6
+EDANAS_FEATURES = 8
+EDANAS_ACTIVATION = "hswish"
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -96,20 +105,59 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class ExitModuleConfig:
-    """One module of an exit branch: 1×1 expand → k×k depthwise → 1×1 project (+ 2×2 pool)."""
+    """One module of the paper's exit branch: bicubic resize of its input to ``resize × resize``
+    pixels → ``kernel × kernel`` convolution, stride 2, no padding, C → C·``expansion`` channels →
+    BatchNorm → ReLU → 2×2 max pool if ``pool`` (skipped when the map is smaller than 2×2).
 
-    channels: int
+    ``resize`` is a spatial size, not a channel count: it makes a module's cost independent of the
+    input resolution.
+    """
+
+    resize: int
     kernel: int
     expansion: int
     pool: int
 
+    def __post_init__(self) -> None:
+        if self.resize < self.kernel:
+            raise ValueError(f"an exit module with resize {self.resize} and kernel {self.kernel}: the unpadded "
+                             "convolution needs resize >= kernel")
+
+    @property
+    def conv_size(self) -> int:
+        """Side of the convolution's output map."""
+        return (self.resize - self.kernel) // EXIT_MODULE_STRIDE + 1
+
+    @property
+    def pools(self) -> bool:
+        """Whether the 2×2 max pool runs (``pool`` set and a map of at least 2×2 to pool)."""
+        return bool(self.pool) and self.conv_size >= 2
+
+    @property
+    def out_size(self) -> int:
+        """Side of the module's output map."""
+        return self.conv_size // 2 if self.pools else self.conv_size
+
 
 @dataclass(frozen=True)
 class ExitConfig:
-    """An exit branch placed after backbone stage ``position`` (1…4)."""
+    """An exit branch placed after backbone stage ``position`` (1…4).
+
+    ``branch="aebnas"``: the paper's branch, one or more :class:`ExitModuleConfig` then global
+    pooling and a linear classifier. ``branch="edanas"``: EDANAS's fixed exit, no modules.
+    """
 
     position: int
-    modules: tuple[ExitModuleConfig, ...]
+    modules: tuple[ExitModuleConfig, ...] = ()
+    branch: str = "aebnas"
+
+    def __post_init__(self) -> None:
+        if self.branch not in EXIT_BRANCHES:
+            raise ValueError(f"exit {self.position}: branch={self.branch!r} is not one of {EXIT_BRANCHES}")
+        if self.branch == "edanas" and self.modules:
+            raise ValueError(f"exit {self.position}: an edanas branch has no modules, got {len(self.modules)}")
+        if self.branch == "aebnas" and not self.modules:
+            raise ValueError(f"exit {self.position}: an aebnas branch needs at least one module")
 
     @property
     def depth(self) -> int:
@@ -129,14 +177,35 @@ class StemRow:
 
 @dataclass(frozen=True)
 class ExitRow:
-    """An exit branch as the network builds it: its modules on the output of stage ``position``
-    (``in_channels`` channels), then global pooling and a linear classifier."""
+    """An exit branch as the network builds it, on the output of stage ``position`` (``in_channels``
+    channels): ``aebnas``, its modules, then global pooling and a linear classifier; ``edanas``, a 1×1
+    expand conv, global pooling, a 1×1 feature conv and a linear classifier."""
 
     position: int
     in_channels: int
+    branch: str
     modules: tuple[ExitModuleConfig, ...]
     num_classes: int
-    activation: str = EXIT_ACTIVATION  # of every conv of every module
+
+    def module_channels(self) -> tuple[tuple[int, int], ...]:
+        """(input, output) channels of each module: each multiplies its input's by its expansion."""
+        out, channels = [], self.in_channels
+        for module in self.modules:
+            out.append((channels, channels * module.expansion))
+            channels *= module.expansion
+        return tuple(out)
+
+    @property
+    def expand_channels(self) -> int:
+        """EDANAS: the 1×1 expand conv's output channels."""
+        return self.in_channels * EDANAS_EXPAND
+
+    @property
+    def features(self) -> int:
+        """Inputs of the linear classifier."""
+        if self.branch == "edanas":
+            return self.in_channels * EDANAS_FEATURES
+        return self.module_channels()[-1][1]
 
 
 @dataclass(frozen=True)
@@ -203,8 +272,8 @@ class ArchConfig:
 
     def exit_rows(self) -> tuple[ExitRow, ...]:
         """Every exit branch in position order, on the output of the stage it follows."""
-        return tuple(ExitRow(e.position, self.stage_channels[e.position - 1], e.modules, self.num_classes)
-                     for e in self.exits)
+        return tuple(ExitRow(e.position, self.stage_channels[e.position - 1], e.branch, e.modules,
+                             self.num_classes) for e in self.exits)
 
     def head_row(self) -> HeadRow:
         """The final classifier after stage 5."""
@@ -245,20 +314,23 @@ class ArchConfig:
             flat[f"exit{i}_enabled"] = ex is not None
             if ex is None:
                 continue
+            flat[f"exit{i}_branch"] = ex.branch
+            if ex.branch == "edanas":
+                continue
             for m in (1, 2):
                 if m <= ex.depth:
                     mod = ex.modules[m - 1]
-                    for name in _MODULE_FIELDS:
+                    for name in MODULE_FIELDS:
                         flat[f"exit{i}_m{m}_{name}"] = getattr(mod, name)
                 else:
-                    flat[f"exit{i}_m{m}_channels"] = 0
+                    flat[f"exit{i}_m{m}_resize"] = 0
         return flat
 
     def replace(self, **changes: Any) -> "ArchConfig":
         return dataclasses.replace(self, **changes)
 
 
-_MODULE_FIELDS = ("channels", "kernel", "expansion", "pool")
+MODULE_FIELDS = ("resize", "kernel", "expansion", "pool")
 _GLOBAL_KEYS = ("resolution", "width_mult", "num_classes", "in_channels", "min_exits")
 
 
@@ -272,8 +344,9 @@ def arch_keys(max_depth: int = 8) -> frozenset[str]:
             keys.add(f"stage{s}_block{b}_expansion")
     for i in EXIT_POSITIONS:
         keys.add(f"exit{i}_enabled")
+        keys.add(f"exit{i}_branch")
         for m in (1, 2):
-            for name in _MODULE_FIELDS:
+            for name in MODULE_FIELDS:
                 keys.add(f"exit{i}_m{m}_{name}")
     return frozenset(keys)
 
@@ -283,6 +356,34 @@ _ARCH_KEYS = arch_keys(int(LIMITS["depths"].high))
 
 def is_arch_key(key: str) -> bool:
     return key in _ARCH_KEYS
+
+
+# The value set (a field of SpaceValues) each kind of flat key draws from.
+_SETS = {"depth": "depths", "kernel": "kernels", "expansion": "expansions"}
+_MODULE_SETS = {"kernel": "exit_kernels", "expansion": "exit_expansions", "pool": "exit_pools"}
+
+
+def value_set_of(key: str) -> str | None:
+    """The :class:`SpaceValues` field a flat key's value must come from (``"exit_m2_resizes"`` for
+    ``"exit3_m2_resize"``), or None for keys no value set governs (``exit{i}_enabled``, ``width_mult`` …)."""
+    if key == "resolution":
+        return "resolutions"
+    parts = key.split("_")
+    if key.startswith("stage") and key in _ARCH_KEYS:
+        return _SETS.get(parts[-1])
+    if key.startswith("exit") and len(parts) == 3 and parts[1] in ("m1", "m2"):
+        return f"exit_{parts[1]}_resizes" if parts[2] == "resize" else _MODULE_SETS.get(parts[2])
+    return None
+
+
+def has_branch(flat: Mapping[str, Any], i: int) -> bool:
+    """Whether ``flat`` (a trial's config or a space's keys) gives exit ``i`` a branch, so the
+    ``min_exits`` repair may enable it: module keys, or an ``edanas`` branch."""
+    return f"exit{i}_m1_resize" in flat or flat.get(f"exit{i}_branch") == "edanas"
+
+
+# Keys of flat configs written before the paper's exit modules, when a module's first value was a channel count.
+_OLD_MODULE_KEY = re.compile(r"^exit\d_m[12]_channels$")
 
 
 class _FlatParser:
@@ -308,22 +409,24 @@ class _FlatParser:
 
     def check_all_present_keys(self) -> None:
         unknown = sorted(k for k in self.flat if k not in _ARCH_KEYS)
+        old = [k for k in unknown if _OLD_MODULE_KEY.match(k)]
+        if old:
+            raise ValueError(
+                f"{old[0]!r} is a key of the exit module aebnas had before the paper's (a channel count); "
+                "exit modules now resize to a size in pixels (exit{i}_m{1,2}_resize, see docs/design.md): "
+                "this configuration was written by an older aebnas and cannot be built by this one")
         if unknown:
             raise ValueError(
                 f"unknown architecture key(s) {unknown}; known keys look like 'stage2_depth', "
-                "'stage2_block0_kernel', 'exit1_enabled', 'exit1_m2_channels', 'resolution' "
+                "'stage2_block0_kernel', 'exit1_enabled', 'exit1_branch', 'exit1_m2_resize', 'resolution' "
                 "(see aebnas.config)")
         # Validate keys not used by this sample too: a bad value is a bad space.
         for key in self.flat:
-            parts = key.split("_")
-            if key.startswith("stage") and key.endswith("_kernel"):
-                self.value(key, "kernels")
-            elif key.startswith("stage") and key.endswith("_expansion"):
-                self.value(key, "expansions")
-            elif key.startswith("exit") and len(parts) == 3 and parts[1] in ("m1", "m2"):
-                set_name = {"channels": f"exit_{parts[1]}_channels", "kernel": "exit_kernels",
-                            "expansion": "exit_expansions", "pool": "exit_pools"}[parts[2]]
+            set_name = value_set_of(key)
+            if set_name is not None and not key.endswith("_depth") and key != "resolution":
                 self.value(key, set_name)
+            if key.endswith("_branch") and self.flat[key] not in EXIT_BRANCHES:
+                raise ValueError(f"{key}={self.flat[key]!r} is not one of {EXIT_BRANCHES}")
 
     def flag(self, key: str, default: bool) -> bool:
         v = self.flat.get(key, default)
@@ -350,24 +453,17 @@ class _FlatParser:
         for i in reversed(EXIT_POSITIONS):
             if sum(enabled.values()) >= int(min_exits):
                 break
-            if not enabled[i] and f"exit{i}_m1_channels" in self.flat:
+            if not enabled[i] and has_branch(self.flat, i):
                 enabled[i] = True
         if sum(enabled.values()) < int(min_exits):
             raise ValueError(f"min_exits={min_exits} but only {sum(enabled.values())} exits can be "
-                             "enabled (the others have no exit{i}_m1_* keys)")
+                             "enabled (the others have neither exit{i}_m1_* keys nor exit{i}_branch='edanas')")
         for i, on in enabled.items():
             if on and i not in self.sets["exit_positions"]:
                 raise ValueError(f"exit{i}_enabled=True but position {i} "
                                  f"{self.sets['exit_positions'].describe()}")
 
-        exits = []
-        for i in EXIT_POSITIONS:
-            if not enabled[i]:
-                continue
-            modules = [self.module(i, 1)]
-            if self.value(f"exit{i}_m2_channels", "exit_m2_channels", default=0) > 0:
-                modules.append(self.module(i, 2))
-            exits.append(ExitConfig(position=i, modules=tuple(modules)))
+        exits = [self.exit(i) for i in EXIT_POSITIONS if enabled[i]]
 
         width = self.flat.get("width_mult", 1.0)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.05 <= width <= 4.0:
@@ -383,29 +479,43 @@ class _FlatParser:
             resolution=self.value("resolution", "resolutions"),
             width_mult=float(width), num_classes=int(num_classes), in_channels=int(in_channels))
 
+    def exit(self, i: int) -> ExitConfig:
+        branch = self.flat.get(f"exit{i}_branch", "aebnas")
+        if branch == "edanas":
+            return ExitConfig(position=i, branch=branch)
+        modules = [self.module(i, 1)]
+        if self.value(f"exit{i}_m2_resize", "exit_m2_resizes", default=0) > 0:
+            modules.append(self.module(i, 2))
+        return ExitConfig(position=i, modules=tuple(modules), branch=branch)
+
     def module(self, i: int, m: int) -> ExitModuleConfig:
         p = f"exit{i}_m{m}_"
-        return ExitModuleConfig(
-            channels=self.value(p + "channels", f"exit_m{m}_channels"),
-            kernel=self.value(p + "kernel", "exit_kernels"),
-            expansion=self.value(p + "expansion", "exit_expansions"),
-            pool=self.value(p + "pool", "exit_pools"))
+        values = {name: self.value(p + name, value_set_of(p + name)) for name in MODULE_FIELDS}
+        if values["resize"] < values["kernel"]:
+            raise ValueError(f"{p}resize={values['resize']} is smaller than {p}kernel={values['kernel']}: the "
+                             "module's unpadded convolution needs resize >= kernel")
+        return ExitModuleConfig(**values)
 
 
 def uniform_arch(depth: int, kernel: int, expansion: int, *, exits: Iterable[int] = (),
                  exit_module: ExitModuleConfig | None = None, second_module: ExitModuleConfig | None = None,
-                 **kwargs: Any) -> ArchConfig:
-    """An ArchConfig whose stages all share one depth/kernel/expansion; handy for tests and benchmarks."""
+                 exit_branch: str = "aebnas", **kwargs: Any) -> ArchConfig:
+    """An ArchConfig whose stages all share one depth/kernel/expansion and whose exits all share one
+    branch (``exit_branch="edanas"``: EDANAS's, no modules); handy for tests and benchmarks."""
     block = BlockConfig(kernel, expansion)
     stages = tuple(StageConfig((block,) * depth) for _ in range(NUM_STAGES))
-    mod = exit_module or ExitModuleConfig(channels=8, kernel=3, expansion=1, pool=0)
-    mods = (mod,) if second_module is None else (mod, second_module)
-    return ArchConfig(stages=stages, exits=tuple(ExitConfig(p, mods) for p in sorted(exits)), **kwargs)
+    if exit_branch == "edanas":
+        mods: tuple[ExitModuleConfig, ...] = ()
+    else:
+        mod = exit_module or ExitModuleConfig(resize=8, kernel=3, expansion=1, pool=0)
+        mods = (mod,) if second_module is None else (mod, second_module)
+    return ArchConfig(stages=stages, exits=tuple(ExitConfig(p, mods, exit_branch) for p in sorted(exits)), **kwargs)
 
 
 def smallest_arch(space: SpaceValues = PAPER_SPACE, **kwargs: Any) -> ArchConfig:
-    """The cheapest architecture of ``space``: min depth/kernel/expansion, one tiny exit at position 1."""
-    mod = ExitModuleConfig(min(space.exit_m1_channels), min(space.exit_kernels),
+    """The cheapest architecture of ``space``: min depth/kernel/expansion, one one-module exit at the first
+    position with the smallest resize, kernel and expansion."""
+    mod = ExitModuleConfig(min(space.exit_m1_resizes), min(space.exit_kernels),
                            min(space.exit_expansions), max(space.exit_pools))
     kwargs.setdefault("resolution", min(space.resolutions))
     return uniform_arch(min(space.depths), min(space.kernels), min(space.expansions),
@@ -413,23 +523,26 @@ def smallest_arch(space: SpaceValues = PAPER_SPACE, **kwargs: Any) -> ArchConfig
 
 
 def largest_arch(space: SpaceValues = PAPER_SPACE, **kwargs: Any) -> ArchConfig:
-    """The costliest architecture of ``space``: max everything, every exit with two modules."""
-    mod = ExitModuleConfig(max(space.exit_m1_channels), max(space.exit_kernels),
+    """The costliest architecture of ``space``: max everything, every exit with two modules of the largest
+    resize, kernel and expansion, without pooling (when the space has no second module: one)."""
+    mod = ExitModuleConfig(max(space.exit_m1_resizes), max(space.exit_kernels),
                            max(space.exit_expansions), min(space.exit_pools))
-    mod2 = ExitModuleConfig(max(space.exit_m2_channels), max(space.exit_kernels),
-                            max(space.exit_expansions), min(space.exit_pools))
+    mod2 = ExitModuleConfig(max(space.exit_m2_resizes), max(space.exit_kernels),
+                            max(space.exit_expansions), min(space.exit_pools)) if max(space.exit_m2_resizes) else None
     kwargs.setdefault("resolution", max(space.resolutions))
     return uniform_arch(max(space.depths), max(space.kernels), max(space.expansions),
                         exits=space.exit_positions, exit_module=mod, second_module=mod2, **kwargs)
 
 
-def random_arch(space: SpaceValues, rng: random.Random, *, min_exits: int = 1, **kwargs: Any) -> ArchConfig:
+def random_arch(space: SpaceValues, rng: random.Random, *, min_exits: int = 1,
+                branches: tuple[str, ...] = ("aebnas",), **kwargs: Any) -> ArchConfig:
     """An architecture of ``space`` drawn uniformly per choice from ``rng`` (the supernet's sampler).
 
     Every stage depth, block kernel and expansion, resolution and exit-module value is one
     uniform draw; each exit position exists with probability 1/2, and when fewer than
     ``min_exits`` do, the deepest missing ones are added (as ``ArchConfig.from_flat``
-    repairs a Ray Tune sample). ``kwargs`` set width, classes and input channels.
+    repairs a Ray Tune sample). Each exit's branch is drawn from ``branches`` (the supernet
+    trains both ``EXIT_BRANCHES``). ``kwargs`` set width, classes and input channels.
     """
     stages = tuple(StageConfig(tuple(BlockConfig(rng.choice(space.kernels), rng.choice(space.expansions))
                                      for _ in range(rng.choice(space.depths))))
@@ -441,14 +554,17 @@ def random_arch(space: SpaceValues, rng: random.Random, *, min_exits: int = 1, *
         if p not in positions:
             positions.append(p)
 
-    def module(channels: tuple[int, ...]) -> ExitModuleConfig:
-        return ExitModuleConfig(rng.choice(channels), rng.choice(space.exit_kernels),
-                                rng.choice(space.exit_expansions), rng.choice(space.exit_pools))
+    def module(resizes: tuple[int, ...]) -> ExitModuleConfig | None:
+        resize = rng.choice(resizes)
+        values = rng.choice(space.exit_kernels), rng.choice(space.exit_expansions), rng.choice(space.exit_pools)
+        return ExitModuleConfig(resize, *values) if resize else None
 
     exits = []
     for p in sorted(positions):
-        first, second = module(space.exit_m1_channels), module(space.exit_m2_channels)
-        exits.append(ExitConfig(p, (first,) if second.channels == 0 else (first, second)))
+        branch = rng.choice(branches)
+        first, second = module(space.exit_m1_resizes), module(space.exit_m2_resizes)
+        modules = () if branch == "edanas" else tuple(m for m in (first, second) if m is not None)
+        exits.append(ExitConfig(p, modules, branch))
     kwargs.setdefault("resolution", rng.choice(space.resolutions))
     return ArchConfig(stages=stages, exits=tuple(exits), **kwargs)
 
@@ -456,8 +572,10 @@ def random_arch(space: SpaceValues, rng: random.Random, *, min_exits: int = 1, *
 __all__ = [
     "ArchConfig", "StageConfig", "BlockConfig", "ExitConfig", "ExitModuleConfig",  # what is searched
     "StemRow", "BlockRow", "ExitRow", "HeadRow",  # what is built
-    "make_divisible", "arch_keys", "is_arch_key", "uniform_arch", "smallest_arch", "largest_arch", "random_arch",
-    "NUM_STAGES", "EXIT_POSITIONS", "EXIT_ACTIVATION",
+    "make_divisible", "arch_keys", "is_arch_key", "value_set_of", "has_branch", "uniform_arch", "smallest_arch",
+    "largest_arch", "random_arch", "MODULE_FIELDS",
+    "NUM_STAGES", "EXIT_POSITIONS", "EXIT_BRANCHES", "EXIT_MODULE_STRIDE", "EXIT_MODULE_ACTIVATION", "EDANAS_EXPAND",
+    "EDANAS_FEATURES", "EDANAS_ACTIVATION",
     # Re-exported from aebnas.space_values, where they live.
     "Allowed", "SpaceValues", "PAPER_SPACE", "LIMITS",
 ]

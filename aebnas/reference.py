@@ -10,8 +10,9 @@ a fast module computes, so that the two can be compared:
       conv    MACs = Cout·Hout·Wout·(Cin/groups)·k·k  (+ Cout·Hout·Wout with a bias)
       linear  MACs = in·out + out                     (aten.addmm counts the bias too)
 
-  with padding k//2, so Hout = ceil(H / stride); nothing element-wise (BatchNorm,
-  activations, pooling, the squeeze-excite product, residual additions).
+  with padding k//2, so Hout = ceil(H / stride) (an exit module's convolution has no padding);
+  nothing element-wise (BatchNorm, activations, pooling, resizing, the squeeze-excite product,
+  residual additions).
 - **Exits and thresholds** (checks ``aebnas.exit_policy``): C_i by a loop over the exits,
   every sample walked through the exits in Python, every threshold vector of the grid
   tried in ``itertools.product`` order (the authors' way, and claim 4's baseline).
@@ -32,7 +33,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import config as C
-from .config import ArchConfig, ExitModuleConfig
+from .config import ArchConfig, ExitConfig
 
 # The paper's threshold grid, λ and rounding, written out again from the paper (not imported).
 PAPER_GRID = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
@@ -74,16 +75,22 @@ def block_macs(c_in: int, c_out: int, kernel: int, expansion: int, stride: int, 
     return macs + conv_macs(mid, c_out, 1, out)[0], out
 
 
-def exit_branch_macs(c_in: int, modules: Sequence[ExitModuleConfig], hw: int, num_classes: int) -> int:
-    """MACs of an exit branch: per module 1×1 expand (if expansion > 1), k×k depthwise,
-    1×1 project, then a 2×2 ceil-mode pool if ``pool``; global pooling; linear classifier."""
+def exit_branch_macs(c_in: int, exit_cfg: ExitConfig, hw: int, num_classes: int) -> int:
+    """MACs of an exit branch on a c_in × hw × hw map.
+
+    The paper's: per module a k×k convolution, stride 2, no padding, c → c·expansion, on the map
+    resized to ``resize`` px (the resize is not counted), then a 2×2 max pool if ``pool`` and the map is
+    at least 2×2; global pooling; linear classifier. EDANAS's: 1×1 conv c → 6c on the map, global pooling,
+    1×1 conv 6c → 8c, linear classifier.
+    """
+    if exit_cfg.branch == "edanas":
+        return (conv_macs(c_in, 6 * c_in, 1, hw)[0] + conv_macs(6 * c_in, 8 * c_in, 1, 1)[0]
+                + linear_macs(8 * c_in, num_classes))
     macs = 0
-    for module in modules:
-        mid = c_in * module.expansion
-        if module.expansion > 1:
-            macs += conv_macs(c_in, mid, 1, hw)[0]
-        macs += conv_macs(mid, mid, module.kernel, hw, groups=mid)[0] + conv_macs(mid, module.channels, 1, hw)[0]
-        c_in, hw = module.channels, math.ceil(hw / 2) if module.pool else hw
+    for module in exit_cfg.modules:
+        out = (module.resize - module.kernel) // 2 + 1
+        macs += out * out * c_in * module.expansion * c_in * module.kernel * module.kernel
+        c_in *= module.expansion
     return macs + linear_macs(c_in, num_classes)
 
 
@@ -105,7 +112,7 @@ def analytic_segment_macs(arch: ArchConfig) -> dict[str, float]:
             macs, c = macs + m, out_c
         seg[f"stage{s + 1}"] = macs
         if s + 1 in exits:
-            seg[f"exit{s + 1}"] = exit_branch_macs(c, exits[s + 1].modules, hw, arch.num_classes)
+            seg[f"exit{s + 1}"] = exit_branch_macs(c, exits[s + 1], hw, arch.num_classes)
     expand = round_channels(C.HEAD_EXPAND_CHANNELS * w)
     feature = round_channels(C.HEAD_FEATURE_CHANNELS * w) if w > 1.0 else C.HEAD_FEATURE_CHANNELS
     # Head: 1×1 expand, global pooling, 1×1 conv to the features (no bias) on the 1×1 map, classifier.

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 # An exit can follow stages 1…4 (stage 5 feeds the head).
 EXIT_POSITIONS = (1, 2, 3, 4)
+# What an exit branch can be: the paper's searched modules (``aebnas``) or EDANAS's fixed exit (``edanas``).
+EXIT_BRANCHES = ("aebnas", "edanas")
 
 
 class Allowed:
@@ -47,6 +49,12 @@ class SpaceValues:
 
     The defaults are the AEBNAS paper's search space; ``search_spaces`` builds Ray Tune
     samplers from an instance, and :data:`LIMITS` is what the code can build at all.
+
+    An exit module (``exit_*``) resizes its input to ``resize × resize`` pixels
+    (``exit_m1_resizes``, ``exit_m2_resizes``; a 0 among the second's means *no second
+    module*, which is how a branch's depth is searched), then applies a strided convolution of
+    one of ``exit_kernels`` that multiplies the channels by one of ``exit_expansions``, and a
+    2×2 max pool when its ``exit_pools`` value is 1 (docs/design.md, "Exit branches").
     """
 
     depths: tuple[int, ...] = (2, 3, 4)
@@ -54,8 +62,8 @@ class SpaceValues:
     expansions: tuple[int, ...] = (3, 4, 6)
     resolutions: tuple[int, ...] = tuple(range(32, 73, 4))
     exit_positions: tuple[int, ...] = EXIT_POSITIONS
-    exit_m1_channels: tuple[int, ...] = (8, 10)
-    exit_m2_channels: tuple[int, ...] = (0, 8, 10)
+    exit_m1_resizes: tuple[int, ...] = (8, 10)
+    exit_m2_resizes: tuple[int, ...] = (0, 8, 10)
     exit_kernels: tuple[int, ...] = (3, 5)
     exit_expansions: tuple[int, ...] = (1, 2)
     exit_pools: tuple[int, ...] = (0, 1)
@@ -69,6 +77,11 @@ class SpaceValues:
             for v in values:
                 if v not in allowed:
                     raise ValueError(f"SpaceValues.{name} contains {v!r}, which {allowed.describe()}")
+        # A module's convolution has no padding: it needs at least kernel × kernel pixels.
+        smallest = min(r for r in self.exit_m1_resizes + self.exit_m2_resizes if r > 0)
+        if smallest < max(self.exit_kernels):
+            raise ValueError(f"SpaceValues: exit resize {smallest} is smaller than exit kernel {max(self.exit_kernels)}; "
+                             "an exit module's unpadded convolution needs resize >= kernel")
 
 
 # What the code can build (odd kernels keep 'same' padding; tested resolutions 28…96).
@@ -78,8 +91,8 @@ LIMITS: dict[str, Allowed] = {
     "expansions": Allowed(low=1, high=8),
     "resolutions": Allowed(low=28, high=96),
     "exit_positions": Allowed(EXIT_POSITIONS),
-    "exit_m1_channels": Allowed(low=1, high=1024),
-    "exit_m2_channels": Allowed(low=0, high=1024),
+    "exit_m1_resizes": Allowed(low=1, high=64),
+    "exit_m2_resizes": Allowed(low=0, high=64),  # 0: no second module
     "exit_kernels": Allowed((1, 3, 5, 7, 9)),
     "exit_expansions": Allowed(low=1, high=8),
     "exit_pools": Allowed((0, 1)),
@@ -113,5 +126,5 @@ def space_values_of(space_kwargs: dict[str, Any]) -> SpaceValues:
     return space_values(PAPER_SPACE, **{k: v for k, v in space_kwargs.items() if k not in SPACE_OPTIONS})
 
 
-__all__ = ["EXIT_POSITIONS", "LIMITS", "PAPER_SPACE", "SPACE_OPTIONS", "Allowed", "SpaceValues", "space_values",
+__all__ = ["EXIT_BRANCHES", "EXIT_POSITIONS", "LIMITS", "PAPER_SPACE", "SPACE_OPTIONS", "Allowed", "SpaceValues", "space_values",
            "space_values_of"]

@@ -20,7 +20,7 @@ CLAIM = Claim(3, "tune_overhead", "Ray Tune overhead",
 # The plain process runs at Ray's worker niceness (like for like), then once at normal priority.
 # One fixed candidate: every value set of the space has one value, the only exit position is forced on.
 FIXED = dict(resolutions=(32,), depths=(2,), kernels=(5,), expansions=(4,), exit_positions=(2,),
-             exit_m1_channels=(8,), exit_m2_channels=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(1,))
+             exit_m1_resizes=(8,), exit_m2_resizes=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(1,))
 SEARCH = dict(dataset="cifar10-subset", space="aebnas", space_kwargs=FIXED, width_mult=0.5, target_macs=2.5,
               epochs=2, batch_size=64, seed=0, cpus_per_trial=1)
 SETTINGS = dict(search=SEARCH, plain_niceness=(15, 15, 15, 0))

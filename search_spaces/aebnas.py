@@ -1,6 +1,8 @@
 """The AEBNAS paper's space: backbone, resolution, and per exit its existence and branch.
 
-Branch depth is searched through ``exit{i}_m2_channels``: 0 means no second module. At
+Each existing exit has the paper's branch (``exit{i}_branch="aebnas"``): one or two modules, each a
+resize to ``exit{i}_m{1,2}_resize`` pixels and a strided convolution (docs/design.md). Branch depth is
+searched through ``exit{i}_m2_resize``: 0 means no second module. At
 least ``min_exits`` exits exist: a sample enabling fewer is repaired by
 ``ArchConfig.from_flat``, which enables the deepest disabled positions (documented there).
 """
@@ -19,7 +21,7 @@ from ._common import backbone_space, choice
 def aebnas_space(values: SpaceValues = PAPER_SPACE, *, min_exits: int = 1, **changes: Any) -> dict[str, Any]:
     """Param space of the paper; keyword arguments replace value sets of ``values``.
 
-    E.g. ``aebnas_space(resolutions=(32, 40), exit_positions=(2, 3), exit_m2_channels=(0,))``.
+    E.g. ``aebnas_space(resolutions=(32, 40), exit_positions=(2, 3), exit_m2_resizes=(0,))``.
     Returns a flat dict of ``ray.tune`` samplers (and fixed values).
     """
     values = space_values(values, **changes)
@@ -30,8 +32,9 @@ def aebnas_space(values: SpaceValues = PAPER_SPACE, *, min_exits: int = 1, **cha
     space["min_exits"] = min_exits
     for i in values.exit_positions:
         space[f"exit{i}_enabled"] = choice((True, False))
-        for m, channels in ((1, values.exit_m1_channels), (2, values.exit_m2_channels)):
-            space[f"exit{i}_m{m}_channels"] = choice(channels)
+        space[f"exit{i}_branch"] = "aebnas"
+        for m, resizes in ((1, values.exit_m1_resizes), (2, values.exit_m2_resizes)):
+            space[f"exit{i}_m{m}_resize"] = choice(resizes)
             space[f"exit{i}_m{m}_kernel"] = choice(values.exit_kernels)
             space[f"exit{i}_m{m}_expansion"] = choice(values.exit_expansions)
             space[f"exit{i}_m{m}_pool"] = choice(values.exit_pools)

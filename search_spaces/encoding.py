@@ -15,8 +15,9 @@ any vector a search operator produces to the network it means.
 Which genes are active (what ``ArchConfig.from_flat`` reads):
 
 - ``stage{s}_block{b}_*`` when ``b < stage{s}_depth``;
-- ``exit{i}_m1_*`` and ``exit{i}_m2_channels`` when exit ``i`` exists (after the repair);
-- ``exit{i}_m2_{kernel,expansion,pool}`` when it also has a second module (``m2_channels > 0``);
+- ``exit{i}_m1_*`` and ``exit{i}_m2_resize`` when exit ``i`` exists (after the repair) with the
+  paper's branch;
+- ``exit{i}_m2_{kernel,expansion,pool}`` when it also has a second module (``m2_resize > 0``);
 - every other gene (resolution, depths, ``exit{i}_enabled``).
 
 :func:`define_by_run` is the same space for Optuna's define-by-run API: it asks only for the
@@ -32,10 +33,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from aebnas.config import EXIT_POSITIONS, ArchConfig, is_arch_key
+from aebnas.config import EXIT_POSITIONS, MODULE_FIELDS, ArchConfig, has_branch, is_arch_key
 
 _BLOCK = re.compile(r"^stage(\d)_block(\d+)_(kernel|expansion)$")
-_MODULE = re.compile(r"^exit(\d)_m([12])_(channels|kernel|expansion|pool)$")
+_MODULE = re.compile(r"^exit(\d)_m([12])_(resize|kernel|expansion|pool)$")
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,8 @@ class DefineByRun:
 
     Order: resolution and depths, each stage's blocks up to its depth, the exits' existence
     (then the ``min_exits`` repair, as ``ArchConfig.from_flat`` does it), each existing exit's
-    first module and second-module width, and the second module's other choices only when it
-    exists. Returns the fixed values of the space and the repaired ``exit{i}_enabled``.
+    first module and second module's resize, and the second module's other choices only when it
+    exists (an EDANAS exit has none). Returns the fixed values of the space and the repaired ``exit{i}_enabled``.
     """
 
     def __init__(self, param_space: Mapping[str, Any]) -> None:
@@ -187,16 +188,16 @@ class DefineByRun:
         for i in reversed(EXIT_POSITIONS):  # the repair rule of ArchConfig.from_flat
             if sum(enabled.values()) >= self.min_exits:
                 break
-            if not enabled[i] and (f"exit{i}_m1_channels" in self.genes or f"exit{i}_m1_channels" in enc.constants):
+            if not enabled[i] and has_branch({**self.genes, **enc.constants}, i):
                 enabled[i] = True
         fixed = dict(enc.constants)
         for i in EXIT_POSITIONS:
             fixed[f"exit{i}_enabled"] = enabled[i]
-            if not enabled[i]:
+            if not enabled[i] or enc.constants.get(f"exit{i}_branch") == "edanas":
                 continue
-            for name in ("channels", "kernel", "expansion", "pool"):
+            for name in MODULE_FIELDS:
                 self._ask(trial, f"exit{i}_m1_{name}", chosen)
-            if self._ask(trial, f"exit{i}_m2_channels", chosen):
+            if self._ask(trial, f"exit{i}_m2_resize", chosen):
                 for name in ("kernel", "expansion", "pool"):
                     self._ask(trial, f"exit{i}_m2_{name}", chosen)
         # What was asked for, then the fixed values and the repaired exits (they win over what was

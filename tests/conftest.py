@@ -75,3 +75,31 @@ class Evil:
 
     def __reduce__(self):
         return _run_code, (self.marker,)
+
+
+def make_confident(net, x: torch.Tensor, spread: float = 2.0):
+    """Make a random network's exit confidences spread over [0, 1] (returns ``net``, in eval mode).
+
+    A fresh network is barely confident (margins ~1e-5): BatchNorm statistics are measured on
+    ``x``, then every classifier (each exit's and the final) gets random weights scaled so that its
+    logits on ``x`` have standard deviation ``spread``: neither all ties nor all saturated, whatever
+    the width of the features it reads.
+    """
+    from torch import nn
+
+    from aebnas.training.loop import recalibrate_bn
+
+    recalibrate_bn(net, [(x, None)], max_batches=1)
+    net.eval()
+    classifiers = [e.classifier for e in net.exits] + [net.head[-1]]
+    inputs = {}
+    hooks = [c.register_forward_hook(lambda m, args, out: inputs.__setitem__(m, args[0])) for c in classifiers]
+    with torch.no_grad():
+        net(x)
+        for h in hooks:
+            h.remove()
+        for c in classifiers:
+            nn.init.normal_(c.weight)
+            nn.init.zeros_(c.bias)
+            c.weight.mul_(spread / (inputs[c] @ c.weight.T).std())
+    return net

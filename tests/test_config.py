@@ -21,7 +21,7 @@ from aebnas.config import (
     uniform_arch,
 )
 
-MODULE_FIELDS = ("channels", "kernel", "expansion", "pool")
+MODULE_FIELDS = ("resize", "kernel", "expansion", "pool")
 
 
 def _flat(depth=2, kernel=3, expansion=3, exits=(2,), resolution=32, **extra):
@@ -34,9 +34,9 @@ def _flat(depth=2, kernel=3, expansion=3, exits=(2,), resolution=32, **extra):
             flat[f"stage{s}_block{b}_expansion"] = expansion
     for i in EXIT_POSITIONS:
         flat[f"exit{i}_enabled"] = i in exits
-        flat.update({f"exit{i}_m1_channels": 8, f"exit{i}_m1_kernel": 3,
+        flat.update({f"exit{i}_m1_resize": 8, f"exit{i}_m1_kernel": 3,
                      f"exit{i}_m1_expansion": 1, f"exit{i}_m1_pool": 0,
-                     f"exit{i}_m2_channels": 0, f"exit{i}_m2_kernel": 3,
+                     f"exit{i}_m2_resize": 0, f"exit{i}_m2_kernel": 3,
                      f"exit{i}_m2_expansion": 1, f"exit{i}_m2_pool": 0})
     flat.update(extra)
     return flat
@@ -60,8 +60,8 @@ def _random_sample(rng: random.Random, space: SpaceValues = PAPER_SPACE):
             flat[f"stage{s}_block{b}_expansion"] = rng.choice(space.expansions)
     for i in space.exit_positions:
         flat[f"exit{i}_enabled"] = rng.random() < 0.5
-        for m, channels in ((1, space.exit_m1_channels), (2, space.exit_m2_channels)):
-            flat[f"exit{i}_m{m}_channels"] = rng.choice(channels)
+        for m, channels in ((1, space.exit_m1_resizes), (2, space.exit_m2_resizes)):
+            flat[f"exit{i}_m{m}_resize"] = rng.choice(channels)
             flat[f"exit{i}_m{m}_kernel"] = rng.choice(space.exit_kernels)
             flat[f"exit{i}_m{m}_expansion"] = rng.choice(space.exit_expansions)
             flat[f"exit{i}_m{m}_pool"] = rng.choice(space.exit_pools)
@@ -111,7 +111,7 @@ def test_random_samples_parse_to_what_was_sampled_and_round_trip():
         for e in arch.exits:
             p = f"exit{e.position}_m"
             m1 = ExitModuleConfig(*(flat[f"{p}1_{f}"] for f in MODULE_FIELDS))
-            if flat[f"{p}2_channels"] == 0:
+            if flat[f"{p}2_resize"] == 0:
                 assert e.modules == (m1,)
             else:
                 assert e.modules == (m1, ExitModuleConfig(*(flat[f"{p}2_{f}"] for f in MODULE_FIELDS)))
@@ -128,8 +128,8 @@ def test_to_flat_writes_only_used_keys():
     arch = uniform_arch(2, 3, 3, exits=(3,))
     flat = arch.to_flat()
     assert "stage1_block2_kernel" not in flat
-    assert flat["exit1_enabled"] is False and "exit1_m1_channels" not in flat
-    assert flat["exit3_enabled"] is True and flat["exit3_m2_channels"] == 0
+    assert flat["exit1_enabled"] is False and "exit1_m1_resize" not in flat
+    assert flat["exit3_enabled"] is True and flat["exit3_m2_resize"] == 0
     assert "exit3_m2_kernel" not in flat
     assert set(flat) <= config.arch_keys()
 
@@ -147,8 +147,8 @@ def test_block_key_beyond_the_structural_maximum_is_unknown():
 @pytest.mark.parametrize("key, value, message", [
     ("exit2_m1_kernel", 4, "exit2_m1_kernel=4 is not one of (3, 5)"),
     ("exit2_m1_kernel", 7, "exit2_m1_kernel=7 is not one of (3, 5)"),
-    ("exit2_m1_channels", 12, "exit2_m1_channels=12 is not one of (8, 10)"),
-    ("exit2_m2_channels", 9, "exit2_m2_channels=9 is not one of (0, 8, 10)"),
+    ("exit2_m1_resize", 12, "exit2_m1_resize=12 is not one of (8, 10)"),
+    ("exit2_m2_resize", 9, "exit2_m2_resize=9 is not one of (0, 8, 10)"),
     ("exit2_m1_expansion", 3, "exit2_m1_expansion=3 is not one of (1, 2)"),
     ("exit2_m1_pool", 2, "exit2_m1_pool=2 is not one of (0, 1)"),
     ("stage3_depth", 5, "stage3_depth=5 is not one of (2, 3, 4)"),
@@ -161,7 +161,7 @@ def test_out_of_paper_space_value_gives_the_style_message(key, value, message):
 
 
 def test_values_outside_the_paper_space_but_buildable_pass_without_allowed():
-    arch = ArchConfig.from_flat(_flat(exit2_m1_kernel=7, exit2_m1_channels=12, stage3_depth=5,
+    arch = ArchConfig.from_flat(_flat(exit2_m1_kernel=7, exit2_m1_resize=12, stage3_depth=5,
                                       stage3_block2_kernel=9, stage3_block3_kernel=1,
                                       stage3_block4_kernel=3, stage3_block2_expansion=8,
                                       stage3_block3_expansion=1, stage3_block4_expansion=2,
@@ -184,8 +184,8 @@ def test_values_outside_the_paper_space_but_buildable_pass_without_allowed():
     ("stage1_block0_expansion", 9, "stage1_block0_expansion=9 is not an integer in [1, 8]"),
     ("resolution", 27, "resolution=27 is not an integer in [28, 96]"),
     ("resolution", 97, "resolution=97 is not an integer in [28, 96]"),
-    ("exit2_m1_channels", 0, "exit2_m1_channels=0 is not an integer in [1, 1024]"),
-    ("exit2_m2_channels", -1, "exit2_m2_channels=-1 is not an integer in [0, 1024]"),
+    ("exit2_m1_resize", 0, "exit2_m1_resize=0 is not an integer in [1, 64]"),
+    ("exit2_m2_resize", -1, "exit2_m2_resize=-1 is not an integer in [0, 64]"),
     ("exit2_m1_pool", True, "exit2_m1_pool=True is not one of (0, 1)"),
     ("exit2_enabled", 2, "exit2_enabled=2 is not a boolean (True/False or 1/0)"),
 ])
@@ -213,10 +213,10 @@ def test_modules_of_a_disabled_exit_may_be_missing():
     assert ArchConfig.from_flat(flat).exit_positions == (2,)
 
 
-def test_m2_channels_zero_gives_a_one_module_branch():
-    flat = _flat(exit2_m1_channels=10, exit2_m1_pool=1, exit2_m2_channels=0, exit2_m2_kernel=5)
+def test_m2_resize_zero_gives_a_one_module_branch():
+    flat = _flat(exit2_m1_resize=10, exit2_m1_pool=1, exit2_m2_resize=0, exit2_m2_kernel=5)
     assert ArchConfig.from_flat(flat).exits == (ExitConfig(2, (ExitModuleConfig(10, 3, 1, 1),)),)
-    two = ArchConfig.from_flat(_flat(exit2_m2_channels=8, exit2_m2_kernel=5, exit2_m2_expansion=2))
+    two = ArchConfig.from_flat(_flat(exit2_m2_resize=8, exit2_m2_kernel=5, exit2_m2_expansion=2))
     assert two.exits[0].modules == (ExitModuleConfig(8, 3, 1, 0), ExitModuleConfig(8, 5, 2, 0))
     assert two.exits[0].depth == 2
 
@@ -244,11 +244,11 @@ def test_module_keys_of_a_disabled_exit_are_validated():
 # --------------------------------------------------------------------------- min_exits repair
 def test_min_exits_repair_is_documented():
     doc = config.__doc__
-    assert "min_exits" in doc and "deepest disabled positions are enabled" in doc
+    assert "min_exits" in doc and "deepest disabled positions that have a branch" in doc
 
 
 def test_min_exits_one_enables_the_deepest_position():
-    flat = _flat(exits=(), min_exits=1, exit4_m1_channels=10, exit4_m1_kernel=5)
+    flat = _flat(exits=(), min_exits=1, exit4_m1_resize=10, exit4_m1_kernel=5)
     arch = ArchConfig.from_flat(flat, allowed=PAPER_SPACE)
     assert arch.exits == (ExitConfig(4, (ExitModuleConfig(10, 5, 1, 0),)),)
 
@@ -332,7 +332,7 @@ def test_arch_config_checks_its_own_structure():
     ("exit_kernels", (2,), "SpaceValues.exit_kernels contains 2, which is not one of (1, 3, 5, 7, 9)"),
     ("depths", (2, 9), "SpaceValues.depths contains 9, which is not an integer in [1, 8]"),
     ("resolutions", (24, 32), "SpaceValues.resolutions contains 24, which is not an integer in [28, 96]"),
-    ("exit_m1_channels", (0, 8), "SpaceValues.exit_m1_channels contains 0, which is not an integer in [1, 1024]"),
+    ("exit_m1_resizes", (0, 8), "SpaceValues.exit_m1_resizes contains 0, which is not an integer in [1, 64]"),
     ("exit_pools", (0, 2), "SpaceValues.exit_pools contains 2, which is not one of (0, 1)"),
     ("exit_positions", (1, 5), "SpaceValues.exit_positions contains 5, which is not one of (1, 2, 3, 4)"),
     ("expansions", (), "SpaceValues.expansions is empty"),
@@ -358,14 +358,19 @@ def test_custom_space_restricts_parsing():
 
 def test_rows_describe_stem_exits_and_head_by_hand():
     """Width 0.5, 100 classes, grey input: every width of the built network is in a row."""
-    mod = config.ExitModuleConfig(channels=8, kernel=3, expansion=2, pool=1)
+    mod = config.ExitModuleConfig(resize=8, kernel=3, expansion=2, pool=1)
     arch = config.uniform_arch(2, 3, 3, exits=(1, 3), exit_module=mod, width_mult=0.5, num_classes=100,
                                in_channels=1)
     assert arch.stem_row() == config.StemRow(in_channels=1, out_channels=8, kernel=3, stride=2, activation="hswish")
     assert arch.block_rows()[0].in_channels == 8
     # exits sit on the output of their stage: 24·0.5 → 16 (make_divisible keeps ≥ 90%), 80·0.5 → 40
-    assert arch.exit_rows() == (config.ExitRow(1, 16, (mod,), 100, "hswish"),
-                                config.ExitRow(3, 40, (mod,), 100, "hswish"))
+    assert arch.exit_rows() == (config.ExitRow(1, 16, "aebnas", (mod,), 100),
+                                config.ExitRow(3, 40, "aebnas", (mod,), 100))
+    # a module doubles the channels (expansion 2); the classifier reads them: 16·2, 40·2
+    assert [r.features for r in arch.exit_rows()] == [32, 80]
+    # EDANAS: 1×1 conv to 6C, then 8C features
+    edanas = config.uniform_arch(2, 3, 3, exits=(1,), exit_branch="edanas", width_mult=0.5).exit_rows()[0]
+    assert (edanas.branch, edanas.modules, edanas.expand_channels, edanas.features) == ("edanas", (), 96, 128)
     # head: 960·0.5 = 480; the 1280 feature mix only grows with the width
     assert arch.head_row() == config.HeadRow(in_channels=80, expand_channels=480, feature_channels=1280,
                                              num_classes=100, activation="hswish")
@@ -378,3 +383,67 @@ def test_space_values_live_in_their_own_module():
 
     assert config.SpaceValues is space_values.SpaceValues and config.PAPER_SPACE is space_values.PAPER_SPACE
     assert config.EXIT_POSITIONS == space_values.EXIT_POSITIONS == (1, 2, 3, 4)
+
+
+# --------------------------------------------------------------------------- exit branches
+@pytest.mark.parametrize("resize, kernel, pool, conv, out", [
+    (8, 3, 0, 3, 3), (8, 3, 1, 3, 1), (8, 5, 1, 2, 1), (10, 3, 1, 4, 2), (10, 5, 0, 3, 3),
+    (5, 5, 1, 1, 1),  # a 1×1 map is not pooled (the authors' code skips it)
+])
+def test_an_exit_module_s_map_sizes(resize, kernel, pool, conv, out):
+    module = ExitModuleConfig(resize, kernel, 1, pool)
+    assert (module.conv_size, module.out_size) == (conv, out)
+    assert module.pools == (bool(pool) and conv >= 2)
+
+
+def test_an_exit_module_smaller_than_its_kernel_is_refused_naming_the_keys():
+    with pytest.raises(ValueError, match="resize >= kernel"):
+        ExitModuleConfig(3, 5, 1, 0)
+    assert _error(_flat(exit2_m1_resize=4, exit2_m1_kernel=5)) == (
+        "exit2_m1_resize=4 is smaller than exit2_m1_kernel=5: the module's unpadded convolution needs "
+        "resize >= kernel")
+    with pytest.raises(ValueError, match="exit resize 3 is smaller than exit kernel 5"):
+        SpaceValues(exit_m1_resizes=(3, 8))
+
+
+def test_an_edanas_exit_has_no_modules_and_ignores_their_keys():
+    arch = ArchConfig.from_flat(_flat(exits=(2, 3), exit2_branch="edanas", exit3_branch="aebnas"))
+    assert arch.exits == (ExitConfig(2, (), "edanas"), ExitConfig(3, (ExitModuleConfig(8, 3, 1, 0),), "aebnas"))
+    flat = arch.to_flat()
+    assert flat["exit2_branch"] == "edanas" and not any(k.startswith("exit2_m") for k in flat)
+    assert ArchConfig.from_flat(flat) == arch
+    # no exit{i}_branch key: the paper's branch
+    assert ArchConfig.from_flat(_flat(exits=(2,))).exits[0].branch == "aebnas"
+
+
+def test_a_bad_branch_is_refused():
+    assert _error(_flat(exit2_branch="nachos")) == "exit2_branch='nachos' is not one of ('aebnas', 'edanas')"
+    with pytest.raises(ValueError, match="an edanas branch has no modules"):
+        ExitConfig(1, (ExitModuleConfig(8, 3, 1, 0),), "edanas")
+    with pytest.raises(ValueError, match="needs at least one module"):
+        ExitConfig(1, (), "aebnas")
+
+
+def test_a_config_with_the_old_channel_keys_is_refused_with_what_changed():
+    flat = _flat()
+    flat["exit2_m1_channels"] = flat.pop("exit2_m1_resize")
+    message = _error(flat)
+    assert "'exit2_m1_channels'" in message and "exit{i}_m{1,2}_resize" in message and "older aebnas" in message
+
+
+def test_min_exits_repairs_an_edanas_exit_that_has_no_module_keys():
+    flat = {k: v for k, v in _flat(exits=()).items() if not k.startswith("exit3_m") and not k.startswith("exit4")}
+    flat.update(min_exits=1, exit3_branch="edanas")
+    assert ArchConfig.from_flat(flat).exits == (ExitConfig(3, (), "edanas"),)
+
+
+@pytest.mark.parametrize("key, name", [
+    ("resolution", "resolutions"), ("stage2_depth", "depths"), ("stage3_block1_kernel", "kernels"),
+    ("stage5_block0_expansion", "expansions"), ("exit1_m1_resize", "exit_m1_resizes"),
+    ("exit4_m2_resize", "exit_m2_resizes"), ("exit2_m2_kernel", "exit_kernels"),
+    ("exit3_m1_expansion", "exit_expansions"), ("exit1_m2_pool", "exit_pools"),
+    ("exit1_enabled", None), ("exit1_branch", None), ("width_mult", None), ("min_exits", None),
+])
+def test_value_set_of_names_the_space_field_of_each_key(key, name):
+    assert config.value_set_of(key) == name
+    assert name is None or hasattr(PAPER_SPACE, name)

@@ -28,12 +28,11 @@ def test_stem_exit_and_head_by_hand():
     # stem: 3×3 conv 3→16 stride 2 (32→16); first block: 3×3 depthwise 16, 1×1 16→16.
     stem = 16 * 16 * 16 * 3 * 3 * 3 + 16 * 16 * 16 * 1 * 3 * 3 + 16 * 16 * 16 * 16
     assert stem == 212_992
-    # exit after stage 2 (40 channels, 32/2/2/2 = 4×4):
-    #   module 1: 1×1 40→80, 3×3 depthwise 80, 1×1 80→8, pool → 2×2
-    #   module 2: 5×5 depthwise 8, 1×1 8→10; GAP; linear 10→10 (+10 bias)
-    branch = (4 * 4 * 80 * 40 + 4 * 4 * 80 * 9 + 4 * 4 * 8 * 80
-              + 2 * 2 * 8 * 25 + 2 * 2 * 10 * 8 + 10 * 10 + 10)
-    assert branch == 74_190
+    # exit after stage 2 (40 channels; the map's own size does not matter, each module resizes it):
+    #   module 1: resize to 8 px, 3×3 conv 40→80 stride 2 unpadded → 3×3, max pool → 1×1
+    #   module 2: resize to 10 px, 5×5 conv 80→80 stride 2 unpadded → 3×3; GAP; linear 80→10 (+10 bias)
+    branch = 3 * 3 * 80 * 40 * 9 + 3 * 3 * 80 * 80 * 25 + 80 * 10 + 10
+    assert branch == 1_700_010
     # head at 1×1 (32/2/2/2/2/1/2): 1×1 160→960, pool, 1×1 960→1280 (no bias), linear 1280→10.
     head = 960 * 160 + 1280 * 960 + 1280 * 10 + 10
     assert seg["stem"] == pytest.approx(stem / 1e6, rel=1e-12)
@@ -168,8 +167,8 @@ def test_param_count_grows_by_the_branch_parameters():
     """Adding one exit adds exactly its branch's parameters (counted by hand)."""
     base = uniform_arch(2, 3, 3, exits=(), resolution=32)
     one = uniform_arch(2, 3, 3, exits=(2,), exit_module=ExitModuleConfig(8, 3, 2, 1), resolution=32)
-    # 1×1 40→80 + BN(80), 3×3 depthwise 80 + BN(80), 1×1 80→8 + BN(8), linear 8→10 with bias.
-    branch = 40 * 80 + 2 * 80 + 80 * 9 + 2 * 80 + 80 * 8 + 2 * 8 + 8 * 10 + 10
+    # 3×3 conv 40→80 (no bias) + BN(80), linear 80→10 with bias.
+    branch = 80 * 40 * 9 + 2 * 80 + 80 * 10 + 10
     assert param_count(one) - param_count(base) == branch
 
 
@@ -206,3 +205,33 @@ def test_piece_costs_say_their_unit_and_read_old_searcher_checkpoints():
     assert restored.unit == "MMACs" and restored.misses == pieces.misses
     np.testing.assert_array_equal(restored.exit_costs(arch).backbone, pieces.exit_costs(arch).backbone)
     assert restored.misses == pieces.misses  # every piece came from the restored cache
+
+
+# --------------------------------------------------------------------------- exit branches at the defaults
+@pytest.mark.parametrize("exit_cfg, position, by_hand", [
+    # the paper's cheapest branch: exit 1 (24 channels), 8 px, k3, ×1 → 3×3 map; linear 24→10
+    ((ExitModuleConfig(8, 3, 1, 1),), 1, 3 * 3 * 24 * 24 * 9 + 24 * 10 + 10),
+    # its costliest: exit 4 (112 channels), two 10 px k5 ×2 modules → 3×3 maps; linear 448→10
+    ((ExitModuleConfig(10, 5, 2, 0),) * 2, 4, 3 * 3 * 224 * 112 * 25 + 3 * 3 * 448 * 224 * 25 + 448 * 10 + 10),
+    # EDANAS at 32 px: exit 1 on 8×8 (1×1 24→144, pool, 1×1 144→192, linear 192→10), exit 4 on 2×2
+    ("edanas", 1, 8 * 8 * 144 * 24 + 192 * 144 + 192 * 10 + 10),
+    ("edanas", 4, 2 * 2 * 672 * 112 + 896 * 672 + 896 * 10 + 10),
+], ids=["cheapest", "costliest", "edanas-1", "edanas-4"])
+def test_exit_branch_macs_at_width_one_by_hand(exit_cfg, position, by_hand):
+    """The issue's range at the paper's defaults: about 0.05 to 28 MMACs a branch; EDANAS's 0.25 to 0.9."""
+    if exit_cfg == "edanas":
+        arch = uniform_arch(2, 3, 3, exits=(position,), exit_branch="edanas", resolution=32)
+    else:
+        arch = uniform_arch(2, 3, 3, exits=(position,), exit_module=exit_cfg[0],
+                            second_module=exit_cfg[1] if len(exit_cfg) > 1 else None, resolution=32)
+    assert segment_macs(arch)[f"exit{position}"] == pytest.approx(by_hand / 1e6, rel=1e-12)
+    assert analytic_segment_macs(arch)[f"exit{position}"] == pytest.approx(by_hand / 1e6, rel=1e-12)
+
+
+def test_a_paper_branch_costs_the_same_at_every_resolution():
+    """The resize fixes a module's input size: its MACs do not follow the input resolution."""
+    m = ExitModuleConfig(10, 3, 2, 1)
+    costs = {r: segment_macs(uniform_arch(2, 3, 3, exits=(1, 3), exit_module=m, second_module=m, resolution=r))
+             for r in (32, 48, 72)}
+    assert costs[32]["exit1"] == costs[48]["exit1"] == costs[72]["exit1"]
+    assert costs[32]["exit3"] == costs[72]["exit3"] and costs[32]["stage1"] < costs[72]["stage1"]

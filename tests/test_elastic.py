@@ -17,16 +17,17 @@ from search_spaces import aebnas_space, fixed_exits_space, static_space
 WIDTH = 0.25
 RESOLUTIONS = (32, 36, 40)
 # A space unlike the paper's: expansion 1 (no expand conv), a 9×9 kernel, exits only at 2
-# and 3, a second exit module wider than the first, exit kernel 1, exit expansion 3.
+# and 3, a second exit module resizing to more pixels than the first, exit kernel 1, exit expansion 3.
 ODD_SPACE = SpaceValues(depths=(1, 2), kernels=(3, 5, 9), expansions=(1, 3, 6), exit_positions=(2, 3),
-                        exit_m1_channels=(4, 8), exit_m2_channels=(0, 6, 12), exit_kernels=(1, 3, 5),
+                        exit_m1_resizes=(5, 8), exit_m2_resizes=(0, 6, 12), exit_kernels=(1, 3, 5),
                         exit_expansions=(1, 3))
 
 
 def random_arch(space: SpaceValues, rng: random.Random) -> ArchConfig:
-    """An architecture drawn from the space's value sets; each exit position is on with p = 0.5."""
-    def module(channels: int) -> ExitModuleConfig:
-        return ExitModuleConfig(channels, rng.choice(space.exit_kernels), rng.choice(space.exit_expansions),
+    """An architecture drawn from the space's value sets; each exit position is on with p = 0.5, its
+    branch the paper's or EDANAS's with p = 0.5."""
+    def module(resize: int) -> ExitModuleConfig:
+        return ExitModuleConfig(resize, rng.choice(space.exit_kernels), rng.choice(space.exit_expansions),
                                 rng.choice(space.exit_pools))
 
     stages = tuple(StageConfig(tuple(BlockConfig(rng.choice(space.kernels), rng.choice(space.expansions))
@@ -36,11 +37,12 @@ def random_arch(space: SpaceValues, rng: random.Random) -> ArchConfig:
     for position in space.exit_positions:
         if rng.random() < 0.5:
             continue
-        modules = [module(rng.choice(space.exit_m1_channels))]
-        m2 = rng.choice(space.exit_m2_channels)
+        modules = [module(rng.choice(space.exit_m1_resizes))]
+        m2 = rng.choice(space.exit_m2_resizes)
         if m2:
             modules.append(module(m2))
-        exits.append(ExitConfig(position, tuple(modules)))
+        edanas = rng.random() < 0.5
+        exits.append(ExitConfig(position, () if edanas else tuple(modules), "edanas" if edanas else "aebnas"))
     return ArchConfig(stages, tuple(exits), resolution=rng.choice(RESOLUTIONS), width_mult=WIDTH)
 
 
@@ -113,13 +115,16 @@ def assert_same_outputs(supernet: ElasticEarlyExitNet, arch: ArchConfig, seed: i
 
 
 def test_the_architectures_cover_the_cases():
-    """The random architectures include disabled exits, one- and two-module branches, pool on and off."""
+    """The random architectures include disabled exits, EDANAS exits, one- and two-module branches of every
+    resize, pool on and off."""
     exits = [e for a in PAPER_ARCHS for e in a.exits]
     modules = [m for e in exits for m in e.modules]
     assert len(PAPER_ARCHS) >= 20
     assert any(a.num_exits == 0 for a in PAPER_ARCHS)
     assert any(0 < a.num_exits < len(PAPER_SPACE.exit_positions) for a in PAPER_ARCHS)
-    assert {e.depth for e in exits} == {1, 2}
+    assert {e.depth for e in exits if e.branch == "aebnas"} == {1, 2}
+    assert any(e.branch == "edanas" for e in exits)
+    assert {m.resize for m in modules} == {8, 10}
     assert {m.pool for m in modules} == {0, 1}
     assert {m.expansion for m in modules} == set(PAPER_SPACE.exit_expansions)
     blocks = [b for a in PAPER_ARCHS for s in a.stages for b in s.blocks]
@@ -162,13 +167,17 @@ def test_extracted_weights_are_the_slices(paper_supernet):
     bn = plain.stages[1][0].block[1][1]
     assert torch.equal(bn.running_var, block.depthwise.bn.bn.running_var[:mid])
     assert bn.num_batches_tracked == block.depthwise.bn.bn.num_batches_tracked > 0
+    # exit 1, one module (8 px, kernel 3, expansion 1): the centre 3×3 of the [C·2, C, 5, 5] convolution's
+    # first C outputs, and the one-module classifier's first C inputs
     branch, plain_branch = paper_supernet.branches[0], plain.branches[0]
-    kernel = arch.exits[0].modules[0].kernel
-    start = (max(PAPER_SPACE.exit_kernels) - kernel) // 2
-    assert torch.equal(plain_branch.features[0][0][0].weight,
-                       branch.features[0].depthwise.conv.conv.weight[:arch.stage_channels[0], :,
-                                                                     start:start + kernel, start:start + kernel])
-    assert torch.equal(plain_branch.classifier.weight, branch.classifier.linear.weight[:, :8])
+    module, c = arch.exits[0].modules[0], arch.stage_channels[0]
+    assert (module.kernel, module.expansion) == (3, 1)
+    full = branch.features[0].conv.conv.conv.weight
+    assert tuple(full.shape) == (2 * c, c, 5, 5)
+    assert torch.equal(plain_branch.features[0][1][0].weight, full[:c, :, 1:4, 1:4])
+    assert torch.equal(plain_branch.features[0][1][1].running_mean,
+                       branch.features[0].conv.bn.bn.running_mean[:c])
+    assert torch.equal(plain_branch.classifier.weight, branch.classifiers[0].linear.weight[:, :c])
 
 
 def test_covers_refuses_what_is_outside_with_a_reason(paper_supernet, odd_supernet):
@@ -191,9 +200,13 @@ def test_covers_refuses_what_is_outside_with_a_reason(paper_supernet, odd_supern
         "num_classes=100 differs from the supernet's 10"
     assert "exit position 1 is not one of the supernet's (2, 3)" == \
         covers(odd_supernet, uniform_arch(2, 3, 3, exits=(1,), width_mult=WIDTH))
-    wide = ExitModuleConfig(channels=16, kernel=3, expansion=1, pool=0)
+    wide = ExitModuleConfig(resize=16, kernel=3, expansion=1, pool=0)
     assert covers(paper_supernet, uniform_arch(2, 3, 3, exits=(2,), exit_module=wide, width_mult=WIDTH)) == \
-        "channels 16 of exit 2 module 1 is larger than the supernet's 10"
+        "resize 16 of exit 2 module 1 is larger than the supernet's 10"
+    odd = ExitModuleConfig(resize=9, kernel=3, expansion=1, pool=0)
+    assert covers(paper_supernet, uniform_arch(2, 3, 3, exits=(2,), exit_module=odd, width_mult=WIDTH)) == \
+        "resize 9 of exit 2 module 1 is not one of the supernet's (8, 10)"
+    assert covers(paper_supernet, uniform_arch(2, 3, 3, exits=(2, 3), exit_branch="edanas", width_mult=WIDTH)) is None
 
 
 def test_fixed_exits_and_static_spaces_are_served_by_the_aebnas_supernet(paper_supernet):
@@ -228,7 +241,7 @@ def test_subnets_train_the_shared_weights():
     used = torch.zeros_like(dw, dtype=torch.bool)
     used[:mid, :, 2:5, 2:5] = True
     assert grad_small[used].abs().sum() > 0 and not grad_small[~used].any()
-    assert supernet.branches[1].classifier.linear.weight.grad is None  # the smallest has only exit 1
+    assert supernet.branches[1].classifiers[0].linear.weight.grad is None  # the smallest has only exit 1
     assert supernet.stages[0][3].depthwise.conv.conv.weight.grad is None  # nor a fourth block
     supernet.zero_grad()
     _loss(supernet, large, x, y).backward()
@@ -276,3 +289,22 @@ def test_fixed_stem_and_head_are_built_from_the_rows_of_every_subnet():
             [(k, v.shape) for k, v in theirs.state_dict().items()]
     # registration order (stem, head, stages, branches) is the order the initialisation draws in
     assert [name for name, _ in supernet.named_children()] == ["stem", "head", "stages", "branches"]
+
+
+def test_exit_branches_share_weights_across_kernels_expansions_and_depths(paper_supernet):
+    """Module 2 after a module of expansion 1 reads C channels: the first C inputs of its [4C, 2C, 5, 5]
+    convolution; each depth has its own classifier; an EDANAS exit is the position's one plain exit."""
+    c = paper_supernet.branches[2].features[0].conv.conv.conv.in_channels
+    m1, m2 = ExitModuleConfig(10, 5, 1, 0), ExitModuleConfig(8, 3, 2, 1)
+    arch = uniform_arch(2, 3, 3, exits=(3,), exit_module=m1, second_module=m2, width_mult=WIDTH)
+    plain, branch = extract(paper_supernet, arch).branches[2], paper_supernet.branches[2]
+    full = branch.features[1].conv.conv.conv.weight
+    assert tuple(full.shape) == (4 * c, 2 * c, 5, 5)
+    assert torch.equal(plain.features[0][1][0].weight, branch.features[0].conv.conv.conv.weight[:c])
+    assert torch.equal(plain.features[1][1][0].weight, full[:2 * c, :c, 1:4, 1:4])
+    assert torch.equal(plain.classifier.weight, branch.classifiers[1].linear.weight[:, :2 * c])
+    edanas = uniform_arch(2, 3, 3, exits=(3,), exit_branch="edanas", width_mult=WIDTH)
+    plain = extract(paper_supernet, edanas).branches[2]
+    assert plain.state_dict().keys() == branch.edanas.state_dict().keys()
+    assert all(torch.equal(v, branch.edanas.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert_same_outputs(paper_supernet, edanas)

@@ -36,7 +36,7 @@ def test_encode_decode_is_the_identity_over_the_space(name):
 def test_one_canonical_vector_per_network():
     # Small enough to enumerate (2^13 vectors): depths 1–2, exits at 2 and 4 with one or two modules.
     space = {**aebnas_space(depths=(1, 2), kernels=(3,), expansions=(3,), resolutions=(32,),
-                            exit_positions=(2, 4), exit_m1_channels=(8,), exit_m2_channels=(0, 8),
+                            exit_positions=(2, 4), exit_m1_resizes=(8,), exit_m2_resizes=(0, 8),
                             exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0, 1)), **FIXED}
     enc = Encoding(space)
     assert len(enc) == 13
@@ -57,11 +57,11 @@ def test_decode_holds_only_the_keys_the_network_uses():
     enc = Encoding(space_of("aebnas"))
     v = enc.encode(ArchConfig.from_flat({**{g.key: g.values[0] for g in enc.genes}, **enc.constants,
                                          "stage1_depth": 2, "exit1_enabled": False, "exit2_enabled": True,
-                                         "exit2_m2_channels": 0}))
+                                         "exit2_m2_resize": 0}))
     config = enc.decode(v)
     assert "stage1_block2_kernel" not in config and "stage1_block1_kernel" in config
     assert not any(k.startswith("exit1_m") for k in config)
-    assert "exit2_m2_channels" in config and "exit2_m2_kernel" not in config
+    assert "exit2_m2_resize" in config and "exit2_m2_kernel" not in config
     assert config["width_mult"] == 0.5 and config["min_exits"] == 1
 
 
@@ -107,7 +107,7 @@ def test_define_by_run_repairs_exits_as_from_flat_does():
              **{f"exit{i}_enabled": False for i in (1, 2, 3, 4)}}
     trial = optuna.trial.FixedTrial({**fixed, **{f"stage{s}_block{b}_{n}": 3 for s in range(1, 6) for b in (0, 1)
                                                 for n in ("kernel", "expansion")},
-                                     "exit4_m1_channels": 8, "exit4_m1_kernel": 3, "exit4_m1_expansion": 1,
-                                     "exit4_m1_pool": 0, "exit4_m2_channels": 0})
+                                     "exit4_m1_resize": 8, "exit4_m1_kernel": 3, "exit4_m1_expansion": 1,
+                                     "exit4_m1_pool": 0, "exit4_m2_resize": 0})
     config = {**trial.params, **define_by_run(space)(trial)}
     assert config["exit4_enabled"] is True and ArchConfig.from_flat(config).exit_positions == (4,)

@@ -30,6 +30,7 @@ from aebnas.exit_policy import (
 from aebnas.nn import EarlyExitNet, torch_confidence
 from aebnas.reference import loop_costs, loop_simulate, loop_tune_thresholds
 from aebnas.training.loop import evaluate, recalibrate_bn
+from conftest import make_confident
 
 COSTS = ExitCosts(backbone=[1.0, 2.5, 4.0, 9.0], branch=[0.2, 0.3, 0.5])
 
@@ -284,9 +285,7 @@ def test_infer_and_simulate_agree_sample_by_sample():
     # Random weights are enough for a consistency check, but the fresh network is barely
     # confident (margins ~1e-5): measured BN statistics and larger classifier weights
     # spread the confidences over [0, 1].
-    recalibrate_bn(net, [(x, y)], max_batches=1)
-    for linear in [e.classifier for e in net.exits] + [net.head[-1]]:
-        nn.init.normal_(linear.weight, 0.0, 3.0)
+    make_confident(net, x)
     outputs = evaluate(net, [(x[:50], y[:50]), (x[50:], y[50:])])
 
     # Thresholds between two observed confidences of the samples still there, so that about

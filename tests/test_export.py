@@ -25,6 +25,7 @@ from aebnas.exit_policy import load_exit_outputs, simulate, tune_thresholds
 from aebnas.deploy.torchscript import DeployedEarlyExitNet, export, load_run, predict
 from aebnas.nn import EarlyExitNet, torch_confidence
 from aebnas.deploy.retrain import RetrainRequest, retrain
+from conftest import make_confident
 from aebnas.settings import parse_trial_config
 from aebnas.training.loop import load_checkpoint, recalibrate_bn
 from aebnas.deploy.pick import load_experiment_data
@@ -232,11 +233,7 @@ def _confident_net(resolution, exits=(1, 2, 3)):
     torch.manual_seed(0)
     arch = uniform_arch(2, 3, 3, exits=exits, exit_module=ExitModuleConfig(8, 3, 2, 1), width_mult=0.25,
                         resolution=resolution)
-    net = EarlyExitNet(arch).eval()
-    recalibrate_bn(net, [(torch.randn(32, 3, resolution, resolution), None)], max_batches=1)
-    for linear in [e.classifier for e in net.exits] + [net.head[-1]]:
-        nn.init.normal_(linear.weight, 0.0, 3.0)
-    return net
+    return make_confident(EarlyExitNet(arch), torch.randn(32, 3, resolution, resolution))
 
 
 def test_deployed_module_normalises_and_resizes_like_training():

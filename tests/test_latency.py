@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 
 # Two resolutions, two kernels, two exit-module choices: small enough to enumerate every network.
 SMALL = SpaceValues(depths=(2, 3), kernels=(3, 5), expansions=(3,), resolutions=(32, 36), exit_positions=(1, 2, 3, 4),
-                    exit_m1_channels=(8,), exit_m2_channels=(0, 8), exit_kernels=(3,), exit_expansions=(1, 2),
+                    exit_m1_resizes=(8,), exit_m2_resizes=(0, 8), exit_kernels=(3,), exit_expansions=(1, 2),
                     exit_pools=(0, 1))
 KW = {"width_mult": 0.5, "num_classes": 10, "in_channels": 3}
 
@@ -82,8 +82,8 @@ def test_latency_costs_are_sums_of_the_table_pieces(table, tmp_path):
 
 def test_profile_resumes_and_refuses_other_settings(tmp_path):
     path = tmp_path / "t.json"
-    tiny = SpaceValues(depths=(2,), kernels=(3,), expansions=(3,), resolutions=(32,), exit_m1_channels=(8,),
-                       exit_m2_channels=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0,))
+    tiny = SpaceValues(depths=(2,), kernels=(3,), expansions=(3,), resolutions=(32,), exit_m1_resizes=(8,),
+                       exit_m2_resizes=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0,))
     req = ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=2, calibration_networks=0,
                          **KW)
     first = profile(req, log=lambda _: None)
@@ -104,8 +104,8 @@ def test_profile_resumes_and_refuses_other_settings(tmp_path):
 
 def test_profiling_a_finished_table_again_changes_nothing(tmp_path):
     path = tmp_path / "t.json"
-    tiny = SpaceValues(depths=(2,), kernels=(3,), expansions=(3,), resolutions=(32,), exit_m1_channels=(8,),
-                       exit_m2_channels=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0,))
+    tiny = SpaceValues(depths=(2,), kernels=(3,), expansions=(3,), resolutions=(32,), exit_m1_resizes=(8,),
+                       exit_m2_resizes=(0,), exit_kernels=(3,), exit_expansions=(1,), exit_pools=(0,))
     req = ProfileRequest(out=str(path), space=tiny, backends=("torch",), warmup=0, repeats=2, calibration_networks=2,
                          calibration_images=4, **KW)
     first = profile(req, log=lambda _: None)

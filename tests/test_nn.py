@@ -8,6 +8,7 @@ from torch import nn
 from aebnas.config import ExitModuleConfig, uniform_arch
 from aebnas.nn import EarlyExitNet, make_divisible, torch_confidence
 from aebnas.training.loop import recalibrate_bn
+from conftest import make_confident
 
 NUM_CLASSES = 7
 
@@ -25,10 +26,7 @@ def _net(exits=(1, 2, 3, 4), seed=0, confident=True, **kwargs):
     arch = uniform_arch(2, 3, 3, exits=exits, exit_module=ExitModuleConfig(8, 3, 2, 1), **kwargs)
     net = EarlyExitNet(arch).eval()
     if confident:
-        x = torch.randn(32, arch.in_channels, arch.resolution, arch.resolution)
-        recalibrate_bn(net, [(x, None)], max_batches=1)
-        for linear in [e.classifier for e in net.exits] + [net.head[-1]]:
-            nn.init.normal_(linear.weight, 0.0, 3.0)
+        make_confident(net, torch.randn(32, arch.in_channels, arch.resolution, arch.resolution))
     return net
 
 
@@ -69,8 +67,8 @@ def test_exit_branches_hang_after_their_stage():
     net = _net(exits=(2, 4), width_mult=1.0)
     # width 1.0: stage widths 24/40/80/112/160; exit modules read their stage's channels.
     assert net.arch.stage_channels == (24, 40, 80, 112, 160)
-    assert net.exits[0].features[0][0][0].in_channels == 40
-    assert net.exits[1].features[0][0][0].in_channels == 112
+    assert net.exits[0].features[0][1][0].in_channels == 40
+    assert net.exits[1].features[0][1][0].in_channels == 112
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         h = net.stem(x)
@@ -290,7 +288,7 @@ def test_block_rows_describe_the_built_blocks():
 
 
 def test_builders_make_the_network_s_stem_head_and_widths():
-    from aebnas.nn import build_head, build_stem, exit_expanded_channels, init_weights, se_channels
+    from aebnas.nn import build_head, build_stem, init_weights, se_channels
 
     arch = uniform_arch(2, 5, 4, exits=(2,), width_mult=0.75, num_classes=7)
     net = EarlyExitNet(arch)
@@ -298,9 +296,8 @@ def test_builders_make_the_network_s_stem_head_and_widths():
     shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]  # noqa: E731
     assert shapes(stem) == shapes(net.stem) and shapes(head) == shapes(net.head)
     assert head[-1].out_features == 7 and head[2].out_channels == 1280
-    # the squeeze-excite reduction and an exit module's middle width, each computed in one place
+    # the squeeze-excite reduction, computed in one place
     assert se_channels(72) == 24 and se_channels(40) == 16  # 72/4 = 18 → 24 (16 would lose > 10%); 10 → 16
-    assert exit_expanded_channels(40, 2) == 80  # not rounded to a multiple of 8, unlike a block's
     torch.manual_seed(0)
     a = EarlyExitNet(arch)
     torch.manual_seed(0)
@@ -308,3 +305,47 @@ def test_builders_make_the_network_s_stem_head_and_widths():
     init_weights(b)  # a second draw from the same rule changes the convs, keeps BN at (1, 0)
     assert not torch.equal(a.stem[0][0].weight, b.stem[0][0].weight)
     assert torch.equal(b.stem[0][1].weight, torch.ones_like(b.stem[0][1].weight))
+
+
+# --------------------------------------------------------------------------- exit branches
+def test_the_paper_s_exit_module_resizes_then_convolves_with_stride_two_unpadded():
+    """Two modules at exit 4, width 1.0 (112 channels): 10 px, k5, ×2 → 3×3 → 2×2 max pool → 1×1,
+    then 10 px, k5, ×2 again on 224 channels; the classifier reads 448 features."""
+    m1, m2 = ExitModuleConfig(10, 5, 2, 1), ExitModuleConfig(10, 5, 2, 0)
+    net = EarlyExitNet(uniform_arch(2, 3, 3, exits=(4,), exit_module=m1, second_module=m2)).eval()
+    branch = net.exits[0]
+    first, second = branch.features
+    assert first[0].size == 10 and isinstance(first[2], nn.MaxPool2d) and len(second) == 2  # no pool in m2
+    conv = first[1][0]
+    assert (tuple(conv.weight.shape), conv.stride, conv.padding, conv.bias) == ((224, 112, 5, 5), (2, 2), (0, 0), None)
+    assert isinstance(first[1][2], nn.ReLU)
+    assert tuple(second[1][0].weight.shape) == (448, 224, 5, 5)
+    assert branch.classifier.in_features == 448 and isinstance(branch.mix, nn.Identity)
+    h = torch.randn(2, 112, 4, 4)  # exit 4's map at 64 px
+    with torch.no_grad():
+        resized = F.interpolate(h, size=(10, 10), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(first[0](h), resized)
+        assert first(h).shape == (2, 224, 1, 1) and second(first(h)).shape == (2, 448, 3, 3)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_an_exit_s_output_does_not_depend_on_the_input_size_s_shape(size):
+    """The resize makes every input size work, a 1×1 map included (the pool is skipped there)."""
+    m = ExitModuleConfig(8, 5, 1, 1)  # 8 px, k5 → 2×2 → pooled to 1×1
+    net = EarlyExitNet(uniform_arch(2, 3, 3, exits=(2,), exit_module=m, second_module=m, width_mult=0.5)).eval()
+    out = net.exits[0](torch.randn(3, net.arch.stage_channels[1], size, size))
+    assert out.shape == (3, 10)
+
+
+def test_edanas_exit_expands_pools_mixes_then_classifies():
+    net = EarlyExitNet(uniform_arch(2, 3, 3, exits=(1, 3), exit_branch="edanas", width_mult=1.0)).eval()
+    branch = net.exits[1]  # after stage 3: 80 channels
+    expand, mix = branch.features[0], branch.mix
+    assert tuple(expand[0].weight.shape) == (480, 80, 1, 1) and isinstance(expand[2], nn.Hardswish)
+    assert tuple(mix[0].weight.shape) == (640, 480, 1, 1) and mix[0].bias is None
+    assert isinstance(mix[1], nn.Hardswish) and len(mix) == 2  # no BatchNorm after the feature conv
+    assert branch.classifier.in_features == 640
+    h = torch.randn(2, 80, 4, 4)
+    with torch.no_grad():
+        by_hand = branch.classifier(mix(expand(h).mean((2, 3), keepdim=True)).flatten(1))
+        torch.testing.assert_close(branch(h), by_hand)

@@ -6,11 +6,10 @@ import pytest
 import torch
 from ray.tune.search.sample import Domain
 
-from aebnas.config import PAPER_SPACE, ArchConfig
+from aebnas.config import PAPER_SPACE, ArchConfig, ExitModuleConfig
 from aebnas.cost.macs import exit_costs
 from aebnas.nn import EarlyExitNet
 from search_spaces import SPACES, aebnas_space, fixed_exits_space, static_space
-from search_spaces.fixed_exits import DEFAULT_BRANCH
 
 
 def sample(space: dict, seed: int) -> dict:
@@ -58,7 +57,24 @@ def test_fixed_exits_space_has_one_branch_architecture():
     for seed in range(30):
         arch = ArchConfig.from_flat(sample(fixed_exits_space(), seed))
         assert arch.num_exits >= 1
-        assert all(e.modules == (DEFAULT_BRANCH,) for e in arch.exits)
+        assert all(e.branch == "edanas" and e.modules == () for e in arch.exits)
+
+
+def test_fixed_exits_can_fix_one_module_of_the_paper_s_instead():
+    module = ExitModuleConfig(resize=10, kernel=5, expansion=2, pool=1)
+    for seed in range(10):
+        arch = ArchConfig.from_flat(sample(fixed_exits_space(branch=module), seed))
+        assert all(e.branch == "aebnas" and e.modules == (module,) for e in arch.exits)
+    with pytest.raises(TypeError, match="ExitModuleConfig or None"):
+        fixed_exits_space(branch=(8, 3, 1, 0))
+
+
+def test_the_aebnas_space_searches_every_module_value_of_the_paper():
+    space = aebnas_space()
+    assert space["exit2_branch"] == "aebnas"
+    assert space["exit2_m1_resize"].categories == [8, 10] and space["exit2_m2_resize"].categories == [0, 8, 10]
+    assert space["exit2_m1_kernel"].categories == [3, 5] and space["exit2_m2_expansion"].categories == [1, 2]
+    assert space["exit2_m2_pool"].categories == [0, 1]
 
 
 def test_no_exit_enabled_is_repaired_not_crashed():
@@ -69,9 +85,9 @@ def test_no_exit_enabled_is_repaired_not_crashed():
 
 
 def test_keyword_arguments_change_value_sets():
-    space = aebnas_space(resolutions=(40,), exit_positions=(2, 3), exit_m2_channels=(0,), depths=(3,))
+    space = aebnas_space(resolutions=(40,), exit_positions=(2, 3), exit_m2_resizes=(0,), depths=(3,))
     assert space["resolution"] == 40 and space["stage1_depth"] == 3
-    assert "exit1_enabled" not in space and "exit4_m1_channels" not in space
+    assert "exit1_enabled" not in space and "exit4_m1_resize" not in space
     for seed in range(20):
         arch = ArchConfig.from_flat(sample(space, seed))
         assert set(arch.exit_positions) <= {2, 3} and all(e.depth == 1 for e in arch.exits)

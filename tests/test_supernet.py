@@ -27,8 +27,8 @@ from aebnas.training.loop import Scorer, load_checkpoint
 from ray_sandbox import ray_sandbox  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = SpaceValues(depths=(1, 2), kernels=(3, 5), expansions=(2, 3), resolutions=(32,), exit_m1_channels=(8,),
-                   exit_m2_channels=(0, 8), exit_kernels=(3,), exit_expansions=(1, 2))
+TINY = SpaceValues(depths=(1, 2), kernels=(3, 5), expansions=(2, 3), resolutions=(32,), exit_m1_resizes=(8,),
+                   exit_m2_resizes=(0, 8), exit_kernels=(3,), exit_expansions=(1, 2))
 TINY_KWARGS = {k: list(v) for k, v in dataclasses.asdict(TINY).items()}
 WIDTH = 0.25
 
@@ -499,14 +499,14 @@ QUICKSTART_PICK = {
     "stage4_block1_expansion": 6, "stage4_block2_kernel": 3, "stage4_block2_expansion": 3, "stage5_depth": 3,
     "stage5_block0_kernel": 7, "stage5_block0_expansion": 6, "stage5_block1_kernel": 3, "stage5_block1_expansion": 4,
     "stage5_block2_kernel": 7, "stage5_block2_expansion": 3,
-    "exit1_enabled": True, "exit1_m1_channels": 10, "exit1_m1_kernel": 5, "exit1_m1_expansion": 1, "exit1_m1_pool": 1,
-    "exit1_m2_channels": 8, "exit1_m2_kernel": 5, "exit1_m2_expansion": 1, "exit1_m2_pool": 1,
-    "exit2_enabled": True, "exit2_m1_channels": 8, "exit2_m1_kernel": 3, "exit2_m1_expansion": 1, "exit2_m1_pool": 0,
-    "exit2_m2_channels": 0,
-    "exit3_enabled": True, "exit3_m1_channels": 8, "exit3_m1_kernel": 3, "exit3_m1_expansion": 2, "exit3_m1_pool": 0,
-    "exit3_m2_channels": 10, "exit3_m2_kernel": 5, "exit3_m2_expansion": 1, "exit3_m2_pool": 1,
-    "exit4_enabled": True, "exit4_m1_channels": 8, "exit4_m1_kernel": 3, "exit4_m1_expansion": 1, "exit4_m1_pool": 0,
-    "exit4_m2_channels": 0,
+    "exit1_enabled": True, "exit1_m1_resize": 10, "exit1_m1_kernel": 5, "exit1_m1_expansion": 1, "exit1_m1_pool": 1,
+    "exit1_m2_resize": 8, "exit1_m2_kernel": 5, "exit1_m2_expansion": 1, "exit1_m2_pool": 1,
+    "exit2_enabled": True, "exit2_m1_resize": 8, "exit2_m1_kernel": 3, "exit2_m1_expansion": 1, "exit2_m1_pool": 0,
+    "exit2_m2_resize": 0,
+    "exit3_enabled": True, "exit3_m1_resize": 8, "exit3_m1_kernel": 3, "exit3_m1_expansion": 2, "exit3_m1_pool": 0,
+    "exit3_m2_resize": 10, "exit3_m2_kernel": 5, "exit3_m2_expansion": 1, "exit3_m2_pool": 1,
+    "exit4_enabled": True, "exit4_m1_resize": 8, "exit4_m1_kernel": 3, "exit4_m1_expansion": 1, "exit4_m1_pool": 0,
+    "exit4_m2_resize": 0,
 }
 
 

@@ -41,12 +41,13 @@ def covering_archs(space: SpaceValues, **kwargs: Any) -> list[ArchConfig]:
 
     Blocks: one network of maximal depth per (resolution, kernel, expansion) — the first
     block of a stage and the later ones differ. Exit branches: every first module, and every
-    second module after every first, at every position, per resolution.
+    second module after every first, at every position, per resolution; and EDANAS's exit at
+    every position, per resolution.
     """
     depth = max(space.depths)
-    firsts = [ExitModuleConfig(c, k, e, p) for c in space.exit_m1_channels for k in space.exit_kernels
+    firsts = [ExitModuleConfig(r, k, e, p) for r in space.exit_m1_resizes for k in space.exit_kernels
               for e in space.exit_expansions for p in space.exit_pools]
-    seconds = [None] + [ExitModuleConfig(c, k, e, p) for c in space.exit_m2_channels if c > 0
+    seconds = [None] + [ExitModuleConfig(r, k, e, p) for r in space.exit_m2_resizes if r > 0
                         for k in space.exit_kernels for e in space.exit_expansions for p in space.exit_pools]
     k0, e0 = space.kernels[0], space.expansions[0]
     archs = []
@@ -54,6 +55,8 @@ def covering_archs(space: SpaceValues, **kwargs: Any) -> list[ArchConfig]:
         archs += [uniform_arch(depth, k, e, resolution=r, **kwargs) for k in space.kernels for e in space.expansions]
         archs += [uniform_arch(depth, k0, e0, exits=space.exit_positions, exit_module=m1, second_module=m2,
                                resolution=r, **kwargs) for m1 in firsts for m2 in seconds]
+        archs.append(uniform_arch(depth, k0, e0, exits=space.exit_positions, exit_branch="edanas", resolution=r,
+                                  **kwargs))
     return archs
 
 

@@ -33,7 +33,7 @@ from ..config import NUM_STAGES, ArchConfig, ExitRow
 from ..exit_policy import MMACS, ExitCosts
 from ..nn import EarlyExitNet
 from ..nn.blocks import InvertedResidual, build_head, build_stem
-from ..nn.exits import ExitModule
+from ..nn.exits import ExitModule, edanas_features, edanas_mix
 
 PTFLOPS_BACKEND = "aten"
 
@@ -151,16 +151,23 @@ class PieceCosts:
         return costs_from_segments(arch, stem, stage_costs, branches, head, self.unit)
 
     def _branch(self, row: ExitRow, size: int) -> float:
-        """An exit branch as its modules (each at its input size) and its classifier."""
+        """An exit branch as its pieces: the paper's modules (each at its input size and channels) and its
+        classifier, or EDANAS's expand conv and its feature conv with the classifier."""
+        if row.branch == "edanas":
+            return (self._count(("edanas features", row.in_channels, size), lambda: edanas_features(row),
+                                (row.in_channels, size, size))
+                    + self._count(("edanas mix", row.in_channels, row.num_classes),
+                                  lambda: nn.Sequential(edanas_mix(row), nn.Flatten(1),
+                                                        nn.Linear(row.features, row.num_classes)),
+                                  (row.expand_channels, 1, 1)))
         total = 0.0
-        channels = row.in_channels
-        for cfg in row.modules:
-            total += self._count(("exit module", channels, cfg, size),
-                                 lambda c=channels, m=cfg: ExitModule(c, m, row.activation), (channels, size, size))
-            channels, size = cfg.channels, -(-size // 2) if cfg.pool else size  # ceil_mode pooling
-        return total + self._count(("exit classifier", channels, row.num_classes),
-                                   lambda: nn.Sequential(nn.Flatten(1), nn.Linear(channels, row.num_classes)),
-                                   (channels, 1, 1))
+        for (channels, _), cfg in zip(row.module_channels(), row.modules):
+            total += self._count(("exit module", channels, cfg, size), lambda c=channels, m=cfg: ExitModule(c, m),
+                                 (channels, size, size))
+            size = cfg.out_size
+        return total + self._count(("exit classifier", row.features, row.num_classes),
+                                   lambda: nn.Sequential(nn.Flatten(1), nn.Linear(row.features, row.num_classes)),
+                                   (row.features, 1, 1))
 
 
 def _ptflops_macs(key: tuple, build: Callable[[], nn.Module], shape: tuple[int, ...]) -> float:

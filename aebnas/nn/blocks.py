@@ -40,12 +40,12 @@ def make_activation(name: str | None) -> nn.Module:
 
 
 class ConvBNAct(nn.Sequential):
-    """k×k convolution (no bias, 'same' padding) → BatchNorm → activation."""
+    """k×k convolution (no bias; 'same' padding unless ``padding`` is given) → BatchNorm → activation."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1,
-                 groups: int = 1, activation: str | None = "relu") -> None:
+                 groups: int = 1, activation: str | None = "relu", padding: int | None = None) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2,
+            nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2 if padding is None else padding,
                       groups=groups, bias=False),
             nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM),
             make_activation(activation),

@@ -10,23 +10,24 @@ channels of every layer and the centre ``k×k`` of the largest depthwise kernel.
 are the elastic ops of ``elastic_ops`` (one per op kind); the blocks here pass each op its
 slice from the sub-architecture given to every call — there is no ``active_*`` state — so
 one code path runs and extracts a subnet. Exit branches are elastic too (one per exit
-position; no published code shares them): see docs/supernet.md.
+position, with EDANAS's exit beside the paper's; no published code shares them): see docs/supernet.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import (EXIT_ACTIVATION, NUM_STAGES, ArchConfig, BlockConfig, BlockRow, ExitConfig, ExitModuleConfig,
-                      SpaceValues, uniform_arch)
+from ..config import (EXIT_MODULE_ACTIVATION, EXIT_MODULE_STRIDE, NUM_STAGES, ArchConfig, BlockConfig, BlockRow,
+                      ExitConfig, ExitModuleConfig, ExitRow, SpaceValues, largest_arch, uniform_arch)
 from ..settings import DEFAULT_CONFIDENCE
 from .blocks import InvertedResidual, build_head, build_stem, expanded_channels, init_weights
 from .elastic_ops import ElasticConv2d, ElasticConvBNAct, ElasticDepthwiseConv2d, ElasticLinear, ElasticSqueezeExcite
-from .exits import ExitBranch, ExitModule, exit_expanded_channels
+from .exits import ExitBranch, ExitModule, resize_bicubic
 from .network import EarlyExitNet
 
 
@@ -73,60 +74,59 @@ class ElasticInvertedResidual(nn.Module):
 
 
 class ElasticExitModule(nn.Module):
-    """Every exit module of a space: largest input, kernel, expansion and output channels."""
+    """Every paper's exit module one branch position can hold: the largest kernel and expansion.
 
-    def __init__(self, max_in: int, max_channels: int, max_kernel: int, expansions: tuple[int, ...]) -> None:
+    A module resizes its input, so the weights depend on its input channels only: module 1 of an exit
+    after a stage of C channels holds a ``[C·e_max, C, k_max, k_max]`` convolution; a subnet's kernel k
+    takes its centre, expansion e its first C·e output channels (and the first input channels when the
+    input is narrower, as module 2's is after an expansion below the largest).
+    """
+
+    def __init__(self, max_in: int, max_kernel: int, max_expansion: int) -> None:
         super().__init__()
-        mid = exit_expanded_channels(max_in, max(expansions))
-        self.expand = (ElasticConvBNAct(ElasticConv2d(max_in, mid), EXIT_ACTIVATION)
-                       if max(expansions) > 1 else None)
-        self.depthwise = ElasticConvBNAct(ElasticDepthwiseConv2d(mid, max_kernel), EXIT_ACTIVATION)
-        self.project = ElasticConvBNAct(ElasticConv2d(mid, max_channels), EXIT_ACTIVATION)
+        self.conv = ElasticConvBNAct(ElasticConv2d(max_in, max_in * max_expansion, max_kernel=max_kernel,
+                                                   stride=EXIT_MODULE_STRIDE), EXIT_MODULE_ACTIVATION)
 
     def forward(self, x: torch.Tensor, module: ExitModuleConfig) -> torch.Tensor:
-        h = x
-        if module.expansion > 1:
-            h = self.expand(h, out_channels=exit_expanded_channels(x.shape[1], module.expansion))
-        h = self.depthwise(h, kernel=module.kernel)
-        h = self.project(h, out_channels=module.channels)
-        return F.avg_pool2d(h, 2, ceil_mode=True) if module.pool else h
+        h = self.conv(resize_bicubic(x, module.resize), out_channels=x.shape[1] * module.expansion,
+                      kernel=module.kernel)
+        return F.max_pool2d(h, 2) if module.pools else h
 
-    def copy_to(self, plain: ExitModule, module: ExitModuleConfig) -> None:
-        """Copy the slices of exit module ``module`` into ``plain`` (pooling has no weights)."""
-        layers: Iterator[nn.Module] = iter(plain)
-        if module.expansion > 1:
-            self.expand.copy_to(next(layers))
-        self.depthwise.copy_to(next(layers))
-        self.project.copy_to(next(layers))
+    def copy_to(self, plain: ExitModule) -> None:
+        """Copy the slices of ``plain``'s shape into ``plain`` (resize and pooling have no weights)."""
+        self.conv.copy_to(plain[1])
 
 
 class ElasticExitBranch(nn.Module):
-    """The largest exit branch of a space at one position: two modules, then pooling and a classifier.
+    """Every exit branch of a space at one position: the paper's, up to two elastic modules and a classifier
+    per depth (one module's features and two modules' are different things), and EDANAS's (``edanas``, one
+    plain branch: its shape is fixed by the position's channels)."""
 
-    A one-module branch skips module 2; both depths share the classifier's first input columns.
-    """
-
-    def __init__(self, in_channels: int, space: SpaceValues, num_classes: int) -> None:
+    def __init__(self, row: ExitRow, space: SpaceValues) -> None:
         super().__init__()
-        m1, m2 = max(space.exit_m1_channels), max(space.exit_m2_channels)
-        kernel = max(space.exit_kernels)
-        modules = [ElasticExitModule(in_channels, m1, kernel, space.exit_expansions)]
-        if m2 > 0:
-            modules.append(ElasticExitModule(m1, m2, kernel, space.exit_expansions))
-        self.features = nn.ModuleList(modules)
-        self.classifier = ElasticLinear(max(m1, m2), num_classes)
+        kernel, expansion, c = max(space.exit_kernels), max(space.exit_expansions), row.in_channels
+        depths = 2 if max(space.exit_m2_resizes) > 0 else 1
+        self.features = nn.ModuleList(ElasticExitModule(c * expansion ** d, kernel, expansion) for d in range(depths))
+        self.classifiers = nn.ModuleList(ElasticLinear(c * expansion ** (d + 1), row.num_classes)
+                                         for d in range(depths))
+        self.edanas = ExitBranch(dataclasses.replace(row, branch="edanas", modules=()))
 
     def forward(self, x: torch.Tensor, exit_cfg: ExitConfig) -> torch.Tensor:
+        if exit_cfg.branch == "edanas":
+            return self.edanas(x)
         h = x
         for module, module_cfg in zip(self.features, exit_cfg.modules):
             h = module(h, module_cfg)
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        return self.classifiers[exit_cfg.depth - 1](torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
     def copy_to(self, plain: ExitBranch, exit_cfg: ExitConfig) -> None:
         """Copy the slices of exit ``exit_cfg`` into ``plain`` (an ``ExitBranch`` of it)."""
-        for module, plain_module, module_cfg in zip(self.features, plain.features, exit_cfg.modules):
-            module.copy_to(plain_module, module_cfg)
-        self.classifier.copy_to(plain.classifier)
+        if exit_cfg.branch == "edanas":
+            plain.load_state_dict(self.edanas.state_dict())
+            return
+        for module, plain_module in zip(self.features, plain.features):
+            module.copy_to(plain_module)
+        self.classifiers[exit_cfg.depth - 1].copy_to(plain.classifier)
 
 
 # --------------------------------------------------------------------------- network
@@ -153,9 +153,10 @@ class ElasticEarlyExitNet(nn.Module):
         self.stages = nn.ModuleList(
             nn.ModuleList(ElasticInvertedResidual(r, space.expansions) for r in rows if r.stage == s)
             for s in range(1, NUM_STAGES + 1))
+        rows = {row.position: row for row in largest_arch(space, width_mult=width_mult, num_classes=num_classes,
+                                                          in_channels=in_channels).exit_rows()}
         self.branches = nn.ModuleList(
-            ElasticExitBranch(largest.stage_channels[s], space, num_classes)
-            if s + 1 in space.exit_positions else nn.Identity() for s in range(NUM_STAGES))
+            ElasticExitBranch(rows[s + 1], space) if s + 1 in rows else nn.Identity() for s in range(NUM_STAGES))
         # The same initialisation as every candidate (the elastic ops hold plain layers).
         init_weights(self)
 
@@ -206,7 +207,8 @@ def covers(supernet: ElasticEarlyExitNet, arch: ArchConfig) -> str | None:
     """None if ``arch`` is a subnet of ``supernet``, else a sentence saying why not.
 
     A subnet has the supernet's width, classes and input channels and takes every depth,
-    kernel, expansion, exit position and exit-module value from the supernet's space.
+    kernel, expansion, exit position and exit-module value from the supernet's space; an
+    exit may be either branch (``aebnas`` or ``edanas``).
     The resolution is not checked: the network runs on any input size.
     """
     for name in ("width_mult", "num_classes", "in_channels"):
@@ -225,12 +227,15 @@ def covers(supernet: ElasticEarlyExitNet, arch: ArchConfig) -> str | None:
         reason = _outside(e.position, space.exit_positions, f"exit position {e.position}")
         if reason:
             return reason
-        if not 1 <= e.depth <= 2:
-            return f"exit {e.position} has {e.depth} modules; the supernet's branches have 1 or 2"
+        if e.branch == "edanas":
+            continue
+        depths = len(supernet.branches[e.position - 1].features)
+        if not 1 <= e.depth <= depths:
+            return f"exit {e.position} has {e.depth} modules; the supernet's branches have 1 to {depths}"
         for m, module in enumerate(e.modules, start=1):
-            channel_set = space.exit_m1_channels if m == 1 else space.exit_m2_channels
+            resizes = space.exit_m1_resizes if m == 1 else space.exit_m2_resizes
             where = f"of exit {e.position} module {m}"
-            reason = (_outside(module.channels, channel_set, f"channels {module.channels} {where}")
+            reason = (_outside(module.resize, resizes, f"resize {module.resize} {where}")
                       or _outside(module.kernel, space.exit_kernels, f"kernel {module.kernel} {where}")
                       or _outside(module.expansion, space.exit_expansions, f"expansion {module.expansion} {where}")
                       or _outside(module.pool, space.exit_pools, f"pool {module.pool} {where}"))

@@ -1,6 +1,6 @@
 """Elastic ops: one module per op kind holding the largest weights, sliced per call.
 
-As Once-for-All's ``elastic_nn/modules/dynamic_op.py`` (1×1 conv, depthwise conv,
+As Once-for-All's ``elastic_nn/modules/dynamic_op.py`` (dense conv, depthwise conv,
 BatchNorm, linear, squeeze-excite), but without its mutable ``active_*`` state: every call
 says which slice it wants (output channels, kernel); input channels are those of the
 input. A subnet takes the first channels and the centre of the largest kernel.
@@ -32,24 +32,30 @@ def centre_crop(weight: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 class ElasticConv2d(nn.Module):
-    """1×1 convolution; a subnet uses the first ``out`` × first ``in`` channels of the largest weight."""
+    """Dense convolution without padding (1×1 by default); a subnet uses the first ``out`` × first ``in``
+    channels and the centre ``kernel × kernel`` of the largest weight."""
 
-    def __init__(self, max_in: int, max_out: int, bias: bool = False) -> None:
+    def __init__(self, max_in: int, max_out: int, bias: bool = False, max_kernel: int = 1, stride: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(max_in, max_out, 1, bias=bias)
+        self.conv = nn.Conv2d(max_in, max_out, max_kernel, stride, bias=bias)
 
-    def sliced(self, out_channels: int, in_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) of the subnet layer: weight[:out, :in], bias[:out]."""
+    def sliced(self, out_channels: int, in_channels: int,
+               kernel: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the subnet layer: centre of weight[:out, :in], bias[:out]."""
         bias = None if self.conv.bias is None else self.conv.bias[:out_channels]
-        return self.conv.weight[:out_channels, :in_channels], bias
+        weight = self.conv.weight[:out_channels, :in_channels]
+        return (weight if kernel is None else centre_crop(weight, kernel)), bias
 
-    def forward(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
-        weight, bias = self.sliced(out_channels, x.shape[1])
-        return F.conv2d(x, weight, bias)
+    def forward(self, x: torch.Tensor, out_channels: int, kernel: int | None = None) -> torch.Tensor:
+        weight, bias = self.sliced(out_channels, x.shape[1], kernel)
+        return F.conv2d(x, weight, bias, self.conv.stride)
 
     def copy_to(self, conv: nn.Conv2d) -> None:
-        """Copy the slice ``conv``'s shape asks for into ``conv``."""
-        weight, bias = self.sliced(conv.out_channels, conv.in_channels)
+        """Copy the slice ``conv``'s shape asks for into ``conv`` (same stride, no padding)."""
+        if conv.stride != self.conv.stride or conv.padding != self.conv.padding:
+            raise ValueError(f"conv: the plain layer has stride={conv.stride}, padding={conv.padding}; the "
+                             f"supernet's stride={self.conv.stride}, padding={self.conv.padding}")
+        weight, bias = self.sliced(conv.out_channels, conv.in_channels, conv.kernel_size[0])
         _copy(conv.weight, weight, "conv weight")
         if (bias is None) != (conv.bias is None):
             raise ValueError("conv bias: the plain layer and the supernet differ in having one")
@@ -154,7 +160,7 @@ class ElasticSqueezeExcite(nn.Module):
 class ElasticConvBNAct(nn.Module):
     """An elastic conv → elastic BatchNorm → activation (the elastic ``ConvBNAct``).
 
-    ``forward(x, **slice)`` hands the slice (``out_channels=`` or ``kernel=``) to the conv;
+    ``forward(x, **slice)`` hands the slice (``out_channels=``, ``kernel=``) to the conv;
     the BatchNorm follows the conv's output channels.
     """
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from search_spaces import SPACES
 
+from ..config import value_set_of
 from ..errors import ExperimentError
 from ..cost.latency import read_table
 from ..settings import SUPERNET_FILE, TrialSettings, parse_trial_config, setting, supernet_file
@@ -280,27 +281,13 @@ class Experiment(TrialSettings):
         return dataclasses.replace(base or cls(), **values)
 
 
-# Which SpaceValues set a flat key of a param space draws from.
-def _value_set(key: str) -> str | None:
-    if key == "resolution":
-        return "resolutions"
-    if key.startswith("stage"):
-        return {"depth": "depths", "kernel": "kernels", "expansion": "expansions"}.get(key.rsplit("_", 1)[1])
-    if key.startswith("exit") and "_m" in key:
-        module, name = key.split("_")[1:]
-        if name == "channels":
-            return f"exit_{module}_channels"
-        return {"kernel": "exit_kernels", "expansion": "exit_expansions", "pool": "exit_pools"}[name]
-    return None
-
-
 def space_needs(param_space: dict[str, Any]) -> dict[str, set]:
     """Every value a param space can give each ``SpaceValues`` set (exit positions included)."""
     from ray.tune.search.sample import Categorical
 
     needs: dict[str, set] = {}
     for key, domain in param_space.items():
-        name = _value_set(key)
+        name = value_set_of(key)
         if name is None:
             if key.startswith("exit") and key.endswith("_enabled"):
                 needs.setdefault("exit_positions", set()).add(int(key[4:-len("_enabled")]))

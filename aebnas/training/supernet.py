@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batches import BatchLoader
-from ..config import ArchConfig, SpaceValues, largest_arch, random_arch, smallest_arch
+from ..config import EXIT_BRANCHES, ArchConfig, SpaceValues, largest_arch, random_arch, smallest_arch
 from ..data.datasets import Dataset
 from ..exit_policy import ExitOutputs
 from ..nn import ElasticEarlyExitNet, EarlyExitNet, extract
@@ -131,7 +131,8 @@ class SupernetTraining:
         if epoch < self.settings.warmup_epochs:
             return [self.largest]
         rng = random.Random(f"{self.settings.seed}/{epoch}/{step}")
-        randoms = [random_arch(self.space, rng, **self.arch_kwargs) for _ in range(self.settings.random_subnets)]
+        randoms = [random_arch(self.space, rng, branches=EXIT_BRANCHES, **self.arch_kwargs)
+                   for _ in range(self.settings.random_subnets)]
         return [self.largest, self.smallest, *randoms]
 
     # ------------------------------------------------------------ training

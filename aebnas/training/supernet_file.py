@@ -32,7 +32,9 @@ EMBEDDED_SUPERNET = Path(__file__).resolve().parents[1] / "_data" / "supernet_ci
 
 
 FORMAT = "aebnas-supernet"
-VERSION = 1
+# 2: the paper's exit modules (resize, strided convolution) and EDANAS's exit per position; version 1 held
+# the earlier depthwise exit modules, whose weights fit no branch of today's.
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,11 @@ class SupernetInfo:
         if record.get("format") != FORMAT:
             raise ValueError(f"{path} is not an aebnas supernet file (no '{FORMAT}' format marker)")
         if record.get("version") != VERSION:
-            raise ValueError(f"{path} is a supernet file of version {record.get('version')}; "
-                             f"this aebnas reads version {VERSION}")
+            old = (" (its exit branches are the depthwise modules aebnas had before the paper's; their weights fit "
+                   "no branch of today's)" if record.get("version") == 1 else "")
+            raise ValueError(f"{path} is a supernet file of format version {record.get('version')}{old}; this aebnas "
+                             f"reads version {VERSION}: train the supernet again with `aebnas supernet train` "
+                             "(same dataset and flags), or search without --supernet")
         return cls(space=SpaceValues(**{k: tuple(v) for k, v in record["space"].items()}),
                    width_mult=float(record["width_mult"]), num_classes=int(record["num_classes"]),
                    in_channels=int(record["in_channels"]), classes=list(record["classes"]),

@@ -34,7 +34,7 @@ from ..errors import ExperimentError
 from ..progress import Progress, print_line
 from ..settings import CHECKPOINT_FILE, SUPERNET_FILE
 from ..space_values import space_values_of
-from .supernet_file import SupernetSettings, load_supernet, read_supernet_info, save_supernet
+from .supernet_file import VERSION, SupernetSettings, load_supernet, read_supernet_info, save_supernet
 from .supernet import SupernetTraining
 from .loop import load_checkpoint, select_device
 
@@ -93,7 +93,7 @@ class SupernetRequest:
     def identity(self) -> dict[str, Any]:
         """What makes two requests the same training run (a rerun resumes only if these are equal)."""
         return json.loads(json.dumps({
-            "dataset": self.dataset, "val_size": self.val_size, "split_seed": self.split_seed,
+            "format_version": VERSION, "dataset": self.dataset, "val_size": self.val_size, "split_seed": self.split_seed,
             "space_name": self.space_name, "space": dataclasses.asdict(self.space), "width_mult": self.width_mult,
             "settings": self.settings.to_dict()}))
 
