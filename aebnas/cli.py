@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from search_spaces import SPACES
 
-from .config import ArchConfig, is_arch_key
+from .config import ArchConfig, is_arch_key, refuse_old_keys
 from .errors import ExperimentError, UsageError
 from .settings import LATENCY_BACKENDS, SETTING_KEYS, int_list
 
@@ -35,6 +35,10 @@ def read_arch_json(path: str | Path) -> ArchConfig:
     if not isinstance(flat, dict):
         raise UsageError(f"{p}: expected a JSON object of flat config keys, got {type(flat).__name__}")
     unknown = sorted(k for k in flat if not is_arch_key(k) and k not in SETTING_KEYS)
+    try:
+        refuse_old_keys(unknown)
+    except ValueError as exc:
+        raise UsageError(f"{p}: {exc}") from None
     if unknown:
         raise UsageError(f"{p}: unknown key(s) {unknown}: neither architecture keys (see aebnas.config) "
                          f"nor trial settings ({', '.join(sorted(SETTING_KEYS))})")
@@ -51,7 +55,7 @@ def arch_info(arch: ArchConfig) -> dict[str, Any]:
     costs = exit_costs(arch)
     cum = costs.cumulative()
     return {
-        "exits": [{"exit": j, "position": e.position, "depth": e.depth, "macs": float(cum[j]),
+        "exits": [{"exit": j, "position": e.position, "depth": e.depth, "branch": e.describe(), "macs": float(cum[j]),
                    "branch_macs": float(costs.branch[j])} for j, e in enumerate(arch.exits)],
         "final_macs": float(cum[-1]),
         "static_macs": costs.static_cost,
@@ -69,11 +73,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.config}: resolution {info['resolution']}, {info['num_classes']} classes, "
           f"{info['params']:,} parameters")
-    print(f"{'exit':>6} {'after':>6} {'modules':>8} {'C_i (MMACs)':>12} {'branch (MMACs)':>15}")
+    width = max([6] + [len(e["branch"]) for e in info["exits"]])
+    print(f"{'exit':>6} {'after':>6} {'modules':>8} {'branch':>{width}} {'C_i (MMACs)':>12} {'branch (MMACs)':>15}")
     for e in info["exits"]:
-        print(f"{e['exit'] + 1:>6} {'stage' + str(e['position']):>6} {e['depth']:>8} "
+        print(f"{e['exit'] + 1:>6} {'stage' + str(e['position']):>6} {e['depth']:>8} {e['branch']:>{width}} "
               f"{e['macs']:>12.3f} {e['branch_macs']:>15.3f}")
-    print(f"{'final':>6} {'head':>6} {'':>8} {info['final_macs']:>12.3f}")
+    print(f"{'final':>6} {'head':>6} {'':>8} {'':>{width}} {info['final_macs']:>12.3f}")
     print(f"static network (no exits): {info['static_macs']:.3f} MMACs")
     return 0
 

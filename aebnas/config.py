@@ -163,6 +163,13 @@ class ExitConfig:
     def depth(self) -> int:
         return len(self.modules)
 
+    def describe(self) -> str:
+        """The branch in one word: ``edanas``, or its modules as ``resize px/k kernel/× expansion[/pool]``
+        joined by ``+`` (``8px/k3/x1/pool+10px/k5/x2``)."""
+        if self.branch == "edanas":
+            return "edanas"
+        return "+".join(f"{m.resize}px/k{m.kernel}/x{m.expansion}" + ("/pool" if m.pool else "") for m in self.modules)
+
 
 @dataclass(frozen=True)
 class StemRow:
@@ -386,6 +393,16 @@ def has_branch(flat: Mapping[str, Any], i: int) -> bool:
 _OLD_MODULE_KEY = re.compile(r"^exit\d_m[12]_channels$")
 
 
+def refuse_old_keys(keys: Iterable[str]) -> None:
+    """Raise ValueError saying what changed when ``keys`` hold an exit-module key of an older aebnas."""
+    old = sorted(k for k in keys if _OLD_MODULE_KEY.match(k))
+    if old:
+        raise ValueError(
+            f"{old[0]!r} is a key of the exit module aebnas had before the paper's (a channel count); "
+            "exit modules now resize to a size in pixels (exit{i}_m{1,2}_resize, see docs/design.md): "
+            "this configuration was written by an older aebnas and cannot be built by this one")
+
+
 class _FlatParser:
     def __init__(self, flat: Mapping[str, Any], allowed: SpaceValues | None) -> None:
         if not isinstance(flat, Mapping):
@@ -409,12 +426,7 @@ class _FlatParser:
 
     def check_all_present_keys(self) -> None:
         unknown = sorted(k for k in self.flat if k not in _ARCH_KEYS)
-        old = [k for k in unknown if _OLD_MODULE_KEY.match(k)]
-        if old:
-            raise ValueError(
-                f"{old[0]!r} is a key of the exit module aebnas had before the paper's (a channel count); "
-                "exit modules now resize to a size in pixels (exit{i}_m{1,2}_resize, see docs/design.md): "
-                "this configuration was written by an older aebnas and cannot be built by this one")
+        refuse_old_keys(unknown)
         if unknown:
             raise ValueError(
                 f"unknown architecture key(s) {unknown}; known keys look like 'stage2_depth', "
@@ -572,7 +584,7 @@ def random_arch(space: SpaceValues, rng: random.Random, *, min_exits: int = 1,
 __all__ = [
     "ArchConfig", "StageConfig", "BlockConfig", "ExitConfig", "ExitModuleConfig",  # what is searched
     "StemRow", "BlockRow", "ExitRow", "HeadRow",  # what is built
-    "make_divisible", "arch_keys", "is_arch_key", "value_set_of", "has_branch", "uniform_arch", "smallest_arch",
+    "make_divisible", "arch_keys", "is_arch_key", "value_set_of", "has_branch", "refuse_old_keys", "uniform_arch", "smallest_arch",
     "largest_arch", "random_arch", "MODULE_FIELDS",
     "NUM_STAGES", "EXIT_POSITIONS", "EXIT_BRANCHES", "EXIT_MODULE_STRIDE", "EXIT_MODULE_ACTIVATION", "EDANAS_EXPAND",
     "EDANAS_FEATURES", "EDANAS_ACTIVATION",

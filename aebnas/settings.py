@@ -17,7 +17,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .config import ArchConfig, is_arch_key
+from .config import ArchConfig, is_arch_key, refuse_old_keys
 
 EXPERIMENT_FILE = "aebnas_experiment.json"  # an experiment's settings, in its directory
 # Files a trial directory and a retrain run directory hold.
@@ -204,6 +204,7 @@ def parse_trial_config(config: Mapping[str, Any]) -> tuple[ArchConfig, TrialSett
     Raises ValueError naming any key that is neither (or a bad value).
     """
     unknown = sorted(k for k in config if not is_arch_key(k) and k not in SETTING_KEYS)
+    refuse_old_keys(unknown)
     if unknown:
         raise ValueError(f"unknown trial config key(s) {unknown}; settings are {sorted(SETTING_KEYS)}, "
                          "architecture keys are described in aebnas.config")

@@ -7,10 +7,11 @@ import subprocess
 import pytest
 
 from aebnas.cli import main
-from aebnas.config import largest_arch, smallest_arch
+from aebnas.config import largest_arch, smallest_arch, uniform_arch
 from aebnas.cost.macs import exit_costs, param_count, segment_macs
 
-ARCHS = {"smallest": smallest_arch(), "largest": largest_arch()}
+ARCHS = {"smallest": smallest_arch(), "largest": largest_arch(),
+         "edanas": uniform_arch(2, 3, 3, exits=(1, 3), exit_branch="edanas", resolution=40)}
 
 
 def _write(tmp_path, flat, name="arch.json"):
@@ -39,7 +40,8 @@ def test_info_prints_costs_and_params(tmp_path, capsys, name):
     exit_rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()]
     assert len(exit_rows) == arch.num_exits
     for j, (row, e) in enumerate(zip(exit_rows, arch.exits)):
-        assert row == [str(j + 1), f"stage{e.position}", str(e.depth), f"{c[j]:.3f}", f"{costs.branch[j]:.3f}"]
+        assert row == [str(j + 1), f"stage{e.position}", str(e.depth), e.describe(), f"{c[j]:.3f}",
+                       f"{costs.branch[j]:.3f}"]
     final = [line.split() for line in lines if line.startswith(" final")]
     assert final == [["final", "head", f"{c[-1]:.3f}"]]
     assert lines[-1] == f"static network (no exits): {costs.static_cost:.3f} MMACs"
@@ -56,8 +58,8 @@ def test_info_json_equals_the_cost_module(tmp_path, capsys, name):
     c = costs.cumulative()
     assert [e["macs"] for e in info["exits"]] == pytest.approx(list(c[:-1]), rel=1e-12)
     assert [e["branch_macs"] for e in info["exits"]] == pytest.approx(list(costs.branch), rel=1e-12)
-    assert [(e["exit"], e["position"], e["depth"]) for e in info["exits"]] == \
-        [(j, e.position, e.depth) for j, e in enumerate(arch.exits)]
+    assert [(e["exit"], e["position"], e["depth"], e["branch"]) for e in info["exits"]] == \
+        [(j, e.position, e.depth, e.describe()) for j, e in enumerate(arch.exits)]
     assert info["final_macs"] == pytest.approx(c[-1], rel=1e-12)
     assert info["static_macs"] == pytest.approx(costs.static_cost, rel=1e-12)
     assert info["segments_macs"] == pytest.approx(segment_macs(arch), rel=1e-12)
@@ -132,3 +134,12 @@ def test_info_names_a_misspelt_key(tmp_path, capsys):
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err
     assert "unknown key(s) ['width_mul']" in err
+
+
+def test_info_refuses_a_config_with_the_old_exit_module_keys(tmp_path, capsys):
+    """An arch.json written before the paper's exit modules: one message saying what changed, no traceback."""
+    flat = smallest_arch().to_flat()
+    flat["exit1_m1_channels"] = flat.pop("exit1_m1_resize")
+    code, out, err = _run(capsys, "info", str(_write(tmp_path, flat)))
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "'exit1_m1_channels' is a key of the exit module aebnas had before the paper's" in err

@@ -74,6 +74,25 @@ def test_onnx_export_takes_the_exits_of_infer_on_every_test_image(onnx_export):
     np.testing.assert_allclose(logits_off, ref_off_logits.numpy(), rtol=0, atol=1e-4)
 
 
+def test_exit_modules_resize_bicubically_in_onnx_as_in_pytorch(onnx_export):
+    """Every exit module's resize is an ONNX Resize in cubic mode with PyTorch's coefficient (-0.75) and
+    coordinate mode (half pixel, align_corners=False), so the graphs agree with PyTorch's bicubic."""
+    import onnx
+
+    out, meta, net, *_ = onnx_export
+    modules = sum(e.depth for e in net.arch.exits)
+    assert modules >= 1
+    nodes = [n for j in range(net.arch.num_exits) for n in onnx.load(str(out / f"exit_{j}.onnx")).graph.node
+             if n.op_type == "Resize"]
+    assert len(nodes) == modules
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["mode"] == b"cubic"
+        assert attrs.get("cubic_coeff_a", -0.75) == pytest.approx(-0.75)
+        assert attrs.get("coordinate_transformation_mode", b"half_pixel") in (b"half_pixel", b"pytorch_half_pixel")
+        assert attrs.get("exclude_outside", 0) == 0
+
+
 def test_onnx_export_resizes_like_the_torchscript_export(onnx_export):
     """Images of another size go through the same normalisation and bilinear resize as in TorchScript."""
     out, meta, net, data, _, thresholds, _ = onnx_export

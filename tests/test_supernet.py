@@ -185,6 +185,20 @@ def test_not_a_supernet_file_is_refused(tmp_path):
         read_supernet_info(tmp_path / "missing.pt")
 
 
+def test_a_supernet_file_of_format_version_1_is_refused_with_what_to_do(trained, tmp_path):
+    """Version 1 held the depthwise exit modules aebnas had before the paper's: its exit weights fit nothing."""
+    record = torch.load(trained[2], weights_only=True)
+    record["version"] = 1
+    old = tmp_path / "old.pt"
+    torch.save(record, old)
+    for read in (read_supernet_info, load_supernet):
+        with pytest.raises(ValueError) as info:
+            read(old)
+        message = str(info.value)
+        assert "format version 1" in message and "depthwise exit modules" in message
+        assert "reads version 2" in message and "aebnas supernet train" in message
+
+
 def test_check_supernet_names_each_problem(trained, data, small_npz):
     info = read_supernet_info(trained[2])
     check_supernet(info, needs={"kernels": {3}, "resolutions": {32}}, width_mult=WIDTH, data=data)  # fine

@@ -55,3 +55,22 @@ def in_proposal_order(trials: pd.DataFrame) -> pd.DataFrame:
 
     return trials.assign(started=[started(d) for d in trials["trial_dir"]]).sort_values(
         ["started", "trial_id"], kind="stable").reset_index(drop=True)
+
+
+def pick_details(pick: pd.Series | None) -> dict | None:
+    """What a record keeps of a picked trial, so that which branches win can be read from the records: its
+    flat architecture, and per exit its branch (``aebnas info``'s words), the branch's MMACs, the share of
+    validation images leaving there (with the tuned thresholds) and their accuracy."""
+    if pick is None:
+        return None
+    from aebnas.cost.macs import exit_costs
+
+    from .common import trial_config
+
+    arch = trial_config(pick)[0]
+    branch = exit_costs(arch).branch
+    return {"arch": arch.to_flat(),
+            "exits": [{"position": e.position, "branch": e.describe(), "branch_mmacs": round(float(branch[j]), 5),
+                       "val_util": float(pick[f"exit{e.position}_util"]),
+                       "val_accuracy": float(pick[f"exit{e.position}_accuracy"])}
+                      for j, e in enumerate(arch.exits)]}

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .common import (Context, Outcome, SearchRun, fmt, load_trials, md_image, md_table, priority_note,
                      provenance_note, run_search, search_figures, stop_ray)
-from .picks import ahead, in_window, reference_macs, validation_pick
+from .picks import ahead, in_window, pick_details, reference_macs, validation_pick
 
 
 def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[int], target_macs: float,
@@ -100,6 +100,7 @@ def _run_figures(g: pd.DataFrame, space: str, seed: int, run: SearchRun, target_
         "pick_val_acc": value("accuracy"), "pick_val_macs": value("avg_macs"),
         "pick_test_acc": value("test_accuracy"), "pick_test_macs": value("test_avg_macs"),
         "pick_test_early_exit": value("test_early_exit") if "test_early_exit" in g else None,
+        "pick": pick_details(pick),
         "search_wall_s": run.wall_s,
     }
 
@@ -156,6 +157,14 @@ def _measured(summary: pd.DataFrame, spaces: Sequence[str], ratios: dict[str, fl
             + ", ".join(acc_at_target(s) for s in spaces) + f" (mean of {seeds} seeds)")
 
 
+def _exits_cell(pick: dict | None) -> str:
+    """A picked trial's exits in one table cell: ``after stage p: branch (MMACs, share)`` each."""
+    if not pick or not pick["exits"]:
+        return "–"
+    return "; ".join(f"{e['position']}: {e['branch']} ({e['branch_mmacs']:.2f}, {e['val_util']:.0%})"
+                     for e in pick["exits"])
+
+
 def _section(setup: str, summary: pd.DataFrame, per_seed: pd.DataFrame, margins: list[dict[str, Any]],
              runs: list[SearchRun], ref: tuple[float, float], tolerance: float, ours: str, png: Path) -> str:
     """The section's markdown: ``setup`` (budget and data), the spread over seeds, how the figures are taken,
@@ -170,6 +179,7 @@ def _section(setup: str, summary: pd.DataFrame, per_seed: pd.DataFrame, margins:
                  "trials with val MACs in window": r.in_window, "picked trial": r.pick_trial or "–",
                  "its val acc (%)": r.pick_val_acc, "its val MACs": r.pick_val_macs,
                  "its test acc (%)": r.pick_test_acc, "its test MACs": r.pick_test_macs,
+                 "its exits: branch (MMACs, val share leaving)": _exits_cell(r.pick),
                  "search time (s)": r.search_wall_s} for r in per_seed.itertuples()]
     spread = summary["pick_test_acc_std"].dropna()
     return "\n".join([
