@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from aebnas.config import SpaceValues, largest_arch, random_arch, smallest_arch
+from aebnas.config import EXIT_BRANCHES, SpaceValues, largest_arch, random_arch, smallest_arch
 from aebnas.data.datasets import load_dataset
 from aebnas.nn import covers, extract
 from aebnas.training.supernet_file import (SupernetSettings, check_supernet, image_digests, load_supernet,
@@ -55,13 +55,15 @@ def test_random_arch_is_a_seeded_subnet_with_enough_exits():
     from aebnas.nn import ElasticEarlyExitNet
 
     supernet = ElasticEarlyExitNet(TINY, WIDTH, 10)
-    archs = [random_arch(TINY, random.Random(i), width_mult=WIDTH, min_exits=2) for i in range(40)]
+    archs = [random_arch(TINY, random.Random(i), width_mult=WIDTH, min_exits=2, branches=EXIT_BRANCHES)
+             for i in range(40)]
     assert all(covers(supernet, a) is None for a in archs)
     assert all(a.num_exits >= 2 for a in archs)
-    assert archs[3] == random_arch(TINY, random.Random(3), width_mult=WIDTH, min_exits=2)
-    # It explores the space: both depths, both branch depths, several exit sets.
+    assert archs[3] == random_arch(TINY, random.Random(3), width_mult=WIDTH, min_exits=2, branches=EXIT_BRANCHES)
+    # It explores the space: both depths, both branches, both depths of the paper's branch, several exit sets.
     assert {s.depth for a in archs for s in a.stages} == {1, 2}
-    assert {e.depth for a in archs for e in a.exits} == {1, 2}
+    assert {e.branch for a in archs for e in a.exits} == set(EXIT_BRANCHES)
+    assert {e.depth for a in archs for e in a.exits if e.branch == "aebnas"} == {1, 2}
     assert len({a.exit_positions for a in archs}) >= 4
 
 
