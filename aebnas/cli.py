@@ -200,6 +200,10 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
     t.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
     t.add_argument("--val-size", type=int, help="validation images held out of training: the searches' own "
                    "(default: the dataset's default)")
+    t.add_argument("--test-size", type=float, help="a folder without DIR/test/: the fraction of each class drawn as "
+                   "the test split, the searches' own (default: 0.2)")
+    t.add_argument("--image-size", type=int, help="a folder of images: the size (px) they are stored at, the "
+                   "searches' own (default: from the images, at most 72)")
     t.add_argument("--seed", type=int, default=0, help="seed of the data split (the searches' --seed) and of "
                    "training (default: %(default)s)")
     t.add_argument("--space", default="aebnas", choices=tuple(SPACES),
@@ -257,8 +261,8 @@ def _supernet_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     request = SupernetRequest(out=args.out, dataset=args.dataset, space_name=args.space, data_dir=args.data_dir,
-                              download=args.download,
-                              val_size=args.val_size, split_seed=args.seed, width_mult=args.width_mult,
+                              download=args.download, val_size=args.val_size, image_size=args.image_size,
+                              test_size=args.test_size, split_seed=args.seed, width_mult=args.width_mult,
                               space_kwargs={"resolutions": tuple(args.resolutions)} if args.resolutions else {},
                               settings=settings, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                               address=args.address, compile=args.compile)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.datasets import DatasetNotFoundError, load_dataset
+from .data.datasets import DatasetNotFoundError, dataset_label, load_dataset
 from .errors import ExperimentError, UsageError
 from .search.experiment import Experiment, experiment_path
 from .deploy.torchscript import predict
@@ -66,8 +66,7 @@ class Deployment:
 
 def job_name(exp: Experiment) -> str:
     """A fixed name, so that rerunning the command finds the job: SPACE_DATASET_sSEED."""
-    data = Path(exp.dataset).stem if exp.dataset.endswith(".npz") else exp.dataset
-    return exp.name or f"{exp.space}_{data}_s{exp.seed}"
+    return exp.name or f"{exp.space}_{dataset_label(exp.dataset)}_s{exp.seed}"
 
 
 class _Stages:
@@ -133,7 +132,7 @@ def write_test_images(exp: Experiment, out: Path, limit: int | None) -> tuple[li
         labels = json.loads(labels_file.read_text())
         return [folder / name for name in labels], np.array(list(labels.values()), dtype=np.int64)
     data = load_dataset(exp.dataset, data_dir=exp.data_dir, download=exp.download, val_size=exp.val_size,
-                        seed=exp.data_split_seed)
+                        seed=exp.data_split_seed, image_size=exp.image_size, test_size=exp.test_size)
     n = len(data.y_test) if limit is None else min(limit, len(data.y_test))
     folder.mkdir(parents=True, exist_ok=True)
     labels = {}

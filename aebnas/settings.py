@@ -138,8 +138,9 @@ class TrialSettings(TrainSettings):
     the trial is given, ``latency_backend`` figures) instead of ``target_macs``.
     """
 
-    dataset: str = setting("cifar10-subset", "cifar10, cifar100, svhn, fashion-mnist, cifar10-subset (embedded) or the path of an "
-                           ".npz file")
+    dataset: str = setting("cifar10-subset", "cifar10, cifar100, svhn, fashion-mnist, cifar10-subset (embedded), the "
+                           "path of an .npz file or a folder of images in class folders (DIR/<class>/, or "
+                           "DIR/train/<class>/ with DIR/test/<class>/)")
     target_macs: float = setting(17.0, "target average MMACs")
     seed: int = setting(0, "seed of the search, the trials and (unless --split-seed) the data split")
     confidence: str = DEFAULT_CONFIDENCE
@@ -154,6 +155,8 @@ class TrialSettings(TrainSettings):
     target_ms: float | None = setting(None, "cost latency: target average latency per image in milliseconds")
     latency_backend: str = setting("onnxruntime", "cost latency: the table's figures to use: {choices}",
                                    choices=LATENCY_BACKENDS)
+    # the dataset's class names by label, recorded (arch.json, results) so that they travel with a trial
+    classes: tuple[str, ...] = ()
 
     def check(self) -> None:
         super().check()
@@ -181,6 +184,7 @@ class TrialSettings(TrainSettings):
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold_grid", tuple(float(g) for g in self.threshold_grid))
         object.__setattr__(self, "supernet", supernet_file(self.supernet))
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         super().__post_init__()
 
     def trial_settings(self) -> TrialSettings:
@@ -191,6 +195,7 @@ class TrialSettings(TrainSettings):
         """The settings as the plain values a trial's flat config carries."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrialSettings)}
         d["threshold_grid"] = list(self.threshold_grid)
+        d["classes"] = list(self.classes)
         return d
 
 

@@ -170,6 +170,8 @@ def _parse(argv: list[str], defaults: Experiment = Experiment()) -> Experiment:
 
 def test_resume_flags_default_to_the_saved_settings(tiny_search, tmp_path):
     exp = _resumable_copy(tiny_search, tmp_path)
+    with np.load(exp.dataset) as data:  # the saved experiment records its data's class names
+        exp = dataclasses.replace(exp, classes=tuple(data["classes"].tolist()))
     where = ["--storage-path", str(tmp_path), "--name", "tiny"]
     assert _parse(where + ["--resume"]) == exp
     assert _parse(where + ["--resume", "--cpus-per-trial", "2", "--resolutions", "36"]) == dataclasses.replace(

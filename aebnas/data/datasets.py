@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..progress import Log, print_line
+from .folder import DEFAULT_TEST_SIZE, FolderError, read_folder, stratified_test_mask
 from .npz import nhwc_to_nchw, read_npz_dataset
 
 DATASET_NAMES = ("cifar10-subset", "cifar10", "cifar100", "svhn", "fashion-mnist")
-"""Names ``load_dataset`` knows; any path ending in ``.npz`` is accepted too."""
+"""Names ``load_dataset`` knows; any path ending in ``.npz`` and any folder of class folders is accepted too."""
 
 DEFAULT_VAL_SIZE = {"cifar10": 5000, "cifar100": 5000, "svhn": 7325, "cifar10-subset": 500, "fashion-mnist": 6000}
 """Validation images taken out of the training set; .npz files get 10% of train (at least 1)."""
@@ -136,10 +138,18 @@ def load_dataset(
     download: bool = False,
     val_size: int | None = None,
     seed: int = 0,
+    *,
+    image_size: int | None = None,
+    test_size: float | None = None,
+    log: Log = print_line,
 ) -> Dataset:
     """Load a dataset into memory and split a validation set off its training set.
 
-    ``name`` is one of :data:`DATASET_NAMES` or a path ending in ``.npz``.
+    ``name`` is one of :data:`DATASET_NAMES`, a path ending in ``.npz`` or a folder of images in
+    class folders (:mod:`aebnas.data.folder`: ``DIR/<class>/`` or ``DIR/train/<class>/`` with
+    ``DIR/test/<class>/``), decoded at ``image_size`` px (None: from the images) and, without a
+    test folder, with ``test_size`` of each class (default :data:`DEFAULT_TEST_SIZE`) drawn as the
+    test split; ``log`` gets its lines (size chosen, progress, warnings).
     ``cifar10``, ``cifar100``, ``svhn`` and ``fashion-mnist`` are read with torchvision from
     ``data_dir`` (default ``~/.cache/aebnas/data``) in torchvision's layout, downloaded there
     first when ``download`` is true. For ``fashion-mnist``, ``data_dir`` may also hold the four
@@ -156,8 +166,13 @@ def load_dataset(
     by a permutation seeded with ``seed``; both splits keep the original order.
     Returns a :class:`Dataset` with mean/std (in [0, 1] pixel units) of the training split.
     Raises :class:`DatasetNotFoundError` when files are missing, ``ValueError`` for an
-    unknown name, a bad ``val_size`` or a malformed ``.npz`` file.
+    unknown name, a bad ``val_size`` or a malformed ``.npz`` file or folder.
     """
+    folder = _find_folder(name, data_dir)
+    if folder is None and (image_size is not None or test_size is not None):
+        raise ValueError(f"image_size and test_size apply to a folder of images; dataset={name!r} is not one")
+    if folder is not None:
+        return _from_folder(folder, str(name), image_size, test_size, val_size, seed, log)
     if name == "cifar10-subset":
         return _from_npz(embedded_dataset_path(), name, val_size, seed)
     if name in DATASET_NAMES[1:]:
@@ -166,8 +181,22 @@ def load_dataset(
     if str(name).lower().endswith(".npz"):
         return _from_npz(_find_npz(name, data_dir), str(name), val_size, seed)
     raise ValueError(
-        f"dataset={name!r} is not one of {DATASET_NAMES} and is not a path ending in .npz"
+        f"dataset={name!r} is not one of {DATASET_NAMES}, not a path ending in .npz and not an existing folder "
+        "of images in class folders (DIR/<class>/<image>)"
     )
+
+
+def is_own_dataset(name: str) -> bool:
+    """Whether ``name`` is a user's own dataset (an ``.npz`` file or a folder), not one aebnas names."""
+    return name not in DATASET_NAMES
+
+
+def dataset_label(name: str) -> str:
+    """A short name for ``name`` in experiment and file names: a path's last part (an ``.npz`` without it)."""
+    if not is_own_dataset(name):
+        return name
+    path = pathlib.Path(str(name).rstrip("/\\"))
+    return path.stem if path.suffix.lower() == ".npz" else path.name
 
 
 # --------------------------------------------------------------------------- building
@@ -185,7 +214,15 @@ def _build(
     seed: int,
 ) -> Dataset:
     """Split validation off the full training set and assemble a Dataset."""
-    n = len(y_full)
+    val_idx, train_idx = _validation_split(name, len(y_full), val_size, seed)
+    return _assemble(name, (np.ascontiguousarray(x_full[train_idx]), y_full[train_idx]),
+                     (np.ascontiguousarray(x_full[val_idx]), y_full[val_idx]),
+                     (np.ascontiguousarray(x_test), y_test), classes, hflip)
+
+
+def _validation_split(name: str, n: int, val_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation, training) indices into ``n`` training images, each sorted: ``val_size`` (default
+    :data:`DEFAULT_VAL_SIZE`, else 10%) drawn by a permutation seeded with ``seed``."""
     if val_size is None:
         val_size = DEFAULT_VAL_SIZE.get(name, max(1, n // 10))
     if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
@@ -196,24 +233,17 @@ def _build(
         )
     # torch's permutation, as before the splits became numpy: a seed gives the same split as ever.
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
-    x_train = np.ascontiguousarray(x_full[train_idx])
-    mean, std = _channel_stats(x_train)
-    return Dataset(
-        name=name,
-        x_train=x_train,
-        y_train=y_full[train_idx].astype(np.int64),
-        x_val=np.ascontiguousarray(x_full[val_idx]),
-        y_val=y_full[val_idx].astype(np.int64),
-        x_test=np.ascontiguousarray(x_test),
-        y_test=y_test.astype(np.int64),
-        num_classes=len(classes),
-        in_channels=x_train.shape[1],
-        classes=classes,
-        hflip=hflip,
-        mean=mean,
-        std=std,
-    )
+    return np.sort(perm[:val_size]), np.sort(perm[val_size:])
+
+
+def _assemble(name: str, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+              test: tuple[np.ndarray, np.ndarray], classes: list[str], hflip: bool) -> Dataset:
+    """The Dataset of three (x uint8 NCHW C-contiguous, y) splits, with the training split's mean and std."""
+    mean, std = _channel_stats(train[0])
+    return Dataset(name=name, x_train=train[0], y_train=train[1].astype(np.int64), x_val=val[0],
+                   y_val=val[1].astype(np.int64), x_test=test[0], y_test=test[1].astype(np.int64),
+                   num_classes=len(classes), in_channels=train[0].shape[1], classes=classes, hflip=hflip,
+                   mean=mean, std=std)
 
 
 def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -366,6 +396,61 @@ def _not_found_message(cls, name: str, root: pathlib.Path, download: bool, err: 
         f"dataset {name!r} not found in {root}. Files looked at:\n{looked_at}\n"
         f"Get it with --download (download=True), or {by_hand}."
     )
+
+
+# --------------------------------------------------------------------------- folders of images
+
+
+def _find_folder(name: str, data_dir: str | os.PathLike | None) -> pathlib.Path | None:
+    """The folder ``name`` names (also looked for under ``data_dir`` when relative); None if it names none."""
+    if name in DATASET_NAMES or str(name).lower().endswith(".npz"):
+        return None
+    path = pathlib.Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if data_dir is not None and not path.is_absolute() and (pathlib.Path(data_dir).expanduser() / path).is_dir():
+        return pathlib.Path(data_dir).expanduser() / path
+    return None
+
+
+def _from_folder(folder: pathlib.Path, name: str, image_size: int | None, test_size: float | None,
+                 val_size: int | None, seed: int, log: Log) -> Dataset:
+    """A folder's images split into train / validation / test as views of the one decoded array,
+    reordered in place: the dataset never holds two copies of its images."""
+    images = read_folder(folder, image_size, log)
+    if images.test is not None and test_size is not None:
+        raise FolderError(f"test_size={test_size!r}: {folder} has a test folder, which is the test split; "
+                          "leave test_size out")
+    test = images.test if images.test is not None else stratified_test_mask(images.y, test_size or DEFAULT_TEST_SIZE)
+    untested = [c for k, c in enumerate(images.classes) if not (images.y[test] == k).any()]
+    if untested and images.test is None:
+        log(f"aebnas: warning: class(es) with a single image, which stays in training (none is tested): "
+            f"{', '.join(untested[:10])}")
+    full, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
+    val_idx, train_idx = _validation_split(name, len(full), val_size, seed)
+    order = np.concatenate([full[train_idx], full[val_idx], test_idx])
+    x, y = _reorder_rows(images.x, order), images.y[order]
+    a, b = len(train_idx), len(train_idx) + len(val_idx)
+    return _assemble(name, (x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:]), images.classes, hflip=True)
+
+
+def _reorder_rows(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``x[order]`` for a permutation ``order``, made in place by following its cycles (one row of
+    extra memory instead of a second array)."""
+    done = np.zeros(len(order), dtype=bool)
+    row = np.empty_like(x[:1])
+    for start in np.flatnonzero(order != np.arange(len(order))):
+        if done[start]:
+            continue
+        row[0] = x[start]
+        i = start
+        while order[i] != start:
+            x[i] = x[order[i]]
+            done[i] = True
+            i = order[i]
+        x[i] = row[0]
+        done[i] = True
+    return x
 
 
 # --------------------------------------------------------------------------- .npz files

@@ -52,7 +52,8 @@ def load_experiment_data(exp: ExperimentRecord, data_dir: str | None = None,
     try:
         return load_dataset(s["dataset"], data_dir=data_dir if data_dir is not None else s.get("data_dir"),
                             download=download if download is not None else bool(s.get("download")),
-                            val_size=s.get("val_size"), seed=split_seed(s))
+                            val_size=s.get("val_size"), seed=split_seed(s), image_size=s.get("image_size"),
+                            test_size=s.get("test_size"))
     except (DatasetNotFoundError, ValueError) as exc:
         raise UsageError(f"dataset of {exp.path}: {exc}") from None
 

@@ -19,6 +19,10 @@ from typing import Any
 from search_spaces import SPACES
 
 from ..config import value_set_of
+from ..data.datasets import Dataset, dataset_label, is_own_dataset
+from ..data.fit import DEFAULT_BATCH_SIZE, MIN_STEPS, fitted_batch_size, fitted_resolutions
+from ..data.folder import DEFAULT_TEST_SIZE
+from ..progress import Log, print_line
 from ..errors import ExperimentError
 from ..cost.latency import read_table
 from ..settings import SUPERNET_FILE, TrialSettings, parse_trial_config, setting, supernet_file
@@ -44,6 +48,14 @@ class Experiment(TrialSettings):
     data_dir: str | None = setting(None, "directory with the dataset in torchvision's layout")
     download: bool = setting(False, "download the dataset with torchvision if missing")
     val_size: int | None = setting(None, "validation images taken from train")
+    # a folder of images (DIR/<class>/): its test split and the size its images are stored at
+    test_size: float | None = setting(None, "a folder without DIR/test/: the fraction of each class drawn (seeded) "
+                                      "as the test split", none_means=str(DEFAULT_TEST_SIZE))
+    image_size: int | None = setting(None, "a folder of images: the size (px) every image is stored at",
+                                     none_means="from the images, at most 72")
+    # None: DEFAULT_BATCH_SIZE, or for a dataset of one's own what fitted_batch_size gives (fitted_to_data)
+    batch_size: int | None = setting(None, "training batch size", none_means=f"{DEFAULT_BATCH_SIZE}; for a small "
+                                     f"dataset of your own smaller, to leave {MIN_STEPS} steps an epoch")
     # seed of the train/validation split; None: ``seed``
     split_seed: int | None = setting(None, "seed of the train/validation split (default: --seed); a supernet fixes it")
     space: str = setting("aebnas", "search space: {choices}", choices=tuple(SPACES), parser_checks=False)
@@ -91,6 +103,7 @@ class Experiment(TrialSettings):
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold_grid", tuple(self.threshold_grid))
         object.__setattr__(self, "supernet", supernet_file(self.supernet))
+        object.__setattr__(self, "classes", tuple(self.classes))
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -120,6 +133,8 @@ class Experiment(TrialSettings):
     def _check_counts(self) -> None:
         """Settings that count something are whole numbers: ≥ 1, or ≥ 0 where 0 has a meaning."""
         for name in ("num_samples", "grace_period", "batch_size", "keep_checkpoints"):
+            if name == "batch_size" and self.batch_size is None:
+                continue  # fitted to the data once it is loaded
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise self._bad(name, "must be an integer ≥ 1")
         if not isinstance(self.supernet_epochs, int) or self.supernet_epochs < 0:
@@ -211,10 +226,11 @@ class Experiment(TrialSettings):
         :func:`run` trains first (or reuses) under ``storage_path``; else None (from scratch)."""
         if self.supernet is not None or not self.supernet_epochs:
             return self.supernet
-        data = Path(self.dataset).stem if self.dataset.endswith(".npz") else self.dataset
         res = "-".join(map(str, self.space_kwargs.get("resolutions", ()))) or "paper"
-        name = (f"supernet_{data}_w{self.width_mult:g}_r{res}_split{self.data_split_seed}"
-                f"_v{self.val_size if self.val_size is not None else 'default'}_{self.supernet_epochs}ep")
+        folder = "".join(f"_{k}{v}" for k, v in (("img", self.image_size), ("test", self.test_size)) if v is not None)
+        name = (f"supernet_{dataset_label(self.dataset)}{folder}_w{self.width_mult:g}_r{res}"
+                f"_split{self.data_split_seed}_v{self.val_size if self.val_size is not None else 'default'}"
+                f"_{self.supernet_epochs}ep")
         return str(Path(resolve_storage_path(self.storage_path)) / name / SUPERNET_FILE)
 
     @property
@@ -244,6 +260,7 @@ class Experiment(TrialSettings):
     def trial_settings(self) -> TrialSettings:
         """The settings every trial receives; ExperimentError naming a bad one."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrialSettings)}
+        values["batch_size"] = self.batch_size or DEFAULT_BATCH_SIZE
         try:
             return TrialSettings(**{**values, "supernet": self.supernet_path()})
         except ValueError as exc:
@@ -262,8 +279,7 @@ class Experiment(TrialSettings):
     def experiment_name(self) -> str:
         if self.name:
             return self.name
-        data = Path(self.dataset).stem if self.dataset.endswith(".npz") else self.dataset
-        return f"{self.space}_{data}_{time.strftime('%Y%m%d-%H%M%S')}"
+        return f"{self.space}_{dataset_label(self.dataset)}_{time.strftime('%Y%m%d-%H%M%S')}"
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON values (tuples become lists), as ``aebnas_experiment.json`` holds them."""
@@ -279,6 +295,41 @@ class Experiment(TrialSettings):
             values["space_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
                                       for k, v in values["space_kwargs"].items()}
         return dataclasses.replace(base or cls(), **values)
+
+
+def fitted_to_data(exp: Experiment, data: Dataset, log: Log = print_line) -> Experiment:
+    """``exp`` with the settings it leaves open fitted to ``data``, each choice logged with its reason: the
+    batch size (None: :func:`~aebnas.data.fit.fitted_batch_size` for a dataset of one's own, else
+    the default) and, for a dataset of one's own searched without resolutions, the resolutions
+    (:func:`~aebnas.data.fit.fitted_resolutions`). Settings given are kept as they are, and so is a resumed
+    search's space (it was fitted when it started); the class names are the data's, so that every trial
+    records them."""
+    own = is_own_dataset(exp.dataset)
+    exp = dataclasses.replace(exp, classes=tuple(data.classes))
+    if exp.batch_size is None:
+        batch, why = fitted_batch_size(len(data.y_train)) if own else (DEFAULT_BATCH_SIZE, "the default")
+        if own:
+            log(f"aebnas: batch size {batch}: {why}; --batch-size sets another")
+        exp = dataclasses.replace(exp, batch_size=batch)
+    if own and "resolutions" not in exp.space_kwargs and not exp.resume:
+        resolutions, why = fitted_resolutions(data.x_train.shape[-1])
+        log(f"aebnas: resolutions {','.join(map(str, resolutions))}: {why}; --resolutions sets others")
+        exp = dataclasses.replace(exp, space_kwargs={**exp.space_kwargs, "resolutions": resolutions})
+    return exp
+
+
+def with_saved_fits(exp: Experiment, saved: dict[str, Any]) -> Experiment:
+    """``exp`` resuming the experiment whose settings are ``saved``: what :func:`fitted_to_data` chose when it
+    started (batch size, a dataset of one's own's resolutions, the class names) for what ``exp`` leaves open."""
+    changes: dict[str, Any] = {}
+    if exp.batch_size is None and saved.get("batch_size") is not None:
+        changes["batch_size"] = saved["batch_size"]
+    resolutions = (saved.get("space_kwargs") or {}).get("resolutions")
+    if is_own_dataset(exp.dataset) and "resolutions" not in exp.space_kwargs and resolutions:
+        changes["space_kwargs"] = {**exp.space_kwargs, "resolutions": tuple(resolutions)}
+    if not exp.classes and saved.get("classes"):
+        changes["classes"] = tuple(saved["classes"])
+    return dataclasses.replace(exp, **changes)
 
 
 def space_needs(param_space: dict[str, Any]) -> dict[str, set]:

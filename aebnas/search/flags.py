@@ -24,12 +24,13 @@ from .tuner import run
 
 RESOLUTIONS = "resolutions"  # not a setting: the flag sets space_kwargs["resolutions"]
 # The settings that have a flag, in the order --help lists them (related flags together).
-FLAGS = ("dataset", "data_dir", "download", "val_size", "space", RESOLUTIONS, "width_mult", "target_macs", "cost",
-         "latency_table", "latency_backend", "target_ms", "epochs", "supernet", "finetune_lr", "supernet_epochs",
-         "supernet_workers", "num_samples", "time_budget_s", "search_alg", "surrogate_batch", "scheduler",
-         "grace_period", "reduction_factor", "cpus_per_trial", "gpus_per_trial", "amp", "max_concurrent",
+FLAGS = ("dataset", "data_dir", "download", "val_size", "test_size", "image_size", "space", RESOLUTIONS, "width_mult",
+         "target_macs", "cost", "latency_table", "latency_backend", "target_ms", "epochs", "supernet", "finetune_lr",
+         "supernet_epochs", "supernet_workers", "num_samples", "time_budget_s", "search_alg", "surrogate_batch",
+         "scheduler", "grace_period", "reduction_factor", "cpus_per_trial", "gpus_per_trial", "amp", "max_concurrent",
          "batch_size", "lr", "storage_path", "name", "address", "seed", "split_seed", "resume")
-_RESOLUTIONS_FLAG = Flag("comma-separated input resolutions to search", type=int_list)
+_RESOLUTIONS_FLAG = Flag("comma-separated input resolutions to search (a dataset of your own: from its image size, "
+                         "else the paper's 32…72)", type=int_list)
 # The parser of a setting's text, by its annotation (a Flag may name its own).
 _PARSERS = {"int": int, "float": float, "str": None}
 

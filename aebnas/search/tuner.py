@@ -22,7 +22,7 @@ from search_spaces.encoding import define_by_run
 from ..cluster import check_address_reachable, check_trial_fits, connect_ray, describe_resources, trial_resources
 from ..data.datasets import load_dataset
 from ..errors import ExperimentError
-from .experiment import Experiment, experiment_path, space_needs
+from .experiment import Experiment, experiment_path, fitted_to_data, space_needs, with_saved_fits
 from ..cost.latency import LatencyTable, covering_archs, read_table, space_pieces
 from .moasha import MOASHA
 from ..settings import EXPERIMENT_FILE
@@ -48,9 +48,10 @@ def resume_conflicts(saved: dict[str, Any], exp: Experiment) -> tuple[list[str],
     """How ``exp`` differs from the ``saved`` settings of the experiment it resumes, as
     ``"name=new (saved old)"`` items: (settings a resume must keep, settings Ray Tune keeps anyway).
 
-    A setting missing from an older ``saved`` file counts as its default.
+    A setting missing from an older ``saved`` file counts as its default; one ``exp`` leaves to be fitted
+    to the data is the one fitted when the experiment started (:func:`with_saved_fits`).
     """
-    now, default = exp.to_json(), Experiment().to_json()
+    now, default = with_saved_fits(exp, saved).to_json(), Experiment().to_json()
     refused, kept = [], []
     for name in now:
         old = saved.get(name, default[name])
@@ -60,10 +61,11 @@ def resume_conflicts(saved: dict[str, Any], exp: Experiment) -> tuple[list[str],
     return refused, kept
 
 
-def check_resumable(exp: Experiment, path: str) -> None:
+def check_resumable(exp: Experiment, path: str) -> Experiment:
     """Refuse to resume ``path`` when it holds no experiment, or with settings that change what its
     trials train or how they are scored (data, split, seed, space, training, target, search …): the
-    trials continue from checkpoints made with the saved ones."""
+    trials continue from checkpoints made with the saved ones. Returns ``exp`` with the settings that
+    were fitted to the data when it started (:func:`with_saved_fits`)."""
     try:
         saved = read_experiment_settings(path)
     except FileNotFoundError:
@@ -76,6 +78,7 @@ def check_resumable(exp: Experiment, path: str) -> None:
     if kept:
         print(f"aebnas: warning: --resume ignores {', '.join(kept)}: Ray Tune keeps the saved values",
               file=sys.stderr)
+    return with_saved_fits(exp, saved)
 
 
 def make_search_alg(exp: Experiment, param_space: dict[str, Any], path: str | None = None) -> Any:
@@ -215,6 +218,7 @@ def run(exp: Experiment) -> Any:
         check_address_reachable(address)  # fail fast: before the dataset is loaded (or downloaded)
     exp, path = _named_experiment(exp)
     data = _load_data(exp)
+    exp = fitted_to_data(exp, data)
     exp, supernet = _supernet_record(exp, data)
     latency = latency_table_for(exp, data)
     resources = _connect_and_reserve(exp, address)
@@ -238,7 +242,7 @@ def _named_experiment(exp: Experiment) -> tuple[Experiment, str]:
         exp = dataclasses.replace(exp, name=exp.experiment_name())
     path = experiment_path(exp)
     if exp.resume:
-        check_resumable(exp, path)
+        exp = check_resumable(exp, path)
     elif not is_empty(path):
         raise ExperimentError(f"an experiment already exists at {path}; pass --resume to continue it "
                               "or another --name to start a new one")
@@ -248,8 +252,8 @@ def _named_experiment(exp: Experiment) -> tuple[Experiment, str]:
 def _load_data(exp: Experiment) -> Any:
     """The search's dataset, loaded once in the driver (trials get it through the object store)."""
     try:
-        data = load_dataset(exp.dataset, data_dir=exp.data_dir, download=exp.download,
-                            val_size=exp.val_size, seed=exp.data_split_seed)
+        data = load_dataset(exp.dataset, data_dir=exp.data_dir, download=exp.download, val_size=exp.val_size,
+                            seed=exp.data_split_seed, image_size=exp.image_size, test_size=exp.test_size)
     except ValueError as exc:  # a malformed .npz, a bad val_size, an unknown dataset name
         raise ExperimentError(str(exc)) from None
     print(f"aebnas: {data.summary()}", flush=True)
@@ -297,7 +301,8 @@ def train_supernet_first(exp: Experiment, data: Any) -> str:
           f"{path.parent}, or reusing it", flush=True)
     request = SupernetRequest(
         out=str(path.parent), dataset=exp.dataset, space_name=exp.space, data_dir=exp.data_dir, download=exp.download,
-        val_size=exp.val_size, split_seed=exp.data_split_seed, space_kwargs=exp.space_kwargs,
+        val_size=exp.val_size, image_size=exp.image_size, test_size=exp.test_size,
+        split_seed=exp.data_split_seed, space_kwargs=exp.space_kwargs,
         width_mult=exp.width_mult, workers=exp.supernet_workers, cpus_per_worker=None,
         use_gpu=None if exp.gpus_per_trial is None else exp.gpus_per_trial > 0, address=exp.address,
         settings=SupernetSettings(epochs=exp.supernet_epochs, batch_size=exp.batch_size, amp=exp.amp, seed=exp.seed))

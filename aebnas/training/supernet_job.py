@@ -57,6 +57,8 @@ class SupernetRequest:
     data_dir: str | None = None
     download: bool = False
     val_size: int | None = None
+    image_size: int | None = None  # a folder of images: the size they are stored at (None: from the images)
+    test_size: float | None = None  # a folder without a test folder: its test split (None: the default)
     split_seed: int = 0
     space_kwargs: dict[str, Any] = field(default_factory=dict)
     width_mult: float = 1.0
@@ -94,6 +96,7 @@ class SupernetRequest:
         """What makes two requests the same training run (a rerun resumes only if these are equal)."""
         return json.loads(json.dumps({
             "format_version": VERSION, "dataset": self.dataset, "val_size": self.val_size, "split_seed": self.split_seed,
+            **{k: getattr(self, k) for k in ("image_size", "test_size") if getattr(self, k) is not None},
             "space_name": self.space_name, "space": dataclasses.asdict(self.space), "width_mult": self.width_mult,
             "settings": self.settings.to_dict()}))
 
@@ -283,7 +286,8 @@ def train_supernet(request: SupernetRequest, data: Dataset | None = None) -> Pat
     if data is None:
         try:
             data = load_dataset(request.dataset, data_dir=request.data_dir, download=request.download,
-                                val_size=request.val_size, seed=request.split_seed)
+                                val_size=request.val_size, seed=request.split_seed, image_size=request.image_size,
+                                test_size=request.test_size)
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
     print(f"aebnas: {data.summary()}; the supernet trains on the {len(data.y_train)} training images only",
