@@ -3,9 +3,9 @@
 Writes to ``--out``: ``trials.csv`` (one row per trial, with its thresholds re-tuned for
 the target), ``pareto.csv`` (the front at the target), ``sweep_front.csv`` (the front over
 trials × threshold vectors), ``summary.md`` and the figures (PNG + SVG): ``pareto``,
-``threshold_sweep``, ``exits_<trial>``, ``learning_curves`` and, for several
-experiments, ``experiments_pareto``. Bad input prints one message on stderr and exits
-with code 2.
+``threshold_sweep``, ``exits_<trial>``, ``classes_<trial>`` (per class, named as the
+dataset names them), ``learning_curves`` and, for several experiments, ``experiments_pareto``.
+Bad input prints one message on stderr and exits with code 2.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from aebnas.search.trials import rank
 
 from . import plots
 from .pareto import default_reference, hypervolume, parse_reference, pareto_front
-from .posthoc import exit_breakdown, oracle_bounds, retune_trials, sweep_front, threshold_sweep
+from .posthoc import class_breakdown, exit_breakdown, oracle_bounds, retune_trials, sweep_front, threshold_sweep
 from .results import NotAnExperimentError, Results, load_experiments, trials_with_results
 
 # Columns of the loaded trials joined to their re-tuned rows (identity first).
@@ -147,6 +147,7 @@ def write_plots(a: Analysis, out: Path, trial: pd.Series | None = None) -> list[
                                   title=f"Trial {trial['trial_id']} ({trial['status']}), thresholds tuned for {where}")
     except ValueError as exc:
         _progress(f"no exit plot: {exc}")
+    paths += _class_plot(a, out, trial, where)
     history = a.results.history
     if "epoch" in history and (history["epoch"] > 0).any():
         paths += plots.plot_learning_curves(history, a.results.trials, out / "learning_curves",
@@ -165,6 +166,17 @@ def write_plots(a: Analysis, out: Path, trial: pd.Series | None = None) -> list[
         paths += plots.plot_pareto(a.points, out / "experiments_pareto", target_macs=a.target_macs,
                                    color_by="experiment", title=f"Experiments compared at {where}")
     return paths
+
+
+def _class_plot(a: Analysis, out: Path, trial: pd.Series, where: str) -> list[Path]:
+    """The per-class figure of ``trial`` on the test split (none without its exit outputs)."""
+    try:
+        breakdown = class_breakdown(trial, a.target_macs, budget_macs=a.budget_macs)
+    except ValueError as exc:
+        _progress(f"no class plot: {exc}")
+        return []
+    return plots.plot_classes(breakdown, out / f"classes_{trial['trial_id']}",
+                              title=f"Trial {trial['trial_id']} per class (test), thresholds tuned for {where}")
 
 
 def _cell(value: object, digits: int) -> str:
@@ -213,7 +225,7 @@ def _best_trial_lines(a: Analysis) -> list[str]:
                 else "no test numbers."),
              f"Resolution {row.get('resolution')}, exits after stages {row.get('exit_positions') or '(none)'}, "
              f"thresholds {b['thresholds']}.", ""]
-    lines += _exit_lines(a, row)
+    lines += _exit_lines(a, row) + _class_lines(a, row)
     orc = a.oracle[(a.oracle["trial_id"] == b["trial_id"]) & (a.oracle["experiment"] == b["experiment"])]
     if len(orc):
         o = orc.iloc[0]
@@ -234,6 +246,17 @@ def _exit_lines(a: Analysis, row: pd.Series) -> list[str]:
                             "taken_accuracy": "accuracy of leavers (%)"}), ""]
     except ValueError as exc:
         return [f"(exits unknown: {exc})", ""]
+
+
+def _class_lines(a: Analysis, row: pd.Series) -> list[str]:
+    """The table of a trial's classes on the test split at the target (nothing without its exit outputs)."""
+    try:
+        frame = class_breakdown(row, a.target_macs, budget_macs=a.budget_macs).reset_index()
+    except ValueError:
+        return []
+    return ["Per class on the test split, same thresholds:", "",
+            _table(frame, {"class": "class", "images": "images", "accuracy": "accuracy (%)",
+                           "early": "leave early (%)", "avg_macs": "MMACs"}), ""]
 
 
 def _front_lines(a: Analysis) -> list[str]:

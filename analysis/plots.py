@@ -203,6 +203,26 @@ def plot_exits(breakdown: pd.DataFrame, stem: str | Path, *, title: str | None =
     return _save(fig, stem)
 
 
+def plot_classes(breakdown: pd.DataFrame, stem: str | Path, *, title: str | None = None) -> list[Path]:
+    """(d) One trial per class, named (rows of :func:`analysis.posthoc.class_breakdown`): accuracy (%) and
+    the share of the class's images leaving at an early exit (%)."""
+    y = np.arange(len(breakdown))
+    fig = Figure(figsize=(8, max(2.5, 0.32 * len(y) + 1.4)), layout="constrained")
+    ax_a, ax_e = fig.subplots(1, 2, sharey=True)
+    for ax, column, color, name in ((ax_a, "accuracy", "tab:orange", "accuracy (%)"),
+                                    (ax_e, "early", "tab:blue", "leave at an early exit (%)")):
+        values = breakdown[column].to_numpy(float)
+        bars = ax.barh(y, np.nan_to_num(values), color=color, height=0.6)
+        ax.bar_label(bars, labels=["–" if np.isnan(v) else f"{v:.0f}" for v in values], fontsize=7.5, padding=2)
+        ax.set_xlim(0, 110)
+        ax.set_xlabel(name)
+        ax.grid(axis="x", alpha=0.3)
+    ax_a.set_yticks(y, [f"{c} ({n})" for c, n in zip(breakdown.index, breakdown["images"])], fontsize=8)
+    ax_a.invert_yaxis()
+    fig.suptitle(title or "Classes of one trial")
+    return _save(fig, stem)
+
+
 def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame, stem: str | Path, *,
                          metric: str = "score", title: str | None = None) -> list[Path]:
     """(d) ``metric`` per epoch of every trial; finished trials coloured, ASHA-stopped ones grey dashed

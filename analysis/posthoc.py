@@ -211,3 +211,45 @@ def exit_breakdown(trial: pd.Series, target_macs: float | None = None, *, budget
                          "util": [trial.get(f"{n}_util", np.nan) for n in names],
                          "accuracy": [trial.get(f"{n}_accuracy", np.nan) for n in names],
                          "taken_accuracy": np.nan}, index=pd.Index(names, name="exit"))
+
+
+def trial_classes(trial: pd.Series, labels: np.ndarray) -> list[str]:
+    """The trial's class names by label (its ``arch.json``'s ``classes``), else "0" … "K-1" (K: its
+    ``num_classes``, else one more than the largest of ``labels``)."""
+    names = trial.get("classes")
+    if isinstance(names, (list, tuple)) and len(names):
+        return [str(n) for n in names]
+    k = trial.get("num_classes")
+    k = int(k) if isinstance(k, (int, float)) and not _isnan(k) else int(labels.max(initial=-1)) + 1
+    return [str(c) for c in range(k)]
+
+
+def class_breakdown(trial: pd.Series, target_macs: float | None = None, *, budget_macs: float | None = None,
+                    split: str = "test") -> pd.DataFrame:
+    """Per class of one trial (rows named by class) on ``split`` with thresholds tuned on val for
+    ``target_macs`` (default the trial's own): images, accuracy (%), early (% of its images leaving at
+    an exit before the final classifier) and avg_macs (MMACs). ValueError without ``exit_outputs.npz``
+    or without that split."""
+    location = trial.get("exit_outputs")
+    if not isinstance(location, str):
+        raise ValueError(f"trial {trial['trial_id']} has no exit_outputs.npz")
+    outputs, costs = load_outputs(location)
+    if split not in outputs:
+        raise ValueError(f"trial {trial['trial_id']}'s exit_outputs.npz has no {split} split")
+    target = float(trial["target_macs"]) if target_macs is None else float(target_macs)
+    tuned = retune(outputs, costs, target, budget_macs=budget_macs, grid=_trial_grid(trial, None),
+                   lam=_trial_lambda(trial, None))
+    result = simulate(outputs[split], tuned.thresholds, costs)
+    out = outputs[split]
+    right = out.correct[result.exit_index, np.arange(out.num_samples)]
+    names = trial_classes(trial, out.labels)
+    count = np.bincount(out.labels, minlength=len(names)).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frame = pd.DataFrame({
+            "images": count.astype(int),
+            "accuracy": 100 * np.bincount(out.labels, weights=right, minlength=len(names)) / count,
+            "early": 100 * np.bincount(out.labels, weights=result.exit_index < out.num_exits,
+                                       minlength=len(names)) / count,
+            "avg_macs": np.bincount(out.labels, weights=result.costs[result.exit_index], minlength=len(names)) / count,
+        }, index=pd.Index(names, name="class"))
+    return frame

@@ -4,6 +4,7 @@ Every test writes real image files with Pillow (PNG, JPEG, BMP, WebP; RGB, RGBA,
 an EXIF-rotated JPEG) and reads them through ``load_dataset`` as a search does.
 """
 
+import json
 import os
 import tracemalloc
 
@@ -308,3 +309,44 @@ def test_own_dataset_gets_fitted_settings_and_given_ones_are_kept(tmp_path, caps
     assert given.batch_size == 8 and given.space_kwargs["resolutions"] == (48,)
     named = fitted_to_data(Experiment(dataset="cifar10"), data)
     assert named.batch_size == 128 and "resolutions" not in named.space_kwargs
+
+
+# ---------------------------------------------------------------- class names travel, end to end
+@pytest.mark.slow
+def test_folder_search_retrain_export_and_predict_carry_the_class_names(ray_local, tmp_path, capsys):
+    """A real search on a folder (Ray Tune), retrain, TorchScript and ONNX exports, predict and the analysis:
+    every one names the classes as the folder does."""
+    from analysis.__main__ import run_analysis
+    from aebnas.deploy.onnx_export import export_onnx
+    from aebnas.deploy.retrain import RetrainRequest, retrain
+    from aebnas.deploy.torchscript import export, predict
+    from aebnas.search.experiment import experiment_path
+    from aebnas.search.tuner import run
+
+    root = tmp_path / "shapes"
+    rng = np.random.default_rng(0)
+    for name, level in (("dark", 30), ("light", 220)):
+        for i in range(40):
+            noisy = np.clip(level + rng.normal(0, 20, (24, 24)), 0, 255).astype(np.uint8)
+            save(Image.fromarray(noisy), root / name / f"{i:02d}.png")
+    exp = Experiment(dataset=str(root), supernet=None, epochs=1, num_samples=1, width_mult=0.25, target_macs=1.0,
+                     scheduler="fifo", storage_path=str(tmp_path / "results"), name="shapes", verbose=0)
+    assert len(run(exp)) == 1
+    out = capsys.readouterr().out
+    assert "batch size 16" in out and "resolutions 32,36,40,44,48" in out
+    path = experiment_path(exp)
+    arch = json.loads(next((tmp_path / "results" / "shapes").glob("trial_*/arch.json")).read_text())
+    assert arch["classes"] == ["dark", "light"] and arch["batch_size"] == 16
+    retrain(RetrainRequest(path, best=True, epochs=1, out=str(tmp_path / "run")), log=lambda _: None)
+    assert json.loads((tmp_path / "run" / "arch.json").read_text())["classes"] == ["dark", "light"]
+    meta = export(tmp_path / "run", tmp_path / "model.pt", log=lambda _: None)
+    onnx_meta = export_onnx(tmp_path / "run", tmp_path / "onnx", log=lambda _: None)
+    assert meta["classes"] == onnx_meta["classes"] == ["dark", "light"]
+    save(Image.new("RGBA", (50, 40), (250, 250, 250, 255)), tmp_path / "new.png")  # another size and mode
+    for model in (tmp_path / "model.pt", tmp_path / "onnx"):
+        (p,) = predict(model, [tmp_path / "new.png"])
+        assert p.class_name in ("dark", "light") and 0 <= p.probability <= 1 and 0 <= p.exit <= p.num_exits
+    run_analysis([path], tmp_path / "analysis")
+    summary = (tmp_path / "analysis" / "summary.md").read_text()
+    assert "| dark | 8 |" in summary and "| light | 8 |" in summary  # 20% of each class
+    assert list((tmp_path / "analysis").glob("classes_*.png"))
