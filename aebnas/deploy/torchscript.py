@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..exit_policy import ExitCosts, ExitOutputs, load_exit_outputs, simulate, tune_thresholds, validate_thresholds
 from ..nn import EarlyExitNet, torch_confidence
 from ..onnx_runner import OnnxEarlyExitNet
+from ..data.images import open_image, square
 from ..data.preprocess import Preprocess
 from ..progress import Log, print_line
 from ..settings import (ARCH_FILE, CHECKPOINT_FILE, EXIT_OUTPUTS_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE,
@@ -230,14 +231,17 @@ def load_deployed(path: str | Path) -> torch.jit.ScriptModule:
 
 
 def read_image(path: str | Path, channels: int, resolution: int) -> torch.Tensor:
-    """An image file as uint8 (1, C, H, W), RGB or gray; shrunk (antialiased) to ``resolution`` if larger."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as uint8 (1, C, H, W), RGB or gray, decoded as a folder dataset's images are
+    (:mod:`aebnas.data.images`: upright, 8 bits, the middle square); shrunk (antialiased) to
+    ``resolution`` if larger."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UsageError(f"cannot read image {path}: {exc}") from None
+        img = square(open_image(path)).convert("RGB" if channels == 3 else "L")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — whatever Pillow raises for a file it cannot decode
+        raise UsageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
     if max(img.size) > resolution:
         img = img.resize((resolution, resolution), Image.Resampling.BILINEAR, reducing_gap=None)
     array = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels)
