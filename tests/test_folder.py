@@ -136,6 +136,12 @@ def test_train_and_test_folders_are_the_splits(tmp_path):
     assert sorted(data.x_test[:, 0, 0, 0].tolist()) == [40, 41, 42, 140, 141, 142]
 
 
+def test_a_class_named_train_is_a_class(tmp_path):
+    root = folder_of_gray(tmp_path / "vehicles", classes=("bus", "train"))
+    data = load_dataset(str(root))
+    assert data.classes == ["bus", "train"] and len(data.y_test) == 4  # 20% of each class drawn as test
+
+
 def test_test_split_is_stratified_and_seeded(tmp_path):
     y = np.repeat(np.arange(3), [10, 20, 5])
     mask = stratified_test_mask(y, 0.2)

@@ -76,7 +76,7 @@ def list_folder(root: Path) -> Listing:
     if not root.is_dir():
         raise FolderError(f"{root} is not a directory")
     dirs, loose = _entries(root)
-    if "train" in dirs:
+    if "train" in dirs and _holds_classes(root / "train"):
         return _split_layout(root, dirs, loose)
     listing = Listing(root, _classes(root, root))
     listing.notes += _loose_notes(root, loose, "beside the class folders")
@@ -92,6 +92,13 @@ def _entries(folder: Path) -> tuple[list[str], list[str]]:
             if not entry.name.startswith("."):
                 (dirs if entry.is_dir() else files).append(entry.name)
     return sorted(dirs), sorted(files)
+
+
+def _holds_classes(folder: Path) -> bool:
+    """Whether ``folder`` holds class folders and no image of its own: ``DIR/train/<class>/``, not a class
+    that happens to be named "train" (a dataset of vehicles) with its images in it."""
+    dirs, files = _entries(folder)
+    return bool(dirs) and not any(f.lower().endswith(image_extensions()) for f in files)
 
 
 def _classes(root: Path, folder: Path) -> list[str]:
