@@ -4,6 +4,7 @@ Every test writes real image files with Pillow (PNG, JPEG, BMP, WebP; RGB, RGBA,
 an EXIF-rotated JPEG) and reads them through ``load_dataset`` as a search does.
 """
 
+import dataclasses
 import json
 import os
 import tracemalloc
@@ -17,7 +18,7 @@ from aebnas.data.datasets import dataset_label, load_dataset
 from aebnas.data.fit import fitted_batch_size, fitted_resolutions
 from aebnas.data.folder import FolderError, read_folder, stratified_test_mask
 from aebnas.data.images import decode_images, read_image
-from aebnas.search.experiment import Experiment, fitted_to_data
+from aebnas.search.experiment import Experiment, fitted_to_data, with_saved_fits
 
 
 @pytest.fixture(autouse=True)
@@ -316,6 +317,18 @@ def test_own_dataset_gets_fitted_settings_and_given_ones_are_kept(tmp_path, caps
     assert named.batch_size == 128 and "resolutions" not in named.space_kwargs
 
 
+def test_a_resumed_search_keeps_what_was_fitted_when_it_started():
+    from aebnas.search.tuner import resume_conflicts
+
+    started = Experiment(dataset="/data/own", name="n", batch_size=16, space_kwargs={"resolutions": (32, 36)},
+                         classes=("a", "b"))
+    again = Experiment(dataset="/data/own", name="n", resume=True)  # the flags left open, as when it started
+    resumed = with_saved_fits(again, started.to_json())
+    assert (resumed.batch_size, resumed.space_kwargs, resumed.classes) == (16, {"resolutions": (32, 36)}, ("a", "b"))
+    assert resume_conflicts(started.to_json(), again) == ([], [])
+    other = dataclasses.replace(again, batch_size=32)  # given on --resume: a change, refused as any other
+    assert resume_conflicts(started.to_json(), other)[0] == ["batch_size=32 (saved 16)"]
+
 # ---------------------------------------------------------------- class names travel, end to end
 @pytest.mark.slow
 def test_folder_search_retrain_export_and_predict_carry_the_class_names(ray_local, tmp_path, capsys):
@@ -339,6 +352,7 @@ def test_folder_search_retrain_export_and_predict_carry_the_class_names(ray_loca
     assert len(run(exp)) == 1
     out = capsys.readouterr().out
     assert "batch size 16" in out and "resolutions 32,36,40,44,48" in out
+    assert len(run(dataclasses.replace(exp, resume=True))) == 1  # resumed with what was fitted: nothing refused
     path = experiment_path(exp)
     arch = json.loads(next((tmp_path / "results" / "shapes").glob("trial_*/arch.json")).read_text())
     assert arch["classes"] == ["dark", "light"] and arch["batch_size"] == 16
