@@ -8,6 +8,9 @@ tensors would be deserialized, i.e. copied, once per trial. :meth:`Dataset.split
 split's tensors on a device once and caches them on the instance (on CPU they are views of
 the arrays), so all loaders of a trial share one device copy.
 
+A user's own data is an ``.npz`` of arrays (:mod:`aebnas.data.npz`) or a folder of images in class
+folders (:mod:`aebnas.data.folder`), whose splits are views of one decoded array.
+
 The splits keep the file's order (validation is a seeded random sample of it), so nothing
 may take "the first N images" of a split: ``aebnas.data.batches.BatchLoader`` turns a split into normalised
 float batches, training batches in a new seeded order every epoch with a random crop and
