@@ -241,6 +241,8 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
     e.add_argument("config", help="JSON file with a flat config of the subnet (e.g. a trial's arch.json)")
     e.add_argument("--split", default="val", choices=("val", "test"), help="default: %(default)s")
     e.add_argument("--data-dir", help="where the dataset is")
+    e.add_argument("--image-size", type=int, help="a folder of images: the --image-size the supernet was trained with")
+    e.add_argument("--test-size", type=float, help="a folder of images: the --test-size the supernet was trained with")
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -288,7 +290,11 @@ def _supernet_eval(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     arch = read_arch_json(args.config).replace(width_mult=info.width_mult, num_classes=info.num_classes,
                                                in_channels=info.in_channels)
-    data = load_dataset(info.dataset, data_dir=args.data_dir, val_size=info.val_size, seed=info.split_seed)
+    try:
+        data = load_dataset(info.dataset, data_dir=args.data_dir, val_size=info.val_size, seed=info.split_seed,
+                            image_size=args.image_size, test_size=args.test_size)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"dataset of {args.supernet}: {exc}") from None
     device = select_device("auto")
     # Evaluation batches of 512 whatever the supernet's eval_batch_size, as this command always scored.
     scorer = Scorer.from_settings(data, arch.resolution, device, info.settings, eval_batch_size=512)
