@@ -198,6 +198,15 @@ def test_a_damaged_cache_entry_is_decoded_again(tmp_path, capsys, cache):
     assert "decoded 20 images" in lines(capsys).split("aebnas: warning")[0]
 
 
+def test_decoding_prints_progress_lines(tmp_path):
+    root = folder_of_gray(tmp_path / "p", per_class=3)
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    said: list[str] = []
+    decode_images(root, paths, 20, log=said.append, every_s=0)  # a line after every image
+    assert said[0].startswith(f"aebnas: decoding {root}: 1/6 images (17%), ") and "left" in said[0]
+    assert said[-1].startswith(f"aebnas: decoding {root}: 6/6 images (100%)")
+
+
 def test_decoding_keeps_one_copy_of_the_images(tmp_path):
     root = tmp_path / "m"
     for i in range(300):
