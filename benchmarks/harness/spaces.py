@@ -44,7 +44,7 @@ def measure_search_spaces(ctx: Context, spaces: Sequence[str], seeds: Sequence[i
     per_seed = pd.DataFrame(per_run).astype(
         {c: float for c in ("pick_val_acc", "pick_val_macs", "pick_test_acc", "pick_test_macs")})
     summary = _summary(per_seed, spaces)
-    png = _plot(ctx, trials, figure, f"{len(seeds)} seeds × {num_samples} trials per space, "
+    png = _plot(ctx, trials, figure, f"{len(seeds)} seeds × {num_samples} trials per space,\n"
                 f"thresholds tuned for {target_macs:g} MMACs ({data_name})", target_macs)
     margins = _margins(per_seed, spaces)
     holds = all(m["ahead by > 1 s.e."] == "yes" for m in margins)
