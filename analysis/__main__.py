@@ -236,12 +236,27 @@ def _best_trial_lines(a: Analysis) -> list[str]:
     return lines
 
 
+def _branches(row: pd.Series) -> dict[str, str]:
+    """Each exit's branch in ``aebnas info``'s words (``10px/k5/x1``, ``edanas``), from the trial's architecture
+    keys; {} when they do not give an architecture (a trial of an older aebnas)."""
+    from aebnas.config import ArchConfig, is_arch_key
+
+    plain = {k: v.item() if hasattr(v, "item") else v for k, v in row.items() if is_arch_key(k)}  # numpy → Python
+    flat = {k: v for k, v in plain.items() if not (isinstance(v, float) and math.isnan(v))}
+    try:
+        arch = ArchConfig.from_flat(flat)
+    except (TypeError, ValueError):
+        return {}
+    return {f"exit{e.position}": e.describe() for e in arch.exits}
+
+
 def _exit_lines(a: Analysis, row: pd.Series) -> list[str]:
     """The table of a trial's exits at the target, or why they are unknown."""
     try:
         ex = exit_breakdown(row, a.target_macs, budget_macs=a.budget_macs).reset_index()
         ex["util"] = 100 * ex["util"]
-        return [_table(ex, {"exit": "exit", "threshold": "threshold", "macs": "C_i (MMACs)",
+        ex["branch"] = ex["exit"].map({**_branches(row), "final": "head"}).fillna("?")
+        return [_table(ex, {"exit": "exit", "branch": "branch", "threshold": "threshold", "macs": "C_i (MMACs)",
                             "util": "leave here (%)", "accuracy": "accuracy alone (%)",
                             "taken_accuracy": "accuracy of leavers (%)"}), ""]
     except ValueError as exc:

@@ -4,11 +4,13 @@ import json
 import runpy
 import shutil
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from aebnas.cli import main as aebnas_main
+from aebnas.settings import parse_trial_config
 from analysis.__main__ import best_trial, main
 from analysis.pareto import hypervolume, pareto_front
 from analysis.results import load_experiment
@@ -41,6 +43,11 @@ def test_writes_every_file(tiny_search, tmp_path, capsys):
     hv = hypervolume(res.trials["accuracy"], res.trials["avg_macs"], (0, 2))
     assert f"**{best['trial_id']}**" in summary and f"{hv:.2f} %·MMACs" in summary
     assert "(0 %, 2 MMACs)" in summary and f"exits_{best['trial_id']}.png" in [p.name for p in tmp_path.iterdir()]
+    # the best trial's exits name their branches, as `aebnas info` does
+    arch = parse_trial_config(json.loads((Path(best["trial_dir"]) / "arch.json").read_text()))[0]
+    for e in arch.exits:
+        assert f"| exit{e.position} | {e.describe()} |" in summary
+    assert "| final | head |" in summary
 
 
 def test_aebnas_analyze_with_another_target_and_two_experiments(tiny_search, tmp_path):
