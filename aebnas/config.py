@@ -503,10 +503,11 @@ class _FlatParser:
     def module(self, i: int, m: int) -> ExitModuleConfig:
         p = f"exit{i}_m{m}_"
         values = {name: self.value(p + name, value_set_of(p + name)) for name in MODULE_FIELDS}
-        if values["resize"] < values["kernel"]:
+        try:
+            return ExitModuleConfig(**values)
+        except ValueError:  # ExitModuleConfig's own rule (resize >= kernel), said with the keys
             raise ValueError(f"{p}resize={values['resize']} is smaller than {p}kernel={values['kernel']}: the "
-                             "module's unpadded convolution needs resize >= kernel")
-        return ExitModuleConfig(**values)
+                             "module's unpadded convolution needs resize >= kernel") from None
 
 
 def uniform_arch(depth: int, kernel: int, expansion: int, *, exits: Iterable[int] = (),
