@@ -149,18 +149,7 @@ class SupernetTraining:
         steps, images, start = 0, 0, time.perf_counter()
         for step, (x, y) in enumerate(self.train_batches):
             self.optimizer.zero_grad(set_to_none=True)
-            teacher = None
-            subnets = self.subnets(self.epoch, step)
-            for i, arch in enumerate(subnets):
-                with autocast(self.device, s.amp):
-                    outputs = self._forward(resize(x, arch.resolution), arch)
-                    if i == 0:
-                        loss = multi_exit_loss(outputs, y, s.exit_weight, s.label_smoothing)
-                        teacher = outputs[-1].detach()
-                    else:
-                        loss = distillation_loss(outputs, teacher, s.exit_weight)
-                watch.add(step, i, loss)
-                self.scaler.scale(loss).backward()
+            losses = self.backward_step(x, y, self.epoch, step, on_loss=lambda i, loss: watch.add(step, i, loss))
             self.scaler.unscale_(self.optimizer)
             if self.world_size > 1:
                 _all_reduce_mean(self.params, self.world_size)
@@ -168,7 +157,7 @@ class SupernetTraining:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            per_step.append(len(subnets))
+            per_step.append(len(losses))
             steps += 1
             images += len(y)
             if on_step is not None:
@@ -185,6 +174,32 @@ class SupernetTraining:
         return {**{k: v / max(steps, 1) for k, v in totals.items()}, "seconds": seconds,
                 "images_per_s": images / max(seconds, 1e-9), "lr": self.scheduler.get_last_lr()[0],
                 "warmup": self.epoch <= s.warmup_epochs}
+
+    def backward_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int,
+                      on_loss: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+        """The gradients of one sandwich step: forward, loss and backward of each of ``self.subnets(epoch,
+        step)`` on the batch ``(x, y)``, added to the parameters' ``.grad`` (scaled by ``self.scaler``).
+
+        Returns each subnet's loss (largest first); ``on_loss(i, loss)`` is called before subnet ``i``'s
+        backward pass (``train_epoch`` checks it there). The caller zeroes the gradients before and steps
+        the optimiser after; ``train_epoch`` runs exactly this, and benchmarks measure it.
+        """
+        s = self.settings
+        teacher = None
+        losses = []
+        for i, arch in enumerate(self.subnets(epoch, step)):
+            with autocast(self.device, s.amp):
+                outputs = self._forward(resize(x, arch.resolution), arch)
+                if i == 0:
+                    loss = multi_exit_loss(outputs, y, s.exit_weight, s.label_smoothing)
+                    teacher = outputs[-1].detach()
+                else:
+                    loss = distillation_loss(outputs, teacher, s.exit_weight)
+            if on_loss is not None:
+                on_loss(i, loss)
+            self.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+        return losses
 
     def _forward(self, x: torch.Tensor, arch: ArchConfig) -> list[torch.Tensor]:
         """Subnet ``arch``'s outputs in a training step: compiled for the two fixed subnets when asked."""
