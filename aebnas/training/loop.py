@@ -102,14 +102,20 @@ def multi_exit_loss(outputs: list[torch.Tensor], target: torch.Tensor, exit_weig
     return final + exit_weight * exits
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """SGD (Nesterov); no weight decay on BatchNorm parameters and biases."""
+def make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD (Nesterov); no weight decay on BatchNorm parameters and biases.
+
+    ``fused``: one fused kernel per parameter group, the learning rate a tensor on the parameters' device
+    (the static step's optimiser on CUDA: nothing in the step reads the rate back to the host)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if fused:
+        lr = torch.tensor(settings.lr, device=next(model.parameters()).device)
+        return torch.optim.SGD(groups, lr=lr, momentum=settings.momentum, nesterov=True, fused=True)
     return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=True)
 
 
@@ -123,12 +129,17 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings,
         final_div_factor=100.0)
 
 
-def autocast(device: torch.device, enabled: bool) -> ContextManager[Any]:
-    """Mixed precision on CUDA when ``enabled`` (bfloat16 where supported, else float16); else nothing."""
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The mixed precision's dtype: on CUDA when ``enabled``, bfloat16 where supported, else float16; else None."""
     if not enabled or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool) -> ContextManager[Any]:
+    """Mixed precision on CUDA when ``enabled`` (:func:`amp_dtype`); else nothing."""
+    dtype = amp_dtype(device, enabled)
+    return nullcontext() if dtype is None else torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -45,7 +45,8 @@ from ..nn import ElasticEarlyExitNet, EarlyExitNet, extract
 from ..data.preprocess import resize
 from ..settings import DEFAULT_CONFIDENCE
 from .supernet_file import SupernetInfo, SupernetSettings, image_digests
-from .loop import (LossWatch, Scorer, autocast, grad_scaler, load_optimisation_state,
+from .static_step import StaticSandwich
+from .loop import (LossWatch, Scorer, amp_dtype, autocast, grad_scaler, load_optimisation_state,
                     make_optimizer, make_lr_schedule, multi_exit_loss, optimisation_state)
 
 
@@ -94,7 +95,7 @@ class SupernetTraining:
 
     def __init__(self, space: SpaceValues, width_mult: float, data: Dataset, settings: SupernetSettings,
                  device: torch.device, *, dataset_name: str | None = None, split_seed: int = 0, rank: int = 0,
-                 world_size: int = 1, compile: bool = False) -> None:
+                 world_size: int = 1, compile: bool = False, static: bool = False, static_backend: Any = None) -> None:
         self.space, self.width_mult, self.data, self.settings = space, float(width_mult), data, settings
         self.device, self.rank, self.world_size = device, rank, world_size
         self.dataset_name, self.split_seed = dataset_name or data.name, split_seed
@@ -107,7 +108,9 @@ class SupernetTraining:
             data, "train", batch_size=max(1, settings.batch_size // world_size), resolution=native, train=True,
             device=device, seed=settings.seed, shard=(rank, world_size))
         scaled = dataclasses.replace(settings, lr=settings.peak_lr, lr_batch=None)  # lr scaled to the batch size
-        self.optimizer = make_optimizer(self.model, scaled)
+        # the static step on CUDA: one fused kernel per parameter group, the learning rate a tensor on the GPU
+        fused = static and device.type == "cuda"
+        self.optimizer = make_optimizer(self.model, scaled, fused=fused)
         self.scheduler = make_lr_schedule(self.optimizer, scaled, len(self.train_batches))
         self.scaler = grad_scaler(settings.amp, device)
         self.arch_kwargs = {"width_mult": self.width_mult, "num_classes": data.num_classes,
@@ -115,7 +118,11 @@ class SupernetTraining:
         self.largest = largest_arch(space, **self.arch_kwargs)
         self.smallest = smallest_arch(space, **self.arch_kwargs)
         # dynamic=False: one graph per fixed subnet (their shapes never change), no symbolic batch sizes
-        self.compiled = torch.compile(self.model, dynamic=False) if compile else None
+        self.compiled = torch.compile(self.model, dynamic=False) if compile and not static else None
+        self.static = StaticSandwich(self.model, exit_weight=settings.exit_weight,
+                                     label_smoothing=settings.label_smoothing, amp_dtype=amp_dtype(device, settings.amp),
+                                     device=device, backend=static_backend,
+                                     resolutions=space.resolutions) if static else None
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._scorers: dict[int, Scorer] = {}
@@ -185,6 +192,8 @@ class SupernetTraining:
         the optimiser after; ``train_epoch`` runs exactly this, and benchmarks measure it.
         """
         s = self.settings
+        if self.static is not None:
+            return self.static.backward_step(x, y, self.subnets(epoch, step), self.scaler, on_loss)
         teacher = None
         losses = []
         for i, arch in enumerate(self.subnets(epoch, step)):

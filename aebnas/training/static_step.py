@@ -1,0 +1,124 @@
+"""The static-shape sandwich step: every subnet at the largest one's shapes, compiled once per resolution.
+
+``SupernetTraining(static=True)`` trains through :class:`StaticSandwich` instead of slicing weights per
+subnet. Each subnet is a mask tensor (:mod:`aebnas.nn.masked`), so the step's forward, loss and backward
+trace into two graphs per input resolution — the teacher's (the largest subnet, against the labels) and
+a student's (every other subnet, against the teacher) — whatever subnets are drawn, and
+``torch.compile(mode="reduce-overhead")`` replays them as CUDA graphs. The losses and gradients are the
+sliced step's (float tolerance; tests/test_static_step.py); parameters no subnet of the step used get
+their gradient set back to ``None``, so the optimiser treats them as the sliced step does.
+
+The price is compute: every subnet costs what the largest costs at its resolution (and every exit
+variant is computed). On a GPU, bound by launching kernels, that is cheap; on the CPU the sliced step
+stays the default (docs/supernet.md, "The static step"; claim 30 counts the ops and graphs).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ArchConfig
+from ..nn import ElasticEarlyExitNet
+from ..nn.masked import MaskedSupernet, masked_exit_loss, unused_parameters
+from ..data.preprocess import resize
+
+TEACHER, STUDENT = "teacher", "student"
+
+
+def _graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far (all backends)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class StaticSandwich:
+    """The sandwich step's gradients at fixed shapes: ``backward_step(x, y, subnets, scaler, on_loss)``.
+
+    ``backend``: what ``torch.compile`` compiles with — ``None`` for inductor (CUDA graphs on CUDA, as
+    ``mode="reduce-overhead"``), a backend name (``"eager"``, ``"aot_eager"``: cheap, for the CPU's
+    checks), or ``False`` to run the masked network uncompiled. ``compiles`` counts, per (role,
+    resolution), the graphs each call compiled: after the first step at a resolution it should stay put.
+    """
+
+    def __init__(self, model: ElasticEarlyExitNet, *, exit_weight: float, label_smoothing: float,
+                 amp_dtype: torch.dtype | None, device: torch.device, backend: Any = None,
+                 resolutions: tuple[int, ...] = ()) -> None:
+        self.model, self.masked = model, MaskedSupernet(model)
+        self.exit_weight, self.label_smoothing = exit_weight, label_smoothing
+        self.amp_dtype, self.device = amp_dtype, device
+        self.compiles: Counter[tuple[str, int]] = Counter()
+        self.cuda_graphs = backend is None and device.type == "cuda"
+        if backend is False:
+            self._teacher, self._student = self._teacher_loss, self._student_loss
+        else:
+            import torch._dynamo.config as dynamo_config
+
+            # Each resolution is a graph of each role; the default limit (8) would fall back to eager.
+            limit = max(dynamo_config.cache_size_limit, 2 * len(resolutions) + 2)
+            dynamo_config.cache_size_limit = limit
+            if hasattr(dynamo_config, "recompile_limit"):
+                dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+            options: dict[str, Any] = ({"mode": "reduce-overhead"} if self.cuda_graphs
+                                       else {"backend": backend} if backend is not None else {})
+            self._teacher = torch.compile(self._teacher_loss, dynamic=False, fullgraph=True, **options)
+            self._student = torch.compile(self._student_loss, dynamic=False, fullgraph=True, **options)
+
+    # ------------------------------------------------------------ the two graphs
+    def _outputs(self, x: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.amp_dtype is None:
+            return self.masked(x, masks)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
+            return self.masked(x, masks)
+
+    def _teacher_loss(self, x: torch.Tensor, masks: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        exits, final, on = self._outputs(x, masks)
+        loss = masked_exit_loss(exits.float(), final.float(), on, lambda o: F.cross_entropy(
+            o, y, label_smoothing=self.label_smoothing), self.exit_weight)
+        return loss, final.detach()
+
+    def _student_loss(self, x: torch.Tensor, masks: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        exits, final, on = self._outputs(x, masks)
+        target = F.softmax(teacher.float(), dim=1)
+        return masked_exit_loss(exits.float(), final.float(), on,
+                                lambda o: -(target * F.log_softmax(o, dim=1)).sum(dim=1).mean(), self.exit_weight)
+
+    # ------------------------------------------------------------ the step
+    def backward_step(self, x: torch.Tensor, y: torch.Tensor, subnets: list[ArchConfig], scaler: Any,
+                      on_loss: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+        """Forward, loss and backward of each subnet (the first is the teacher); gradients add up in
+        ``.grad``, those of parameters no subnet used are set to ``None``. Returns the losses."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        losses, teacher = [], None
+        for i, arch in enumerate(subnets):
+            masks = self.masked.masks(arch, x.device)
+            xr = resize(x, arch.resolution)
+            before = _graph_count()
+            if i == 0:
+                loss, teacher = self._teacher(xr, masks, y)
+                teacher = teacher.clone()  # a CUDA graph's output is overwritten by its next replay
+                role = TEACHER
+            else:
+                loss = self._student(xr, masks, teacher)
+                role = STUDENT
+            self.compiles[(role, arch.resolution)] += _graph_count() - before
+            if on_loss is not None:
+                on_loss(i, loss)
+            scaler.scale(loss).backward()
+            losses.append(loss.detach().clone())
+        for p in unused_parameters(self.model, subnets):
+            p.grad = None
+        return losses
+
+    def graphs(self) -> dict[str, int]:
+        """Graphs compiled so far by role and resolution (``"teacher@32"`` …)."""
+        return {f"{role}@{res}": n for (role, res), n in sorted(self.compiles.items())}
+
+
+__all__ = ["StaticSandwich", "TEACHER", "STUDENT"]
