@@ -115,3 +115,22 @@ def test_compiled_static_step_traces_two_graphs_per_resolution_and_never_recompi
     graphs = run.static.graphs()
     assert set(graphs) <= {f"{role}@{r}" for role in ("teacher", "student") for r in SPACE.resolutions}
     assert all(n == 1 for n in graphs.values()), graphs  # one graph each, compiled once: no recompile
+
+
+def test_static_is_asked_for_by_the_request_not_part_of_its_identity_and_not_with_compile() -> None:
+    from aebnas.errors import ExperimentError
+    from aebnas.training.supernet_job import SupernetRequest, _loop_config, _make_run
+
+    data = load_dataset("cifar10-subset")
+    space = {k: list(v) for k, v in dataclasses.asdict(SPACE).items()}
+    plain = SupernetRequest(out="unused", space_kwargs=space, width_mult=KW["width_mult"],
+                            settings=SupernetSettings(epochs=1, batch_size=64), workers=0)
+    static = dataclasses.replace(plain, static=True)
+    assert plain.identity() == static.identity()  # the same gradients: a run resumes either way
+    assert _make_run(_loop_config(plain, None), data, torch.device("cpu"), 0, 1).static is None
+    run = _make_run(_loop_config(static, None), data, torch.device("cpu"), 0, 1)
+    assert run.static is not None and run.static.model is run.model
+    with pytest.raises(ExperimentError, match="drop compile"):
+        dataclasses.replace(static, compile=True).validate()
+    with pytest.raises(ExperimentError, match="static='yes' must be True or False"):
+        dataclasses.replace(plain, static="yes").validate()

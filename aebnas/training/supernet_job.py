@@ -69,6 +69,7 @@ class SupernetRequest:
     address: str | None = None
     max_failures: int = 2
     compile: bool = False  # torch.compile the largest and smallest subnets' steps (speed only: not in identity())
+    static: bool = False  # the static-shape step, compiled per resolution (the same gradients: not in identity())
 
     @property
     def space(self) -> SpaceValues:
@@ -80,8 +81,12 @@ class SupernetRequest:
     def validate(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ExperimentError(f"workers={self.workers!r} must be an integer ≥ 0 (0: in this process, no Ray)")
-        if not isinstance(self.compile, bool):
-            raise ExperimentError(f"compile={self.compile!r} must be True or False")
+        for name in ("compile", "static"):
+            if not isinstance(getattr(self, name), bool):
+                raise ExperimentError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.compile and self.static:
+            raise ExperimentError("compile and static were both asked for: the static step compiles every subnet's "
+                                  "step itself; drop compile")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ExperimentError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
         if self.space_name not in SPACES:
@@ -134,6 +139,9 @@ def run_epochs(run: SupernetTraining, chief: bool, save: Callable[[dict[str, Any
     if chief and run.compiled is not None and run.epoch < run.settings.epochs:
         log("aebnas: torch.compile of the largest and smallest subnets: each one's first step compiles it "
             "(minutes on a CPU), the random subnets run eagerly")
+    if chief and run.static is not None and run.epoch < run.settings.epochs:
+        log("aebnas: the static-shape step: the first step at each resolution compiles its two graphs "
+            "(teacher, student; minutes), then every subnet replays them")
     while run.epoch < run.settings.epochs:
         progress = Progress(f"supernet epoch {run.epoch + 1}/{run.settings.epochs}", len(run.train_batches), log,
                             every_s=progress_every_s)
@@ -153,7 +161,7 @@ def _make_run(config: dict[str, Any], data: Dataset, device: torch.device, rank:
     return SupernetTraining(space_values_of(config["space_kwargs"]), config["width_mult"], data,
                             SupernetSettings(**config["settings"]), device, dataset_name=config["dataset"],
                             split_seed=config["split_seed"], rank=rank, world_size=world_size,
-                            compile=config["compile"])
+                            compile=config["compile"], static=config.get("static", False))
 
 
 def _write_checkpoint(directory: Path, run: SupernetTraining) -> None:
@@ -226,7 +234,8 @@ def _loop_config(request: SupernetRequest, data: Any) -> dict[str, Any]:
     return {"space_kwargs": {k: list(v) for k, v in dataclasses.asdict(request.space).items()},
             "width_mult": request.width_mult, "settings": request.settings.to_dict(),
             "dataset": request.dataset, "split_seed": request.split_seed,
-            "cpus_per_worker": request.cpus_per_worker, "compile": request.compile, "data": data}
+            "cpus_per_worker": request.cpus_per_worker, "compile": request.compile,
+            "static": request.static, "data": data}
 
 
 def _quiet_train_logs() -> dict[str, Any]:
