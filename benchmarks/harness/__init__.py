@@ -4,6 +4,8 @@
   script that measures its claim on several, chosen with ``--variant``);
 - :mod:`harness.common`: the command line of a script (``main``), the machine, the result files,
   searches and their provenance, markdown helpers;
+- :mod:`harness.rows`: rows on disk as they are measured (``<claim>.partial.jsonl``) and pages rewritten after each
+  section, so a benchmark stopped by a time limit keeps what it finished; SIGTERM raised as ``TimeLimit``;
 - :mod:`harness.report`: rebuilds docs/benchmarks.md from the result files (``python benchmarks/report.py``);
 - :mod:`harness.picks`: the trial one would deploy, paired differences over seeds, proposal order;
 - :mod:`harness.spaces`: the comparison of the three search spaces (``spaces_compare.py``'s variants);

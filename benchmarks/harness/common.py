@@ -5,10 +5,11 @@ one :class:`~harness.claims.Variant` per setup), holds its own ``measure`` funct
 :func:`main` (or :func:`main_with_variants`). ``main`` records the machine, the date and the load
 average before and after, runs the measurement, writes the claim's small result file
 ``docs/benchmarks/<claim>.json`` (figures + the markdown of its section) and rebuilds
-``docs/benchmarks.md`` (:mod:`harness.report`). ``--quick`` runs the script's tiny settings and
-writes under the git-ignored ``results/benchmarks/quick/`` instead, so the docs only ever
-show real runs. Experiments, trial directories and other bulky outputs go to
-``results/benchmarks/`` (git-ignored).
+``docs/benchmarks.md`` (:mod:`harness.report`). Rows a script measures go to disk as it measures
+them (``ctx.add_row``, :mod:`harness.rows`), so a run stopped by a time limit keeps them.
+``--quick`` runs the script's tiny settings and writes under the git-ignored
+``results/benchmarks/quick/`` instead, so the docs only ever show real runs. Experiments, trial
+directories and other bulky outputs go to ``results/benchmarks/`` (git-ignored).
 
 Everything measured is a ratio (or a difference) between two things timed in the same
 run, interleaved where they are cheap enough to repeat: the machine is shared and its
@@ -43,6 +44,7 @@ import pandas as pd
 import torch
 
 from .claims import Claim, Variant
+from .rows import RowLog, TimeLimit, partial_path, raise_on_sigterm
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS_DIR = REPO / "docs" / "benchmarks"   # one JSON per claim + figures (committed)
@@ -86,6 +88,13 @@ class Context:
     docs: Path
     quick: bool
     reuse: bool = False  # searches: re-analyse those in ``scratch`` that the current code ran
+    # rows written as they are measured (harness.rows), through ``add_row``; None outside ``main``
+    log: RowLog | None = None
+
+    def add_row(self, table: str, row: dict[str, Any]) -> None:
+        """Row ``row`` of ``table`` on disk now (``<claim>.partial.jsonl``), kept if the run is stopped."""
+        if self.log is not None:
+            self.log.add(table, row)
 
 
 def machine() -> dict[str, Any]:
@@ -105,32 +114,53 @@ def machine() -> dict[str, Any]:
 
 
 def main(claim: Claim, measure: Callable[..., Outcome], settings: dict[str, Any], quick: dict[str, Any],
-         reusable: bool = False) -> int:
+         reusable: bool = False, flags: dict[str, str] | None = None) -> int:
     """Command line of a benchmark script: run ``measure`` with ``settings`` (``--quick``: ``quick``).
-    ``reusable``: the claim's searches may be re-analysed with ``--reuse``."""
-    return main_with_variants({"": Variant(claim, settings, quick)}, measure, reusable)
+    ``reusable``: the claim's searches may be re-analysed with ``--reuse``. ``flags``: the script's own
+    on/off options, name → help (``{"static_on_cpu": …}`` is ``--static-on-cpu``), passed to ``measure``
+    as keyword arguments and recorded with the settings."""
+    return main_with_variants({"": Variant(claim, settings, quick)}, measure, reusable, flags)
 
 
-def main_with_variants(variants: dict[str, Variant], measure: Callable[..., Outcome], reusable: bool = False) -> int:
+def main_with_variants(variants: dict[str, Variant], measure: Callable[..., Outcome], reusable: bool = False,
+                       flags: dict[str, str] | None = None) -> int:
     """Command line of a script that measures its claim on several setups: ``--variant NAME`` picks one of
-    ``variants`` (the first by default; a single one named "" has no flag), run as :func:`main` runs a claim."""
-    args = _parse_args(variants, reusable)
+    ``variants`` (the first by default; a single one named "" has no flag), run as :func:`main` runs a claim.
+
+    Rows a script adds with ``ctx.add_row`` go to ``<claim>.partial.jsonl`` as they are measured (beside the
+    record with ``--docs-dir`` or ``--quick``, else in the claim's scratch directory), removed once the record
+    is written. SIGTERM (the limit of ``timeout``) raises :class:`~harness.rows.TimeLimit` in ``measure``: one
+    that does not catch it ends here with exit status 124, its rows left in the partial file."""
+    args = _parse_args(variants, reusable, flags or {})
     variant = variants[args.variant]
     if variant.needs is not None and not variant.needs.is_file():
         raise SystemExit(variant.missing)
     ctx = _context(variant.claim, args)
-    chosen = variant.quick if args.quick else variant.settings
+    chosen = {**(variant.quick if args.quick else variant.settings),
+              **{name: getattr(args, name) for name in (flags or {})}}
     load_start, started, t0 = os.getloadavg(), dt.datetime.now().astimezone(), time.perf_counter()
     print(f"benchmark {ctx.claim.number} ({ctx.claim.key}): load average {load_start[0]:.2f} on "
           f"{os.cpu_count()} cores", flush=True)
-    outcome = measure(ctx, **chosen)
+    ctx.log = RowLog(partial_path(args.docs_dir or (ctx.docs if args.quick else ctx.scratch), ctx.claim.key),
+                     {"number": ctx.claim.number, "key": ctx.claim.key, "title": ctx.claim.title,
+                      "command": _command(), "date": started.isoformat(timespec="seconds"), "machine": machine(),
+                      "settings": plain(chosen)})
+    raise_on_sigterm()
+    try:
+        outcome = measure(ctx, **chosen)
+    except TimeLimit:
+        print(f"benchmark {ctx.claim.number} stopped by SIGTERM (its time limit) after "
+              f"{time.perf_counter() - t0:.0f} s: no record written; the {ctx.log.rows} row(s) it measured are in "
+              f"{ctx.log.path} (python benchmarks/harness/rows.py {ctx.log.path})", flush=True)
+        return 124
     record = _record(ctx.claim, outcome, chosen, started, time.perf_counter() - t0, load_start)
     path = ctx.docs / f"{ctx.claim.key}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
+    ctx.log.finish()
     return _rebuild_page(ctx, outcome, path, args)
 
 
-def _parse_args(variants: dict[str, Variant], reusable: bool) -> argparse.Namespace:
+def _parse_args(variants: dict[str, Variant], reusable: bool, flags: dict[str, str]) -> argparse.Namespace:
     """The flags of a benchmark script (``--variant`` when it has several); the description is its first
     variant's claim."""
     claim = next(iter(variants.values())).claim
@@ -152,6 +182,8 @@ def _parse_args(variants: dict[str, Variant], reusable: bool) -> argparse.Namesp
                                  "with the same settings")
     parser.add_argument("--docs-dir", type=Path, help="write the result file here instead of docs/benchmarks/ "
                         "(a run on another machine, copied back by hand)")
+    for name, text in flags.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=text)
     return parser.parse_args()
 
 
@@ -172,13 +204,18 @@ def _record(claim: Claim, outcome: Outcome, chosen: dict[str, Any], started: dt.
     return {
         "number": claim.number, "key": claim.key, "title": claim.title, "goal": claim.goal,
         "measured": outcome.measured, "holds": outcome.holds,
-        "command": " ".join([f"{k}={os.environ[k]}" for k in ENV_SETTINGS if k in os.environ]
-                            + ["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+        "command": _command(),
         "date": started.isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
         "machine": machine(), "load_start": [round(v, 2) for v in load_start],
         "load_end": [round(v, 2) for v in os.getloadavg()], "settings": plain(chosen),
         "figures": plain(outcome.figures), "details": outcome.details,
     }
+
+
+def _command() -> str:
+    """The command line that ran this script, with the environment settings that change its figures."""
+    return " ".join([f"{k}={os.environ[k]}" for k in ENV_SETTINGS if k in os.environ]
+                    + ["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
 def _rebuild_page(ctx: Context, outcome: Outcome, path: Path, args: argparse.Namespace) -> int:
