@@ -3,23 +3,27 @@ candidate's scoring, on this machine's device (CUDA when present, else the CPU).
 
 For each of the three, the wall time of its phases (perf_counter, CUDA synchronised) and the
 operators that take the most self time (``torch.profiler``, CPU and, on CUDA, kernel time). Data:
-the embedded CIFAR-10 subset and the shipped supernet (width 0.75, 32-40 px), as the quickstart. Inherited candidates are also
-timed phase by phase as ``trainable.train_candidate`` runs them, and in a real Ray Tune search of the
-same size (what Ray adds per trial).
-Writes results/benchmarks/profile/<device>.md; docs/speed.md quotes it.
+the embedded CIFAR-10 subset and the shipped supernet (width 0.75, 32-40 px), as the quickstart.
+Inherited candidates are also timed phase by phase as ``trainable.train_candidate`` runs them, and
+in a real Ray Tune search of the same size (what Ray adds per trial; skipped, with a line saying
+so, where Ray cannot be imported, as on a lent GPU machine).
+Writes ``<device>.md`` in ``--out`` (default results/benchmarks/profile/), again after each section,
+so a run stopped by a time limit keeps the sections it finished; docs/speed.md quotes it.
 
-    python benchmarks/profile_steps.py [--steps N]
+    python benchmarks/profile_steps.py [--steps N] [--candidates N] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import random
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -27,6 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from harness.common import SCRATCH, machine, md_table, tune_config
+from harness.rows import GrowingPage
 
 
 class Phases:
@@ -58,16 +63,14 @@ def op_table(prof, device: torch.device, rows: int = 12) -> str:
 def inherited_trial_phases(dev: torch.device, amp: bool, candidates: int) -> list[str]:
     """The phases of ``trainable.train_candidate`` for inherited candidates, timed outside Ray."""
     import tempfile
-    from pathlib import Path
 
     from aebnas.config import random_arch
     from aebnas.cost.macs import exit_costs
     from aebnas.data.datasets import load_dataset
-    from aebnas.exit_policy import oracle, simulate, tune_thresholds
+    from aebnas.exit_policy import oracle, save_exit_outputs, simulate, tune_thresholds
     from aebnas.settings import TrialSettings
     from aebnas.training.supernet_file import EMBEDDED_SUPERNET, SupernetInfo, built_supernet, supernet_from_state
     from aebnas.nn import extract
-    from aebnas.search.trainable import save_exit_outputs
     from aebnas.training.loop import CandidateTraining, load_checkpoint
 
     threads = torch.get_num_threads()
@@ -165,6 +168,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="training steps profiled (after one warm-up step)")
     parser.add_argument("--candidates", type=int, default=8, help="inherited candidates timed (and searched on Ray)")
+    parser.add_argument("--out", type=Path, default=SCRATCH / "profile",
+                        help="folder of the page, <device>.md (default: results/benchmarks/profile/)")
     args = parser.parse_args()
 
     from aebnas.config import random_arch
@@ -176,9 +181,11 @@ def main() -> int:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda"
-    out = SCRATCH / "profile"
-    out.mkdir(parents=True, exist_ok=True)
-    sections = [f"# Profile on {machine()['gpu'] or f'CPU ({torch.get_num_threads()} threads)'}", ""]
+    page = GrowingPage(args.out / f"{dev.type}.md",
+                       [f"# Profile on {machine()['gpu'] or f'CPU ({torch.get_num_threads()} threads)'}", "",
+                        f"torch {torch.__version__}; `{' '.join(['python', *sys.argv])}`. Sections are added as "
+                        "they are measured: one missing at the end was not reached.", ""])
+    print(f"writing {page.path} as it goes", flush=True)
 
     # 1. sandwich steps of the shipped supernet's space
     supernet, info = load_supernet(EMBEDDED_SUPERNET, dev)
@@ -193,9 +200,9 @@ def main() -> int:
         start = time.perf_counter()
         stats = run.train_epoch()
         sandwich_s = time.perf_counter() - start
-    sections += [f"## Sandwich steps (batch {batch}, {args.steps + 1} steps, width {info.width_mult:g})", "",
-                 f"{stats['images_per_s']:.0f} images/s ({sandwich_s:.2f} s for the epoch).", "",
-                 op_table(prof, dev), ""]
+    page.add([f"## Sandwich steps (batch {batch}, {args.steps + 1} steps, width {info.width_mult:g})", "",
+              f"{stats['images_per_s']:.0f} images/s ({sandwich_s:.2f} s for the epoch).", "",
+              op_table(prof, dev), ""])
 
     # 2. fine-tuning steps of an inherited candidate (its loop, on the same images as the sandwich steps)
     from aebnas.training.loop import CandidateTraining
@@ -207,17 +214,19 @@ def main() -> int:
     tune.train_epoch()  # warm-up
     with profiled(dev) as prof:
         ft = tune.train_epoch()
-    sections += [f"## Fine-tuning steps of an inherited candidate (batch {batch}, {args.steps + 1} steps)", "",
-                 f"{ft['images_per_s']:.0f} images/s.", "", op_table(prof, dev), ""]
+    page.add([f"## Fine-tuning steps of an inherited candidate (batch {batch}, {args.steps + 1} steps)", "",
+              f"{ft['images_per_s']:.0f} images/s.", "", op_table(prof, dev), ""])
 
     # 3. an inherited candidate as a trial scores it (one thread, as a trial holding one CPU), phase by phase
-    sections += inherited_trial_phases(dev, amp, args.candidates)
+    page.add(inherited_trial_phases(dev, amp, args.candidates))
     # 4. the same candidates in a real Ray Tune search (quickstart settings): what Ray adds per trial
-    sections += ray_search(args.candidates)
-    path = out / f"{dev.type}.md"
-    path.write_text("\n".join(sections))
-    print("\n".join(sections))
-    print(f"wrote {path}")
+    if importlib.util.find_spec("ray") is None:
+        page.add(["## The same kind of candidates in a Ray Tune search", "",
+                  "Skipped: Ray cannot be imported here (a GPU machine lent without it).", ""])
+    else:
+        page.add(ray_search(args.candidates))
+    print(page.text)
+    print(f"wrote {page.path}")
     return 0
 
 
