@@ -49,6 +49,8 @@ class StaticSandwich:
                  amp_dtype: torch.dtype | None, device: torch.device, backend: Any = None,
                  resolutions: tuple[int, ...] = ()) -> None:
         self.model, self.masked = model, MaskedSupernet(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._grads: list[torch.Tensor] | None = None  # the step's gradient sums, reused step after step
         self.exit_weight, self.label_smoothing = exit_weight, label_smoothing
         self.amp_dtype, self.device = amp_dtype, device
         self.compiles: Counter[tuple[str, int]] = Counter()
@@ -91,10 +93,15 @@ class StaticSandwich:
     # ------------------------------------------------------------ the step
     def backward_step(self, x: torch.Tensor, y: torch.Tensor, subnets: list[ArchConfig], scaler: Any,
                       on_loss: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
-        """Forward, loss and backward of each subnet (the first is the teacher); gradients add up in
-        ``.grad``, those of parameters no subnet used are set to ``None``. Returns the losses."""
+        """Forward, loss and backward of each subnet (the first is the teacher); the gradients are added up
+        (one multi-tensor add a subnet, into buffers kept from step to step) and added to ``.grad``; those
+        of parameters no subnet used stay ``None``. Returns the losses."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        if self._grads is None:
+            self._grads = [torch.zeros_like(p) for p in self.params]
+        else:
+            torch._foreach_zero_(self._grads)
         losses, teacher = [], None
         for i, arch in enumerate(subnets):
             masks = self.masked.masks(arch, x.device)
@@ -110,11 +117,22 @@ class StaticSandwich:
             self.compiles[(role, arch.resolution)] += _graph_count() - before
             if on_loss is not None:
                 on_loss(i, loss)
-            scaler.scale(loss).backward()
+            # every parameter is in the masked graph (unused ones with a zero gradient)
+            grads = torch.autograd.grad(scaler.scale(loss), self.params, allow_unused=True, materialize_grads=True)
+            torch._foreach_add_(self._grads, grads)
             losses.append(loss.detach().clone())
-        for p in unused_parameters(self.model, subnets):
-            p.grad = None
+        self._set_grads(subnets)
         return losses
+
+    def _set_grads(self, subnets: list[ArchConfig]) -> None:
+        unused = {id(p) for p in unused_parameters(self.model, subnets)}
+        for p, g in zip(self.params, self._grads):
+            if id(p) in unused:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
 
     def graphs(self) -> dict[str, int]:
         """Graphs compiled so far by role and resolution (``"teacher@32"`` …)."""
