@@ -32,11 +32,13 @@ def expanded_channels(in_channels: int, expansion: int) -> int:
 
 
 def make_activation(name: str | None) -> nn.Module:
+    """The activation ``name`` as a layer. In place only where that is free in training: ReLU's backward
+    pass reads its output, h-swish's its input, which autograd would first copy (one kernel more per call)."""
     if name is None:
         return nn.Identity()
     if name not in ACTIVATIONS:
         raise ValueError(f"activation={name!r} is not one of {tuple(ACTIVATIONS)}")
-    return ACTIVATIONS[name](inplace=True)
+    return ACTIVATIONS[name](inplace=name == "relu")
 
 
 class ConvBNAct(nn.Sequential):
@@ -63,7 +65,7 @@ class SqueezeExcite(nn.Module):
         self.reduce = nn.Conv2d(channels, mid, 1, bias=True)
         self.act = nn.ReLU(inplace=True)
         self.expand = nn.Conv2d(mid, channels, 1, bias=True)
-        self.gate = nn.Hardsigmoid(inplace=True)
+        self.gate = nn.Hardsigmoid()  # not in place: its backward reads its input (autograd would copy it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))

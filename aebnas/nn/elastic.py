@@ -117,7 +117,7 @@ class ElasticExitBranch(nn.Module):
         h = x
         for module, module_cfg in zip(self.features, exit_cfg.modules):
             h = module(h, module_cfg)
-        return self.classifiers[exit_cfg.depth - 1](torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        return self.classifiers[exit_cfg.depth - 1](h.mean((2, 3)))  # global average pooling (as elastic_ops' SE)
 
     def copy_to(self, plain: ExitBranch, exit_cfg: ExitConfig) -> None:
         """Copy the slices of exit ``exit_cfg`` into ``plain`` (an ``ExitBranch`` of it)."""

@@ -42,6 +42,7 @@ from ..config import EXIT_BRANCHES, ArchConfig, SpaceValues, largest_arch, rando
 from ..data.datasets import Dataset
 from ..exit_policy import ExitOutputs
 from ..nn import ElasticEarlyExitNet, EarlyExitNet, extract
+from ..nn.elastic_ops import slice_grads_in_place
 from ..data.preprocess import resize
 from ..settings import DEFAULT_CONFIDENCE
 from .supernet_file import SupernetInfo, SupernetSettings, image_digests
@@ -196,18 +197,20 @@ class SupernetTraining:
             return self.static.backward_step(x, y, self.subnets(epoch, step), self.scaler, on_loss)
         teacher = None
         losses = []
-        for i, arch in enumerate(self.subnets(epoch, step)):
-            with autocast(self.device, s.amp):
-                outputs = self._forward(resize(x, arch.resolution), arch)
-                if i == 0:
-                    loss = multi_exit_loss(outputs, y, s.exit_weight, s.label_smoothing)
-                    teacher = outputs[-1].detach()
-                else:
-                    loss = distillation_loss(outputs, teacher, s.exit_weight)
-            if on_loss is not None:
-                on_loss(i, loss)
-            self.scaler.scale(loss).backward()
-            losses.append(loss.detach())
+        # elastic_ops: the slices' gradients go straight into .grad; under autocast a weight is cast once a step
+        with slice_grads_in_place():
+            for i, arch in enumerate(self.subnets(epoch, step)):
+                with autocast(self.device, s.amp):
+                    outputs = self._forward(resize(x, arch.resolution), arch)
+                    if i == 0:
+                        loss = multi_exit_loss(outputs, y, s.exit_weight, s.label_smoothing)
+                        teacher = outputs[-1].detach()
+                    else:
+                        loss = distillation_loss(outputs, teacher, s.exit_weight)
+                if on_loss is not None:
+                    on_loss(i, loss)
+                self.scaler.scale(loss).backward()
+                losses.append(loss.detach())
         return losses
 
     def _forward(self, x: torch.Tensor, arch: ArchConfig) -> list[torch.Tensor]:
