@@ -11,7 +11,7 @@ Every parameter slice is made by :func:`take`. By default it is plain indexing, 
 pass fills a zeroed copy of the whole weight and adds it into ``.grad``. Inside
 :func:`slice_grads_in_place` (``SupernetTraining.backward_step`` enters it) a training forward pass
 takes its slices through :class:`_SliceIntoGrad` instead: the backward pass adds the slice's gradient
-into ``weight.grad[slice]`` in place (docs/supernet.md, "The eager step's gradients").
+into ``weight.grad[slice]`` in place (docs/speed.md, "The eager step").
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 - :mod:`harness.latency`: the latency table, networks built from the shipped supernet, timing per image;
 - :mod:`harness.fashion_mnist`: the Fashion-MNIST job's settings and claims, shared by the scripts that
   measure them and ``fashion_mnist_results.py``;
+- :mod:`harness.op_count`: kernel-calling operators of a callable (``count_kernel_ops``), of one supernet
+  training step (``sandwich_step_ops``) or a plain network's (``plain_step_ops``), counted with ``torch.profiler``;
 - :mod:`harness.baseline`: torchvision's ``mobilenet_v3_small`` trained alone, the reference row of
   docs/results.md (also a command: ``python benchmarks/harness/baseline.py --help``).
 
