@@ -226,9 +226,9 @@ def _add_supernet(p: argparse.ArgumentParser) -> None:
     t.add_argument("--compile", action="store_true", help="torch.compile the largest and smallest subnets' "
                    "training steps: compiles for minutes first, speed only (on 2 CPU cores it did not pay: "
                    "docs/benchmarks.md, claim 27)")
-    t.add_argument("--static", action="store_true", help="the static-shape sandwich step: every subnet at the "
+    t.add_argument("--static-shapes", action="store_true", help="the static-shape sandwich step (not the static space): every subnet at the "
                    "largest one's shapes with its choices as masks, compiled once per resolution (CUDA graphs on "
-                   "a GPU); the same gradients, more arithmetic: for GPUs (docs/supernet.md, \"The static step\")")
+                   "a GPU); the same gradients, more arithmetic: for GPUs (docs/supernet.md, \"The static-shape step\")")
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel); 0 trains in "
                    "this process without Ray (default: %(default)s)")
     t.add_argument("--cpus-per-worker", type=float, default=None,
@@ -270,7 +270,7 @@ def _supernet_train(args: argparse.Namespace) -> int:
                               test_size=args.test_size, split_seed=args.seed, width_mult=args.width_mult,
                               space_kwargs={"resolutions": tuple(args.resolutions)} if args.resolutions else {},
                               settings=settings, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                              address=args.address, compile=args.compile, static=args.static)
+                              address=args.address, compile=args.compile, static_shapes=args.static_shapes)
     try:
         train_supernet(request)
     except ExperimentError as exc:

@@ -117,7 +117,7 @@ def test_compiled_static_step_traces_two_graphs_per_resolution_and_never_recompi
     assert all(n == 1 for n in graphs.values()), graphs  # one graph each, compiled once: no recompile
 
 
-def test_static_is_asked_for_by_the_request_not_part_of_its_identity_and_not_with_compile() -> None:
+def test_static_shapes_is_asked_for_by_the_request_not_part_of_its_identity_and_not_with_compile() -> None:
     from aebnas.errors import ExperimentError
     from aebnas.training.supernet_job import SupernetRequest, _loop_config, _make_run
 
@@ -125,15 +125,15 @@ def test_static_is_asked_for_by_the_request_not_part_of_its_identity_and_not_wit
     space = {k: list(v) for k, v in dataclasses.asdict(SPACE).items()}
     plain = SupernetRequest(out="unused", space_kwargs=space, width_mult=KW["width_mult"],
                             settings=SupernetSettings(epochs=1, batch_size=64), workers=0)
-    static = dataclasses.replace(plain, static=True)
+    static = dataclasses.replace(plain, static_shapes=True)
     assert plain.identity() == static.identity()  # the same gradients: a run resumes either way
     assert _make_run(_loop_config(plain, None), data, torch.device("cpu"), 0, 1).static is None
     run = _make_run(_loop_config(static, None), data, torch.device("cpu"), 0, 1)
     assert run.static is not None and run.static.model is run.model
     with pytest.raises(ExperimentError, match="drop compile"):
         dataclasses.replace(static, compile=True).validate()
-    with pytest.raises(ExperimentError, match="static='yes' must be True or False"):
-        dataclasses.replace(plain, static="yes").validate()
+    with pytest.raises(ExperimentError, match="static_shapes='yes' must be True or False"):
+        dataclasses.replace(plain, static_shapes="yes").validate()
 
 
 def _trained_epoch(static: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

@@ -3,7 +3,7 @@
 :func:`masked_forward` runs subnet ``arch`` of an :class:`~aebnas.nn.ElasticEarlyExitNet` with the same
 parameters as ``supernet(x, arch)``, but every shape is the one the largest subnet has at that input
 resolution, so a training step traces into one graph per resolution whatever the subnet (CUDA graphs
-can capture it; docs/supernet.md, "The static step"). The subnet is a flat float tensor of masks
+can capture it; docs/supernet.md, "The static-shape step"). The subnet is a flat float tensor of masks
 (:class:`MaskLayout`, ``layout.encode(arch)``):
 
 - **channels**: an inverted residual's middle channels (expansion) and squeeze width, an exit module's
@@ -232,9 +232,10 @@ def _exit_modules(h: torch.Tensor, branch: ElasticExitBranch, variants: dict[int
         depth_on = aebnas if i == 1 else m[f"{p}/depth2"]
         expand, pool = m[f"{p}/expand{i}"], m[f"{p}/m{i}/pool"]
         feature, current = 0.0, []
+        inputs = {r: _weighted_resize(previous, r) for r in sorted({v.resize for v in variants[i]})}
         for v, variant in enumerate(variants[i]):
             chosen = m[f"{p}/m{i}/v{v}"]
-            x = _weighted_resize(previous, variant.resize)
+            x = inputs[variant.resize]
             out, pooled = _module_variant(x, module, variant, expand, chosen * depth_on)
             if pooled is None:
                 current.append((chosen, out))

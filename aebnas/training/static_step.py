@@ -10,7 +10,7 @@ their gradient set back to ``None``, so the optimiser treats them as the sliced 
 
 The price is compute: every subnet costs what the largest costs at its resolution (and every exit
 variant is computed). On a GPU, bound by launching kernels, that is cheap; on the CPU the sliced step
-stays the default (docs/supernet.md, "The static step"; claim 30 counts the ops and graphs).
+stays the default (docs/supernet.md, "The static-shape step"; claim 30 counts the ops and graphs).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..config import ArchConfig
 from ..nn import ElasticEarlyExitNet
@@ -27,6 +28,7 @@ from ..nn.masked import MaskedSupernet, masked_exit_loss, unused_parameters
 from ..data.preprocess import resize
 
 TEACHER, STUDENT = "teacher", "student"
+GRAPH_RANGE = "aebnas::static_graph"  # profiler range around what the graphs hold (forward+loss, backward)
 
 
 def _graph_count() -> int:
@@ -107,18 +109,22 @@ class StaticSandwich:
             masks = self.masked.masks(arch, x.device)
             xr = resize(x, arch.resolution)
             before = _graph_count()
+            with record_function(GRAPH_RANGE):
+                if i == 0:
+                    loss, teacher = self._teacher(xr, masks, y)
+                    role = TEACHER
+                else:
+                    loss = self._student(xr, masks, teacher)
+                    role = STUDENT
             if i == 0:
-                loss, teacher = self._teacher(xr, masks, y)
                 teacher = teacher.clone()  # a CUDA graph's output is overwritten by its next replay
-                role = TEACHER
-            else:
-                loss = self._student(xr, masks, teacher)
-                role = STUDENT
             self.compiles[(role, arch.resolution)] += _graph_count() - before
             if on_loss is not None:
                 on_loss(i, loss)
             # every parameter is in the masked graph (unused ones with a zero gradient)
-            grads = torch.autograd.grad(scaler.scale(loss), self.params, allow_unused=True, materialize_grads=True)
+            scaled = scaler.scale(loss)
+            with record_function(GRAPH_RANGE):
+                grads = torch.autograd.grad(scaled, self.params, allow_unused=True, materialize_grads=True)
             torch._foreach_add_(self._grads, grads)
             losses.append(loss.detach().clone())
         self._set_grads(subnets)
@@ -139,4 +145,4 @@ class StaticSandwich:
         return {f"{role}@{res}": n for (role, res), n in sorted(self.compiles.items())}
 
 
-__all__ = ["StaticSandwich", "TEACHER", "STUDENT"]
+__all__ = ["StaticSandwich", "TEACHER", "STUDENT", "GRAPH_RANGE"]

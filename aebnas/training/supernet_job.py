@@ -69,7 +69,7 @@ class SupernetRequest:
     address: str | None = None
     max_failures: int = 2
     compile: bool = False  # torch.compile the largest and smallest subnets' steps (speed only: not in identity())
-    static: bool = False  # the static-shape step, compiled per resolution (the same gradients: not in identity())
+    static_shapes: bool = False  # the static-shape step, compiled per resolution (the same gradients: not in identity())
 
     @property
     def space(self) -> SpaceValues:
@@ -81,11 +81,11 @@ class SupernetRequest:
     def validate(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ExperimentError(f"workers={self.workers!r} must be an integer ≥ 0 (0: in this process, no Ray)")
-        for name in ("compile", "static"):
+        for name in ("compile", "static_shapes"):
             if not isinstance(getattr(self, name), bool):
                 raise ExperimentError(f"{name}={getattr(self, name)!r} must be True or False")
-        if self.compile and self.static:
-            raise ExperimentError("compile and static were both asked for: the static step compiles every subnet's "
+        if self.compile and self.static_shapes:
+            raise ExperimentError("compile and static_shapes were both asked for: the static-shape step compiles every subnet's "
                                   "step itself; drop compile")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ExperimentError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
@@ -161,7 +161,7 @@ def _make_run(config: dict[str, Any], data: Dataset, device: torch.device, rank:
     return SupernetTraining(space_values_of(config["space_kwargs"]), config["width_mult"], data,
                             SupernetSettings(**config["settings"]), device, dataset_name=config["dataset"],
                             split_seed=config["split_seed"], rank=rank, world_size=world_size,
-                            compile=config["compile"], static=config.get("static", False))
+                            compile=config["compile"], static=config.get("static_shapes", False))
 
 
 def _write_checkpoint(directory: Path, run: SupernetTraining) -> None:
@@ -235,7 +235,7 @@ def _loop_config(request: SupernetRequest, data: Any) -> dict[str, Any]:
             "width_mult": request.width_mult, "settings": request.settings.to_dict(),
             "dataset": request.dataset, "split_seed": request.split_seed,
             "cpus_per_worker": request.cpus_per_worker, "compile": request.compile,
-            "static": request.static, "data": data}
+            "static_shapes": request.static_shapes, "data": data}
 
 
 def _quiet_train_logs() -> dict[str, Any]:
