@@ -56,7 +56,7 @@ def profiled(device: torch.device):
 
 
 def op_table(prof, device: torch.device, rows: int = 12) -> str:
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # one name in torch 2.11-2.14
     return "```\n" + prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48) + "\n```"
 
 
