@@ -154,3 +154,26 @@ def test_an_epoch_of_static_steps_trains_the_weights_the_sliced_steps_do() -> No
     assert m_record["loss"] == pytest.approx(record["loss"], rel=1e-5)
     for k, v in weights.items():  # float noise of different reductions, carried through three steps
         assert (m_weights[k] - v).abs().max() <= 1e-4 * v.abs().max() + 1e-5, k
+
+
+def test_the_fused_optimiser_with_a_tensor_learning_rate_steps_as_the_plain_one() -> None:
+    """The static-shape step's optimiser on CUDA (fused SGD, the rate a tensor), checked on the CPU."""
+    from aebnas.training.loop import TrainSettings, make_lr_schedule, make_optimizer
+
+    settings = TrainSettings(epochs=2, batch_size=8, weight_decay=1e-3)
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+        optimizer = make_optimizer(model, settings, fused=fused)
+        schedule = make_lr_schedule(optimizer, settings, 3)
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+        for _ in range(4):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            optimizer.step()
+            schedule.step()
+        assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor) == fused
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for plain, fused_w in zip(*weights):
+        torch.testing.assert_close(fused_w, plain, rtol=1e-5, atol=1e-6)

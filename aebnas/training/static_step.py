@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import record_function
 
 from ..config import ArchConfig
@@ -38,6 +39,35 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+class _LossGraph(nn.Module):
+    """One role's graph: the masked supernet's forward under autocast, then the loss (a module, so that
+    ``torch.compile`` sees the supernet's parameters and buffers as a module's: CUDA graphs keep them in
+    place and may update the BatchNorm buffers)."""
+
+    def __init__(self, masked: MaskedSupernet, role: str, exit_weight: float, label_smoothing: float,
+                 amp_dtype: torch.dtype | None, device_type: str) -> None:
+        super().__init__()
+        self.masked, self.role = masked, role
+        self.exit_weight, self.label_smoothing = exit_weight, label_smoothing
+        self.amp_dtype, self.device_type = amp_dtype, device_type
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor, target: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, final logits detached): ``target`` is the labels (teacher) or the teacher's logits."""
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            exits, final, on = self.masked(x, masks)
+        exits, final = exits.float(), final.float()
+        if self.role == TEACHER:
+            loss = masked_exit_loss(exits, final, on, lambda o: F.cross_entropy(
+                o, target, label_smoothing=self.label_smoothing), self.exit_weight)
+        else:
+            soft = F.softmax(target.float(), dim=1)
+            loss = masked_exit_loss(exits, final, on, lambda o: -(soft * F.log_softmax(o, dim=1)).sum(dim=1).mean(),
+                                    self.exit_weight)
+        return loss, final.detach()
+
+
 class StaticSandwich:
     """The sandwich step's gradients at fixed shapes: ``backward_step(x, y, subnets, scaler, on_loss)``.
 
@@ -53,13 +83,11 @@ class StaticSandwich:
         self.model, self.masked = model, MaskedSupernet(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._grads: list[torch.Tensor] | None = None  # the step's gradient sums, reused step after step
-        self.exit_weight, self.label_smoothing = exit_weight, label_smoothing
-        self.amp_dtype, self.device = amp_dtype, device
         self.compiles: Counter[tuple[str, int]] = Counter()
         self.cuda_graphs = backend is None and device.type == "cuda"
-        if backend is False:
-            self._teacher, self._student = self._teacher_loss, self._student_loss
-        else:
+        graphs = {role: _LossGraph(self.masked, role, exit_weight, label_smoothing, amp_dtype, device.type)
+                  for role in (TEACHER, STUDENT)}
+        if backend is not False:
             import torch._dynamo.config as dynamo_config
 
             # Each resolution is a graph of each role; the default limit (8) would fall back to eager.
@@ -69,28 +97,8 @@ class StaticSandwich:
                 dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
             options: dict[str, Any] = ({"mode": "reduce-overhead"} if self.cuda_graphs
                                        else {"backend": backend} if backend is not None else {})
-            self._teacher = torch.compile(self._teacher_loss, dynamic=False, fullgraph=True, **options)
-            self._student = torch.compile(self._student_loss, dynamic=False, fullgraph=True, **options)
-
-    # ------------------------------------------------------------ the two graphs
-    def _outputs(self, x: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.amp_dtype is None:
-            return self.masked(x, masks)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype):
-            return self.masked(x, masks)
-
-    def _teacher_loss(self, x: torch.Tensor, masks: torch.Tensor, y: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        exits, final, on = self._outputs(x, masks)
-        loss = masked_exit_loss(exits.float(), final.float(), on, lambda o: F.cross_entropy(
-            o, y, label_smoothing=self.label_smoothing), self.exit_weight)
-        return loss, final.detach()
-
-    def _student_loss(self, x: torch.Tensor, masks: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        exits, final, on = self._outputs(x, masks)
-        target = F.softmax(teacher.float(), dim=1)
-        return masked_exit_loss(exits.float(), final.float(), on,
-                                lambda o: -(target * F.log_softmax(o, dim=1)).sum(dim=1).mean(), self.exit_weight)
+            graphs = {role: torch.compile(g, dynamic=False, fullgraph=True, **options) for role, g in graphs.items()}
+        self.graphs_by_role = graphs
 
     # ------------------------------------------------------------ the step
     def backward_step(self, x: torch.Tensor, y: torch.Tensor, subnets: list[ArchConfig], scaler: Any,
@@ -98,35 +106,32 @@ class StaticSandwich:
         """Forward, loss and backward of each subnet (the first is the teacher); the gradients are added up
         (one multi-tensor add a subnet, into buffers kept from step to step) and added to ``.grad``; those
         of parameters no subnet used stay ``None``. Returns the losses."""
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         if self._grads is None:
             self._grads = [torch.zeros_like(p) for p in self.params]
         else:
             torch._foreach_zero_(self._grads)
-        losses, teacher = [], None
+        losses, teacher = [], y
         for i, arch in enumerate(subnets):
+            role = TEACHER if i == 0 else STUDENT
             masks = self.masked.masks(arch, x.device)
             xr = resize(x, arch.resolution)
+            if self.cuda_graphs:  # the last replay's outputs have been read: its memory may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             before = _graph_count()
             with record_function(GRAPH_RANGE):
-                if i == 0:
-                    loss, teacher = self._teacher(xr, masks, y)
-                    role = TEACHER
-                else:
-                    loss = self._student(xr, masks, teacher)
-                    role = STUDENT
-            if i == 0:
-                teacher = teacher.clone()  # a CUDA graph's output is overwritten by its next replay
+                loss, final = self.graphs_by_role[role](xr, masks, teacher)
             self.compiles[(role, arch.resolution)] += _graph_count() - before
+            if i == 0:
+                teacher = final.clone()  # a CUDA graph's outputs are overwritten by its next replay
+            value = loss.detach().clone()
             if on_loss is not None:
-                on_loss(i, loss)
-            # every parameter is in the masked graph (unused ones with a zero gradient)
+                on_loss(i, value)
             scaled = scaler.scale(loss)
             with record_function(GRAPH_RANGE):
+                # every parameter is in the masked graph (unused ones with a zero gradient)
                 grads = torch.autograd.grad(scaled, self.params, allow_unused=True, materialize_grads=True)
             torch._foreach_add_(self._grads, grads)
-            losses.append(loss.detach().clone())
+            losses.append(value)
         self._set_grads(subnets)
         return losses
 

@@ -180,7 +180,8 @@ class SupernetTraining:
         self.epoch += 1
         seconds = time.perf_counter() - start
         return {**{k: v / max(steps, 1) for k, v in totals.items()}, "seconds": seconds,
-                "images_per_s": images / max(seconds, 1e-9), "lr": self.scheduler.get_last_lr()[0],
+                "images_per_s": images / max(seconds, 1e-9),
+                "lr": float(self.scheduler.get_last_lr()[0]),  # a tensor with the fused optimiser
                 "warmup": self.epoch <= s.warmup_epochs}
 
     def backward_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int,
