@@ -20,12 +20,12 @@
 # 470 s with the set-up, inside the 480 s this check may take:
 #   1. set-up (60 s): the wheels installed; torch, the GPU and every module the benchmarks import checked
 #      (what is missing is named, with the command that fetches it, and nothing else runs);
-#   2. claim 22, training_speed.py (270 s): eager and static sandwich, largest alone and torchvision's
+#   2. claim 22, training_speed.py (300 s): eager and static sandwich, largest alone and torchvision's
 #      mobilenet_v3_small in images/s and MACs/s at 32 px, batch 128 and 512; inherited candidates per
 #      minute; the SVHN experiment projected. Each row is written to
 #      $OUT/benchmarks/training_speed.partial.jsonl the moment it is measured; the static step's compiles
 #      come last, and a time limit reached while compiling still leaves the record without them;
-#   3. the profile, profile_steps.py (95 s): torch.profiler of a sandwich step, a fine-tuning step and an
+#   3. the profile, profile_steps.py (65 s): torch.profiler of a sandwich step, a fine-tuning step and an
 #      inherited candidate's scoring, its page $OUT/profile/<device>.md rewritten after each section
 #      (its Ray Tune part is skipped where Ray is missing);
 #   4. a summary (15 s): the files written, and the rows of any step stopped before its record.
@@ -111,10 +111,10 @@ step() {  # step LIMIT NAME COMMAND…: one benchmark under its time limit; its 
     echo "== $name: exit status $rc after $((SECONDS - t)) s$note"
     statuses+=("$name: $rc$note")
 }
-step 270 training_speed "$PY" benchmarks/training_speed.py --docs-dir "$OUT/benchmarks" ${quick[@]+"${quick[@]}"} \
+step 300 training_speed "$PY" benchmarks/training_speed.py --docs-dir "$OUT/benchmarks" ${quick[@]+"${quick[@]}"} \
     ${speed_flags[@]+"${speed_flags[@]}"}
 if [ ${#quick[@]} -gt 0 ]; then profile_args=(--steps 1 --candidates 1); else profile_args=(--steps 4 --candidates 4); fi
-step 95 profile "$PY" benchmarks/profile_steps.py "${profile_args[@]}" --out "$OUT/profile"
+step 65 profile "$PY" benchmarks/profile_steps.py "${profile_args[@]}" --out "$OUT/profile"
 echo "== compile_speed (claim 27): not run, dropped to fit: its two fresh inductor compiles need a lease of their own"
 
 # ---------------------------------------------------------------- 4. summary (15 s)
