@@ -28,6 +28,7 @@ caller: each is its own shape (a bucket).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import numpy as np
 import torch
@@ -57,7 +58,8 @@ class MaskLayout:
     """Where each mask lives in the flat mask tensor of one supernet (:meth:`encode` writes one subnet's).
 
     Names: ``s{stage}b{block}/on|mid|squeeze|kernel|e1``; ``exit{p}/on|edanas|depth1|depth2|expand1|expand2``,
-    ``exit{p}/m{1,2}/v{i}`` (that variant of that module is the subnet's) and ``exit{p}/m{1,2}/pool``.
+    ``exit{p}/m{1,2}/v{i}`` (that variant of that module is the subnet's), ``exit{p}/m{1,2}/pool`` and
+    ``exit{p}/m2/resize{r}`` (the matrix resizing module 1's output to r pixels; zero without module 2).
     """
 
     def __init__(self, supernet: ElasticEarlyExitNet) -> None:
@@ -68,6 +70,7 @@ class MaskLayout:
                 self._blocks_masks(f"s{s}b{b}", block)
         self.variants = {m: tuple(_Variant(r, k) for r, k in itertools.product(resizes, space.exit_kernels) if r)
                          for m, resizes in ((1, space.exit_m1_resizes), (2, space.exit_m2_resizes))}
+        self.m1_side = max(ExitModuleConfig(v.resize, v.kernel, 1, 0).conv_size for v in self.variants[1])
         for p in space.exit_positions:
             branch = supernet.branches[p - 1]
             for name in ("on", "edanas", "depth1", "depth2"):
@@ -77,6 +80,9 @@ class MaskLayout:
                 self.shapes[f"exit{p}/m{m}/pool"] = ()
                 for i in range(len(self.variants[m])):
                     self.shapes[f"exit{p}/m{m}/v{i}"] = ()
+                if m == 2:  # module 1's output (padded to the largest) resized to each of module 2's sizes
+                    for r in sorted({v.resize for v in self.variants[2]}):
+                        self.shapes[f"exit{p}/m2/resize{r}"] = (r, self.m1_side)
         self.offsets: dict[str, int] = {}
         self.sizes = {name: int(np.prod(shape, dtype=np.int64)) for name, shape in self.shapes.items()}
         at = 0
@@ -145,12 +151,23 @@ class MaskLayout:
             self._set(flat, f"{p}/m{m}/pool", float(module.pool))
             index = self.variants[m].index(_Variant(module.resize, module.kernel))
             self._set(flat, f"{p}/m{m}/v{index}", 1.0)
+            if m == 2:
+                for r in sorted({v.resize for v in self.variants[2]}):
+                    self._set(flat, f"{p}/m2/resize{r}", _padded_matrix(e.modules[0].out_size, r, self.m1_side))
 
     # ------------------------------------------------------------ reading
     def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``flat`` by name (inside a traced graph these are free)."""
         return {name: flat[self.offsets[name]:self.offsets[name] + self.sizes[name]].view(shape)
                 for name, shape in self.shapes.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _padded_matrix(size_in: int, size_out: int, side: int) -> np.ndarray:
+    """The resize matrix from ``size_in`` to ``size_out`` pixels, zero columns up to ``side`` (host side)."""
+    matrix = np.zeros((size_out, side), np.float32)
+    matrix[:, :size_in] = _bicubic_matrix(size_in, size_out, torch.empty(0)).numpy()
+    return matrix
 
 
 # --------------------------------------------------------------------------- layers
@@ -214,29 +231,40 @@ def _block(h: torch.Tensor, block: ElasticInvertedResidual, m: dict[str, torch.T
 
 def _module_variant(x: torch.Tensor, module, variant: _Variant, expand: torch.Tensor,
                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One (resize, kernel) of an exit module at full width: (output, 2×2-pooled output or None)."""
+    """One (resize, kernel) of an exit module at full width on ``x``, already resized: (output, 2×2-pooled
+    output or None)."""
     conv: nn.Conv2d = module.conv.conv.conv
     start = (conv.kernel_size[0] - variant.kernel) // 2
     weight = conv.weight[..., start:start + variant.kernel, start:start + variant.kernel]
-    h = _conv_bn_act(resize_bicubic(x, variant.resize), module.conv, weight, keep * expand)
+    h = _conv_bn_act(x, module.conv, weight, keep * expand)
     h = h * _channels(expand)
     return h, (F.max_pool2d(h, 2) if variant.can_pool else None)
 
 
 def _exit_modules(h: torch.Tensor, branch: ElasticExitBranch, variants: dict[int, tuple[_Variant, ...]],
                   m: dict[str, torch.Tensor], p: str, aebnas: torch.Tensor) -> list[torch.Tensor]:
-    """The pooled features after each module of the paper's branch (depth 1, then 2)."""
+    """The pooled features after each module of the paper's branch (depth 1, then 2).
+
+    Resizing is linear and separable, so it runs as two small matrix products (``A x Aᵀ``): module 1's
+    matrices depend on the stage's map alone; module 2 takes module 1's possible outputs, padded to one
+    size and summed with their 0/1 weights, and the matrices ``encode`` wrote for the size of the one
+    the subnet has (bicubic interpolation's backward is slow on the CPU, a product's is not)."""
     features: list[torch.Tensor] = []
-    previous: list[tuple[torch.Tensor | None, torch.Tensor]] = [(None, h)]  # the last module's possible outputs
+    previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # module 1's possible outputs and their weights
     for i, module in enumerate(branch.features, start=1):
         depth_on = aebnas if i == 1 else m[f"{p}/depth2"]
         expand, pool = m[f"{p}/expand{i}"], m[f"{p}/m{i}/pool"]
+        sizes = sorted({v.resize for v in variants[i]})
+        if i == 1:
+            inputs = {r: _resize_by(h, _bicubic_matrix(h.shape[-1], r, h)) for r in sizes}
+        else:
+            side = max(out.shape[-1] for _, out in previous)
+            canvas = sum(w * F.pad(out, (0, side - out.shape[-1], 0, side - out.shape[-2])) for w, out in previous)
+            inputs = {r: _resize_by(canvas, m[f"{p}/m2/resize{r}"]) for r in sizes}
         feature, current = 0.0, []
-        inputs = {r: _weighted_resize(previous, r) for r in sorted({v.resize for v in variants[i]})}
         for v, variant in enumerate(variants[i]):
             chosen = m[f"{p}/m{i}/v{v}"]
-            x = inputs[variant.resize]
-            out, pooled = _module_variant(x, module, variant, expand, chosen * depth_on)
+            out, pooled = _module_variant(inputs[variant.resize], module, variant, expand, chosen * depth_on)
             if pooled is None:
                 current.append((chosen, out))
                 feature = feature + chosen * out.mean((2, 3))
@@ -248,13 +276,20 @@ def _exit_modules(h: torch.Tensor, branch: ElasticExitBranch, variants: dict[int
     return features
 
 
-def _weighted_resize(previous: list[tuple[torch.Tensor | None, torch.Tensor]], size: int) -> torch.Tensor:
-    """Σ weight · resize(output, size) over the previous module's possible outputs (one is weighted 1)."""
-    total = 0.0
-    for weight, out in previous:
-        resized = resize_bicubic(out, size)
-        total = total + (resized if weight is None else weight * resized)
-    return total
+def _bicubic_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """``[size_out, size_in]``: :func:`resize_bicubic` along one side as a matrix (it applied to the identity)."""
+    eye = torch.eye(size_in, dtype=torch.float32, device=like.device).view(size_in, 1, size_in, 1)
+    return resize_bicubic_1d(eye, size_out).view(size_in, size_out).t()
+
+
+def resize_bicubic_1d(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` (N, C, H, 1) resized along H alone, as :func:`resize_bicubic` resizes each side."""
+    return F.interpolate(x, size=(size, 1), mode="bicubic", align_corners=False)
+
+
+def _resize_by(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W), H = W, resized by ``matrix`` (``[size, H]``) along both sides."""
+    return torch.matmul(torch.matmul(matrix, x), matrix.t())
 
 
 def _edanas(h: torch.Tensor, branch: ElasticExitBranch, keep: torch.Tensor) -> torch.Tensor:
