@@ -116,6 +116,24 @@ def _under_foreach(event: Any) -> bool:
     return False
 
 
+CPU_LAYOUT = {"aten::native_batch_norm": "aten::zero_", "aten::convolution_backward": "aten::copy_"}
+
+
+def cpu_layout_ops(run: Any) -> int:
+    """Of one eager sandwich step's operators, those the CPU's channels_last kernels add: BatchNorm zeroing
+    its outputs before its own kernel, convolution backward copying gradients to and from oneDNN's layout
+    (cuDNN launches neither)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y = next(iter(run.train_batches))
+    run.optimizer.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run.backward_step(x, y, run.settings.warmup_epochs, 0)
+    events = prof.events()
+    nested = {parent: kernel_ops_of([e for e in events if _inside(e.cpu_parent, parent)]) for parent in CPU_LAYOUT}
+    return sum(nested[parent][op] for parent, op in CPU_LAYOUT.items())
+
+
 def compiled_graphs(setup: str, batch: int, steps: int) -> dict[str, Any]:
     """The static step under torch.compile (backend ``eager``) for ``steps`` random sandwich steps."""
     run = _run(setup, batch, static=True, static_backend="eager")
@@ -168,9 +186,12 @@ def measure(ctx: Context, batch: int, compile_steps: int, compile_setup: str, se
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for setup in setups:
-        eager, by_op = sandwich_step_ops(_run(setup, batch))
+        eager_run = _run(setup, batch)
+        eager, by_op = sandwich_step_ops(eager_run)
+        layout = cpu_layout_ops(eager_run)
         static = static_step_ops(_run(setup, batch, static=True, static_backend=False))
-        row = {"setup": setup, "eager sandwich ops": eager, "static: launches": static["launches"],
+        row = {"setup": setup, "eager sandwich ops": eager, "of which CPU layout": layout,
+               "static: launches": static["launches"],
                "static: graph runs": static["graph runs"], "static: ops outside graphs": static["outside ops"],
                "static: ops inside graphs": static["graph ops"],
                "eager top ops": ", ".join(f"{k[6:]} {v}" for k, v in by_op.most_common(4))}
@@ -189,7 +210,8 @@ def measure(ctx: Context, batch: int, compile_steps: int, compile_setup: str, se
                "torchvision_ops": base["torchvision"], "static_graphs": max(compiled["per resolution"].values()),
                "static_recompiles": compiled["recompiles"], "resolutions": compiled["resolutions"],
                "graphs": compiled["graphs"], "masked_vs_sliced_grad_rel_diff": diff,
-               "eager_sandwich_ops_by_setup": {r["setup"]: r["eager sandwich ops"] for r in rows}, "batch": batch}
+               "eager_sandwich_ops_by_setup": {r["setup"]: r["eager sandwich ops"] for r in rows},
+               "eager_cpu_layout_ops": main_row["of which CPU layout"], "batch": batch}
     holds = (max(r["eager sandwich ops"] for r in rows) <= 3500 and figures["static_graphs"] <= 2
              and figures["static_recompiles"] == 0 and diff < 1e-4)
     measured = (f"eager sandwich {figures['eager_sandwich_ops']:,} ops ({main_row['setup']}; "
@@ -199,7 +221,9 @@ def measure(ctx: Context, batch: int, compile_steps: int, compile_setup: str, se
                 f"{compile_steps} steps; gradients equal to {diff:.1e}; torchvision {base['torchvision']}")
     details = "\n".join([
         f"Batch {batch}, CPU-counted (`harness.op_count`: aten operators that launch a kernel; the optimiser "
-        "step not counted). Static step: *launches* = operators outside the graphs (a multi-tensor `_foreach_` "
+        "step not counted). *Of which CPU layout*: the eager step's operators that the CPU's channels_last "
+        "kernels add and cuDNN does not launch (BatchNorm zeroing its outputs, convolution backward copying "
+        "to and from oneDNN's layout). Static step: *launches* = operators outside the graphs (a multi-tensor `_foreach_` "
         "operator once) + one per graph run (forward with loss, backward, per subnet), what Python launches "
         "when `torch.compile(mode=\"reduce-overhead\")` replays the graphs as CUDA graphs; *inside* = what the "
         "graphs hold before inductor fuses anything.", "",
