@@ -269,7 +269,10 @@ def run(small_npz):
 
     data = load_dataset(str(small_npz), val_size=100, seed=0)
     settings = SupernetSettings(epochs=4, batch_size=16, random_subnets=2)  # epoch 0 warms up: the largest alone
-    return SupernetTraining(SPACE, WIDTH, data, settings, torch.device("cpu"))
+    run = SupernetTraining(SPACE, WIDTH, data, settings, torch.device("cpu"))
+    assert not run.grads_in_place  # the CPU's default: plain slices (faster there)
+    run.grads_in_place = True  # CUDA's step, counted on the CPU
+    return run
 
 
 def test_the_harness_counts_the_training_codes_step(run):
