@@ -4,6 +4,7 @@
   script that measures its claim on several, chosen with ``--variant``);
 - :mod:`harness.common`: the command line of a script (``main``), the machine, the result files,
   searches and their provenance, markdown helpers;
+- :mod:`harness.tables`: markdown tables of rows (``md_table``, ``fmt``; ``common`` hands them on);
 - :mod:`harness.rows`: rows on disk as they are measured (``<claim>.partial.jsonl``) and pages rewritten after each
   section, so a benchmark stopped by a time limit keeps what it finished; SIGTERM raised as ``TimeLimit``;
 - :mod:`harness.report`: rebuilds docs/benchmarks.md from the result files (``python benchmarks/report.py``);

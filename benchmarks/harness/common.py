@@ -45,6 +45,7 @@ import torch
 
 from .claims import Claim, Variant
 from .rows import RowLog, TimeLimit, partial_path, raise_on_sigterm
+from .tables import fmt, md_table  # noqa: F401 (every script takes them from here)
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS_DIR = REPO / "docs" / "benchmarks"   # one JSON per claim + figures (committed)
@@ -247,21 +248,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, Path):
         return os.path.relpath(value, REPO)
     return value
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def md_table(rows: Sequence[dict[str, Any]], digits: int = 2) -> str:
-    """Markdown table of dict rows (keys are the headers; floats with ``digits`` decimals)."""
-    if not rows:
-        return "(no rows)"
-    heads = list(rows[0])
-    cell = lambda v: fmt(v, digits) if isinstance(v, float) or v is None else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    lines += ["| " + " | ".join(cell(r[h]) for h in heads) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def md_image(png: Path, alt: str) -> str:

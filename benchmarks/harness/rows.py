@@ -139,7 +139,7 @@ class GrowingPage:
 
 def summary(path: Path) -> str:
     """Markdown of a partial file: what it belongs to, its notes and its rows as tables."""
-    from harness.common import md_table
+    from harness.tables import md_table
 
     header, tables, notes = read_rows(path)
     lines = [f"# {path.name}: rows measured before the run stopped", "",
