@@ -22,9 +22,11 @@ from ..config import EDANAS_ACTIVATION, EXIT_MODULE_ACTIVATION, EXIT_MODULE_STRI
 from .blocks import ConvBNAct, make_activation
 
 
-def resize_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` resized to ``size × size`` pixels: bicubic, ``align_corners=False`` (as the authors' code)."""
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+def resize_bicubic(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """``x`` resized to ``size × size`` pixels (or ``size`` = (height, width)): bicubic, ``align_corners=False``
+    (as the authors' code)."""
+    return F.interpolate(x, size=(size, size) if isinstance(size, int) else size, mode="bicubic",
+                         align_corners=False)
 
 
 class Resize(nn.Module):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from torch import nn
 from ..config import ArchConfig, ExitConfig, ExitModuleConfig
 from .blocks import expanded_channels, se_channels
 from .elastic import ElasticEarlyExitNet, ElasticExitBranch, ElasticInvertedResidual, covers
-from .elastic_ops import ElasticBatchNorm2d
+from .elastic_ops import ElasticBatchNorm2d, centre_crop
 from .exits import resize_bicubic
 
 
@@ -129,10 +130,8 @@ class MaskLayout:
         self._set(flat, f"{prefix}/on", 1.0)
         self._set(flat, f"{prefix}/mid", self._first(f"{prefix}/mid", mid))
         self._set(flat, f"{prefix}/e1", float(expansion == 1))
-        big = self.shapes[f"{prefix}/kernel"][0]
-        ring = np.zeros((big, big), np.float32)
-        start = (big - kernel) // 2
-        ring[start:start + kernel, start:start + kernel] = 1.0
+        ring = np.zeros(self.shapes[f"{prefix}/kernel"], np.float32)
+        centre_crop(ring, kernel)[...] = 1.0  # the centre a subnet's kernel takes (the sliced path's crop)
         self._set(flat, f"{prefix}/kernel", ring)
         if block.se is not None:
             self._set(flat, f"{prefix}/squeeze", self._first(f"{prefix}/squeeze", se_channels(mid)))
@@ -233,10 +232,7 @@ def _module_variant(x: torch.Tensor, module, variant: _Variant, expand: torch.Te
                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (resize, kernel) of an exit module at full width on ``x``, already resized: (output, 2×2-pooled
     output or None)."""
-    conv: nn.Conv2d = module.conv.conv.conv
-    start = (conv.kernel_size[0] - variant.kernel) // 2
-    weight = conv.weight[..., start:start + variant.kernel, start:start + variant.kernel]
-    h = _conv_bn_act(x, module.conv, weight, keep * expand)
+    h = _conv_bn_act(x, module.conv, centre_crop(module.conv.conv.conv.weight, variant.kernel), keep * expand)
     h = h * _channels(expand)
     return h, (F.max_pool2d(h, 2) if variant.can_pool else None)
 
@@ -277,14 +273,10 @@ def _exit_modules(h: torch.Tensor, branch: ElasticExitBranch, variants: dict[int
 
 
 def _bicubic_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
-    """``[size_out, size_in]``: :func:`resize_bicubic` along one side as a matrix (it applied to the identity)."""
+    """``[size_out, size_in]``: :func:`resize_bicubic` along one side as a matrix (it applied to the identity,
+    along the height alone)."""
     eye = torch.eye(size_in, dtype=torch.float32, device=like.device).view(size_in, 1, size_in, 1)
-    return resize_bicubic_1d(eye, size_out).view(size_in, size_out).t()
-
-
-def resize_bicubic_1d(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` (N, C, H, 1) resized along H alone, as :func:`resize_bicubic` resizes each side."""
-    return F.interpolate(x, size=(size, 1), mode="bicubic", align_corners=False)
+    return resize_bicubic(eye, (size_out, 1)).view(size_in, size_out).t()
 
 
 def _resize_by(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
