@@ -102,6 +102,11 @@ def multi_exit_loss(outputs: list[torch.Tensor], target: torch.Tensor, exit_weig
     return final + exit_weight * exits
 
 
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against the distribution ``target`` (probabilities, T = 1), batch mean."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
 def make_optimizer(model: nn.Module, settings: TrainSettings, fused: bool = False) -> torch.optim.Optimizer:
     """SGD (Nesterov); no weight decay on BatchNorm parameters and biases.
 

@@ -27,6 +27,7 @@ from ..config import ArchConfig
 from ..nn import ElasticEarlyExitNet
 from ..nn.masked import MaskedSupernet, masked_exit_loss, unused_parameters
 from ..data.preprocess import resize
+from .loop import soft_cross_entropy
 
 TEACHER, STUDENT = "teacher", "student"
 GRAPH_RANGE = "aebnas::static_graph"  # profiler range around what the graphs hold (forward+loss, backward)
@@ -63,8 +64,7 @@ class _LossGraph(nn.Module):
                 o, target, label_smoothing=self.label_smoothing), self.exit_weight)
         else:
             soft = F.softmax(target.float(), dim=1)
-            loss = masked_exit_loss(exits, final, on, lambda o: -(soft * F.log_softmax(o, dim=1)).sum(dim=1).mean(),
-                                    self.exit_weight)
+            loss = masked_exit_loss(exits, final, on, lambda o: soft_cross_entropy(o, soft), self.exit_weight)
         return loss, final.detach()
 
 

@@ -48,19 +48,15 @@ from ..settings import DEFAULT_CONFIDENCE
 from .supernet_file import SupernetInfo, SupernetSettings, image_digests
 from .static_step import StaticSandwich
 from .loop import (LossWatch, Scorer, amp_dtype, autocast, grad_scaler, load_optimisation_state,
-                    make_optimizer, make_lr_schedule, multi_exit_loss, optimisation_state)
+                    make_optimizer, make_lr_schedule, multi_exit_loss, optimisation_state, soft_cross_entropy)
 
 
 def distillation_loss(outputs: list[torch.Tensor], teacher: torch.Tensor, exit_weight: float) -> torch.Tensor:
     """Soft cross-entropy (T = 1) of every output against the teacher's softmax: final + w · Σ exits."""
     target = F.softmax(teacher, dim=1)
-
-    def soft_ce(logits: torch.Tensor) -> torch.Tensor:
-        return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-    loss = soft_ce(outputs[-1])
+    loss = soft_cross_entropy(outputs[-1], target)
     if len(outputs) > 1 and exit_weight > 0:
-        loss = loss + exit_weight * sum(soft_ce(o) for o in outputs[:-1])
+        loss = loss + exit_weight * sum(soft_cross_entropy(o, target) for o in outputs[:-1])
     return loss
 
 
