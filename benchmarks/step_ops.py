@@ -58,6 +58,7 @@ QUICK = {"batch": 8, "compile_steps": 3, "compile_setup": "quickstart", "setups"
 JSON_KEYS = ("eager_sandwich_ops", "static_sandwich_ops", "torchvision_ops", "static_graphs", "static_recompiles",
              "resolutions")
 LAST: dict[str, Any] = {}  # the figures of the JSON line printed last
+FOREACH = "aten::_foreach_*"  # a multi-tensor operator: one fused kernel on CUDA, a loop on the CPU
 MAIN = "paper, 32 px"  # the setup of the JSON's single figures (the quick run: its only one)
 
 
@@ -80,8 +81,9 @@ def _run(setup: str, batch: int, **kwargs: Any) -> Any:
 
 
 def _inside(event: Any, name: str) -> bool:
+    """Whether ``event`` or one of its callers is named ``name`` (a name ending in ``*``: starts with it)."""
     while event is not None:
-        if event.name == name:
+        if event.name == name or (name.endswith("*") and event.name.startswith(name[:-1])):
             return True
         event = event.cpu_parent
     return False
@@ -102,20 +104,12 @@ def static_step_ops(run: Any) -> dict[str, Any]:
         run.backward_step(x, y, epoch, 0)
     events = prof.events()
     inside = kernel_ops_of([e for e in events if _inside(e, GRAPH_RANGE)])
-    outside = kernel_ops_of([e for e in events if not _inside(e, GRAPH_RANGE) and not _under_foreach(e)])
-    outside.update(e.name for e in events if e.name.startswith("aten::_foreach_") and not _inside(e, GRAPH_RANGE)
-                   and not _under_foreach(e.cpu_parent))
+    outside = kernel_ops_of([e for e in events if not _inside(e, GRAPH_RANGE) and not _inside(e, FOREACH)])
+    outside.update(e.name for e in events if e.name.startswith(FOREACH[:-1]) and not _inside(e, GRAPH_RANGE)
+                   and not _inside(e.cpu_parent, FOREACH))
     runs = sum(1 for e in events if e.name == GRAPH_RANGE)
     return {"graph ops": sum(inside.values()), "outside ops": sum(outside.values()), "graph runs": runs,
             "launches": sum(outside.values()) + runs, "outside by op": outside}
-
-
-def _under_foreach(event: Any) -> bool:
-    while event is not None:
-        if event.name.startswith("aten::_foreach_"):
-            return True
-        event = event.cpu_parent
-    return False
 
 
 CPU_LAYOUT = {"aten::native_batch_norm": "aten::zero_", "aten::convolution_backward": "aten::copy_"}

@@ -4,8 +4,8 @@ Measured in one run, on this machine's device (CUDA when present, else the CPU):
 
 - **sandwich**: images/s of ``SupernetTraining.train_epoch`` (largest, smallest and two random
   subnets per step, as the supernet trains) at one resolution and batch size;
-- **static sandwich**, where ``SupernetTraining`` has a static step (``static=True``: every subnet
-  masked at the largest one's shapes, compiled; CUDA graphs on CUDA): the same, its first epoch
+- **static sandwich** (``SupernetTraining(static=True)``: every subnet masked at the largest one's
+  shapes, compiled; CUDA graphs on CUDA): the same, its first epoch
   (the compile) untimed and reported apart. On CUDA by default; on the CPU only with
   ``--static-on-cpu`` (inductor takes minutes there). Measured after everything else: a run stopped
   by its time limit while compiling still writes its record without it;
@@ -34,7 +34,6 @@ blocks for every shape made before the clock starts). Every row is written to
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import random
 import sys
 import time
@@ -93,13 +92,6 @@ def _forward_mmacs(arch: Any) -> float:
 
     c = exit_costs(arch)
     return float(c.backbone[-1] + c.branch.sum())
-
-
-def static_step_available() -> bool:
-    """Whether this code's ``SupernetTraining`` has the static sandwich step (``static=True``)."""
-    from aebnas.training.supernet import SupernetTraining
-
-    return "static" in inspect.signature(SupernetTraining).parameters
 
 
 def _show(row: dict[str, Any]) -> None:
@@ -184,8 +176,6 @@ def static_rows(ctx: Context, rows: list[dict[str, Any]], data: Any, steps: int,
     """The static sandwich's columns put beside the eager sandwich's in ``rows`` (None where not measured);
     returns a sentence on what was measured. A time limit reached while compiling ends this phase only: the
     rows done are kept, and the record is written."""
-    if not static_step_available():
-        return "Static sandwich: not measured (this code's `SupernetTraining` has no `static` step)."
     if dev.type != "cuda" and not static_on_cpu:
         return "Static sandwich: not measured on the CPU (`--static-on-cpu` measures it; inductor takes minutes)."
     static: list[dict[str, Any]] = []
@@ -218,27 +208,17 @@ def grid_row(data: Any, resolution: int, batch: int, steps: int, dev: torch.devi
     from aebnas.config import largest_arch
     from aebnas.data.batches import BatchLoader
     from aebnas.settings import TrialSettings
-    from aebnas.space_values import space_values_of
     from aebnas.training.loop import (CandidateTraining, TrainSettings, grad_scaler, make_lr_schedule,
                                       make_optimizer, train_one_epoch)
-    from aebnas.training.supernet import SupernetTraining
-    from aebnas.training.supernet_file import SupernetSettings
 
-    sub = _subset(data, batch * (steps + 1))
-    space = space_values_of({"resolutions": (resolution,)})
     row: dict[str, Any] = {"px": resolution, "batch": batch}
     # the supernet's sandwich step
-    run = SupernetTraining(space, 1.0, sub, SupernetSettings(epochs=4, batch_size=batch, warmup_fraction=0.0,
-                                                             amp=amp), dev)
+    run = _sandwich_run(data, resolution, batch, steps, dev, amp)
+    sub, space = run.data, run.space
     if dev.type == "cuda":  # every shape of the timed epoch once before the clock: cuDNN's plans, allocations
         run.train_epoch()
         run.epoch = 0  # the timed epoch replays the same subnets and batches
-    clock = _Clock(dev)
-    run.train_epoch(on_step=clock)
-    subnets = [a for s in range(steps + 1) for a in run.subnets(0, s)]
-    sandwich_mmacs = sum(_forward_mmacs(a) for a in subnets) / (steps + 1)  # per image and step
-    row["sandwich img/s"] = clock.rate
-    row["sandwich GMAC/s"] = clock.rate * sandwich_mmacs / 1e3
+    row["sandwich img/s"], row["sandwich GMAC/s"] = _timed_epoch(run, steps, dev)
     # the largest subnet alone, in the candidates' loop
     largest = largest_arch(space, width_mult=1.0, num_classes=sub.num_classes, in_channels=sub.in_channels)
     cand = CandidateTraining(largest, TrialSettings(epochs=1, batch_size=batch, amp=amp), sub, dev)
@@ -264,25 +244,35 @@ def grid_row(data: Any, resolution: int, batch: int, steps: int, dev: torch.devi
 def static_row(data: Any, resolution: int, batch: int, steps: int, dev: torch.device, amp: bool) -> dict[str, Any]:
     """The static sandwich step (``SupernetTraining(static=True)``) at one resolution and batch size: the first
     epoch's seconds (it compiles), then images/s and the subnets' forward GMAC/s of the next epoch."""
-    from aebnas.space_values import space_values_of
-    from aebnas.training.supernet import SupernetTraining
-    from aebnas.training.supernet_file import SupernetSettings
-
-    sub = _subset(data, batch * (steps + 1))
-    space = space_values_of({"resolutions": (resolution,)})
-    run = SupernetTraining(space, 1.0, sub, SupernetSettings(epochs=4, batch_size=batch, warmup_fraction=0.0,
-                                                             amp=amp), dev, static=True)
+    run = _sandwich_run(data, resolution, batch, steps, dev, amp, static=True)
     start = time.perf_counter()
     run.train_epoch()  # compiles (and records the CUDA graphs)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - start
-    clock = _Clock(dev)
+    rate, gmacs = _timed_epoch(run, steps, dev)
+    return {"static sandwich img/s": rate, "static sandwich GMAC/s": gmacs, "static first epoch s": first}
+
+
+def _sandwich_run(data: Any, resolution: int, batch: int, steps: int, dev: torch.device, amp: bool,
+                  static: bool = False) -> Any:
+    """A supernet training run of the paper's space at one resolution, width 1.0, on ``steps + 1`` batches."""
+    from aebnas.space_values import space_values_of
+    from aebnas.training.supernet import SupernetTraining
+    from aebnas.training.supernet_file import SupernetSettings
+
+    settings = SupernetSettings(epochs=4, batch_size=batch, warmup_fraction=0.0, amp=amp)
+    return SupernetTraining(space_values_of({"resolutions": (resolution,)}), 1.0, _subset(data, batch * (steps + 1)),
+                            settings, dev, static=static)
+
+
+def _timed_epoch(run: Any, steps: int, dev: torch.device) -> tuple[float, float]:
+    """(images/s, forward GMAC/s of the subnets it trained) of ``run``'s next epoch, timed after its first step."""
+    epoch, clock = run.epoch, _Clock(dev)
     run.train_epoch(on_step=clock)
-    subnets = [a for s in range(steps + 1) for a in run.subnets(1, s)]
-    mmacs = sum(_forward_mmacs(a) for a in subnets) / (steps + 1)
-    return {"static sandwich img/s": clock.rate, "static sandwich GMAC/s": clock.rate * mmacs / 1e3,
-            "static first epoch s": first}
+    subnets = [a for s in range(steps + 1) for a in run.subnets(epoch, s)]
+    mmacs = sum(_forward_mmacs(a) for a in subnets) / (steps + 1)  # per image and step
+    return clock.rate, clock.rate * mmacs / 1e3
 
 
 def candidate_seconds(candidates: int, dev: torch.device, amp: bool,
